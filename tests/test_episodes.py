@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from tl.data import load_embedded, sample_episodes
+from tl.errors import DataError
+
+
+def labels():
+    return load_embedded("optdigits").split("test").labels
+
+
+def test_same_seed_same_episodes_and_prefix_stable():
+    a = sample_episodes(labels(), None, 5, 15, 10, seed=3)
+    b = sample_episodes(labels(), None, 5, 15, 4, seed=3)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.support, y.support) and np.array_equal(x.query, y.query)
+    c = sample_episodes(labels(), None, 5, 15, 4, seed=4)
+    assert not np.array_equal(a[0].support, c[0].support)
+
+
+def test_support_and_query_disjoint_and_balanced():
+    y = labels()
+    for ep in sample_episodes(y, 5, 3, 7, 20, seed=0):
+        assert not set(ep.support) & set(ep.query)
+        assert len(ep.support) == 15 and len(ep.query) == 35
+        assert np.bincount(ep.support_labels).tolist() == [3] * 5
+        # episode labels map back to the dataset's classes
+        assert np.array_equal(np.array(ep.classes)[ep.support_labels], y[ep.support])
+        assert np.array_equal(np.array(ep.classes)[ep.query_labels], y[ep.query])
+
+
+def test_class_with_too_few_images_is_named():
+    y = np.array([0] * 30 + [1] * 30 + [2] * 12)
+    with pytest.raises(DataError, match=r"class 'two' has 12 images, fewer than shots \+ queries = 5 \+ 10 = 15"):
+        sample_episodes(y, None, 5, 10, 1, seed=0, class_names=["zero", "one", "two"])
+
+
+@pytest.mark.parametrize("k,q,e", [(0, 5, 1), (1, 0, 1), (1, 1, 0)])
+def test_bad_counts(k, q, e):
+    with pytest.raises(DataError):
+        sample_episodes(labels(), None, k, q, e, seed=0)

@@ -1,0 +1,75 @@
+"""Source pretraining on real Ray Train: 2-worker DDP on CPU, saved weights, reuse, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tl.data import load_embedded
+from tl.models import Classifier, make_backbone
+from tl.models.weights import load_into
+from tl.pretrain import HEAD_FILE, PretrainConfig, pretrain
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ddp_pretraining_checkpoint_scores_well_above_chance(ray_local, storage):
+    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=2, lr=0.05)
+    res = pretrain(cfg, storage)
+    assert not res.reused and res.epochs_run == 3
+    assert res.val_accuracy > 0.6, f"10-way chance is 0.1, got {res.val_accuracy}"
+    meta = json.loads((res.path / "meta.json").read_text())
+    assert meta["backbone"] == "digits_cnn" and meta["config"]["workers"] == 2 and "git_commit" in meta
+
+    # the saved weights are the model that scored: evaluate them here, outside Ray
+    from safetensors.torch import load_file
+
+    model = Classifier(make_backbone("digits_cnn", str(res.path)), 10)
+    model.head.load_state_dict(load_file(str(res.path / HEAD_FILE)))
+    model.eval()
+    val = load_embedded("mnist").split("val")
+    with torch.no_grad():
+        pred = model(model.backbone.preprocessing(torch.from_numpy(val.images))).argmax(1).numpy()
+    assert abs(float(np.mean(pred == val.labels)) - res.val_accuracy) < 1e-6
+
+    again = pretrain(cfg, storage)
+    assert again.reused and again.val_accuracy == res.val_accuracy
+
+
+def _run_pretrain(storage: Path, *extra: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "workflows.pretrain", "--storage", str(storage), "--workers", "1",
+           "--set", "epochs=4", "--set", "limit=800", "--set", "batch_size=32", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
+    proc = _run_pretrain(storage)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(storage.glob("ray/pretrain-*/checkpoint_*/state.pt")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    assert list(storage.glob("ray/pretrain-*/checkpoint_*")), "no checkpoint was written in time"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list(storage.glob("backbones/*/meta.json")), "a killed run must not look finished"
+
+    second = _run_pretrain(storage)
+    out, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, out
+    assert "resuming from the checkpoint of epoch" in out, out
+    resumed_at = int(out.split("resuming from the checkpoint of epoch", 1)[1].split()[0])
+    assert resumed_at >= 1
+    trained = [ln for ln in out.splitlines() if "[pretrain] epoch" in ln]
+    assert all(int(ln.split("epoch")[1].split("/")[0]) > resumed_at for ln in trained), "epochs were redone"
+    meta = json.loads(next(storage.glob("backbones/*/meta.json")).read_text())
+    assert meta["epochs"] == 4

@@ -1,0 +1,108 @@
+"""User data through Ray Data: an image folder, a CSV manifest, a Parquet file, and their errors."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tl.data import load_csv_manifest, load_image_folder, load_parquet
+from tl.errors import DataError
+
+SIZE = (16, 16)
+
+
+def png(mode="RGB", size=(20, 12), value=128) -> bytes:
+    buf = io.BytesIO()
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    arr = np.full((size[1], size[0], channels), value, dtype=np.uint8).squeeze()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "pets"
+    for cls, mode in (("cat", "RGB"), ("dog", "L"), ("fox", "RGBA")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.png").write_bytes(png(mode, value=40 * i + 10))
+    return root
+
+
+def test_image_folder_loads_and_converts_channels(ray_local, folder):
+    s = load_image_folder(folder, SIZE)
+    assert s.classes == ("cat", "dog", "fox")
+    assert s.images.shape == (9, 3, 16, 16)
+    assert s.class_counts() == {"cat": 3, "dog": 3, "fox": 3}
+    grey = s.images[s.labels == 1][1]
+    assert np.allclose(grey[0], grey[1]) and np.allclose(grey[0], 50 / 255, atol=1e-3)
+    assert sorted(s.ids)[0] == "cat/0.png"
+
+
+def test_corrupt_image_is_named(ray_local, folder):
+    (folder / "dog" / "broken.png").write_bytes(png()[:40])
+    (folder / "cat" / "notes.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"2 unreadable images") as err:
+        load_image_folder(folder, SIZE)
+    assert "broken.png" in str(err.value) and "notes.jpg" in str(err.value)
+
+
+def test_empty_class_folder_is_named(ray_local, folder):
+    (folder / "owl").mkdir()
+    with pytest.raises(DataError, match=r"class folder '.*owl' is empty"):
+        load_image_folder(folder, SIZE)
+
+
+def test_missing_folder_and_class_list(ray_local, folder, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "nowhere", SIZE)
+    with pytest.raises(DataError, match="label 'fox' is not in the class list"):
+        load_image_folder(folder, SIZE, classes=["cat", "dog"])
+
+
+def manifest(tmp_path, folder, rows=None, columns=("path", "label")):
+    rows = rows or [(f"pets/{c}/{i}.png", c) for c in ("cat", "dog") for i in range(3)]
+    f = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=list(columns)).to_csv(f, index=False)
+    return f
+
+
+def test_csv_manifest(ray_local, tmp_path, folder):
+    s = load_csv_manifest(manifest(tmp_path, folder), SIZE)
+    assert s.classes == ("cat", "dog") and len(s) == 6
+    assert list(s.ids[:2]) == ["pets/cat/0.png", "pets/cat/1.png"], "rows keep the manifest's order"
+
+
+def test_csv_errors(ray_local, tmp_path, folder):
+    with pytest.raises(DataError, match="has no column 'label'"):
+        load_csv_manifest(manifest(tmp_path, folder, columns=("path", "class")), SIZE)
+    with pytest.raises(DataError, match=r"row 2: image 'pets/cat/missing.png' does not exist"):
+        load_csv_manifest(manifest(tmp_path, folder, rows=[("pets/cat/missing.png", "cat")]), SIZE)
+    with pytest.raises(DataError, match="label 'dog' is not in the class list"):
+        load_csv_manifest(manifest(tmp_path, folder), SIZE, classes=["cat"])
+
+
+def test_parquet(ray_local, tmp_path):
+    f = tmp_path / "imgs.parquet"
+    pd.DataFrame({"image": [png(value=v) for v in (10, 20, 30, 40)], "label": ["a", "b", "a", "b"]}).to_parquet(f)
+    s = load_parquet(f, SIZE)
+    assert s.classes == ("a", "b") and len(s) == 4
+    means = {round(float(img.mean()) * 255) for img in s.images}
+    assert means == {10, 20, 30, 40}
+
+
+def test_parquet_errors(ray_local, tmp_path):
+    good = tmp_path / "good.parquet"
+    pd.DataFrame({"image": [png(), png()[:30]], "label": ["a", "b"]}).to_parquet(good)
+    with pytest.raises(DataError, match=r"(?s)1 unreadable images in '.*good.parquet'.*good.parquet#row1"):
+        load_parquet(good, SIZE)
+    trunc = tmp_path / "trunc.parquet"
+    trunc.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(DataError, match="trunc.parquet' is not readable Parquet"):
+        load_parquet(trunc, SIZE)
+    nolabel = tmp_path / "nolabel.parquet"
+    pd.DataFrame({"image": [png()]}).to_parquet(nolabel)
+    with pytest.raises(DataError, match="has no column 'label'"):
+        load_parquet(nolabel, SIZE)

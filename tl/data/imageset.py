@@ -1,0 +1,144 @@
+"""One table schema for every data source: image, label, class name, domain, split, id.
+
+Images are held as float32 arrays in one layout, N x 3 x H x W with values in [0, 1]; the
+backbone's preprocessing later states the size and normalisation, so any backbone can take any
+dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from tl.errors import DataError
+
+COLUMNS = ("image", "label", "class_name", "domain", "split", "id")
+
+
+@dataclass
+class ImageSet:
+    """A labelled (or unlabelled: label -1) image table held in memory."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    domain: str
+    splits: np.ndarray
+    ids: np.ndarray
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.images = np.ascontiguousarray(self.images, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.splits = np.asarray(self.splits, dtype=object)
+        self.ids = np.asarray(self.ids, dtype=object)
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise DataError(f"dataset '{self.name}': images must be N x 3 x H x W, got {self.images.shape}")
+        for what, arr in (("labels", self.labels), ("splits", self.splits), ("ids", self.ids)):
+            if len(arr) != n:
+                raise DataError(f"dataset '{self.name}': {len(arr)} {what} for {n} images")
+        bad = self.labels[(self.labels < -1) | (self.labels >= len(self.classes))]
+        if len(bad):
+            raise DataError(f"dataset '{self.name}': label {int(bad[0])} is not in the class list {list(self.classes)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: np.ndarray | Sequence[int], name: str | None = None) -> "ImageSet":
+        """Rows by integer index or boolean mask, keeping classes and domain."""
+        idx = np.asarray(index)
+        return ImageSet(
+            name=name or self.name,
+            images=self.images[idx],
+            labels=self.labels[idx],
+            classes=self.classes,
+            domain=self.domain,
+            splits=self.splits[idx],
+            ids=self.ids[idx],
+        )
+
+    def split(self, split: str) -> "ImageSet":
+        """Rows of one split (for example ``adapt`` or ``test``); an unknown split is an error."""
+        mask = self.splits == split
+        if not mask.any():
+            raise DataError(f"dataset '{self.name}' has no split '{split}' (has: {sorted(set(self.splits))})")
+        return self.subset(mask, name=f"{self.name}/{split}")
+
+    def with_classes(self, keep: Sequence[int], name: str | None = None) -> "ImageSet":
+        """Only rows of the given class indices, relabelled 0..len(keep)-1 (the novel-class split)."""
+        keep = list(keep)
+        for c in keep:
+            if not 0 <= c < len(self.classes):
+                raise DataError(f"dataset '{self.name}' has no class index {c}")
+        remap = np.full(len(self.classes), -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        mask = np.isin(self.labels, keep)
+        sub = self.subset(mask, name=name)
+        sub.labels = remap[sub.labels]
+        sub.classes = tuple(self.classes[c] for c in keep)
+        return sub
+
+    def fingerprint(self) -> str:
+        """Content digest of images, labels and ids: part of every cache key built on this data."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(str(self.images.shape).encode())
+            h.update(self.images.tobytes())
+            h.update(self.labels.tobytes())
+            h.update("\0".join(map(str, self.ids)).encode())
+            h.update("\0".join(self.classes).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The table schema as a DataFrame (image column holds 3 x H x W arrays)."""
+        names = np.array(list(self.classes) + [""], dtype=object)
+        return pd.DataFrame(
+            {
+                "image": list(self.images),
+                "label": self.labels,
+                "class_name": names[self.labels],
+                "domain": self.domain,
+                "split": self.splits,
+                "id": self.ids,
+            }
+        )
+
+    def to_ray(self):
+        """The table as a Ray Dataset with the common columns."""
+        import ray.data
+
+        return ray.data.from_pandas(self.to_pandas())
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+
+def concat(sets: Sequence[ImageSet], name: str) -> ImageSet:
+    """Stack image sets that share classes and image shape."""
+    first = sets[0]
+    for s in sets[1:]:
+        if s.classes != first.classes:
+            raise DataError(f"cannot join '{s.name}' and '{first.name}': their class lists differ")
+        if s.image_shape != first.image_shape:
+            raise DataError(f"cannot join '{s.name}' and '{first.name}': image shapes differ")
+    return ImageSet(
+        name=name,
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        classes=first.classes,
+        domain=first.domain,
+        splits=np.concatenate([s.splits for s in sets]),
+        ids=np.concatenate([s.ids for s in sets]),
+    )

@@ -1,0 +1,33 @@
+"""Backbones with declared stages and preprocessing, and where their weights come from."""
+
+from torch import nn
+
+from tl.models.backbones import (
+    Backbone, BackboneSpec, Preprocessing, build_backbone, count_trainable, get_spec, register, registered,
+)
+from tl.models.weights import load_weights, save_weights, weights_digest
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head on its last-stage features."""
+
+    def __init__(self, backbone: Backbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def make_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
+    """Build a registered backbone and load its weights (None: random initialisation)."""
+    bb = build_backbone(name, input_size)
+    load_weights(bb, weights)
+    return bb
+
+
+__all__ = [
+    "Backbone", "BackboneSpec", "Classifier", "Preprocessing", "build_backbone", "count_trainable",
+    "get_spec", "load_weights", "make_backbone", "register", "registered", "save_weights", "weights_digest",
+]

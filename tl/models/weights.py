@@ -1,0 +1,136 @@
+"""Where backbone weights come from: a torchvision weights name (only from the user's torch cache,
+never downloaded), a local ``.safetensors`` file, a ``.pt`` file loaded with ``weights_only=True``,
+or a folder written by this project's pretraining workflow. A file that does not fit the backbone
+is an error naming the missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from tl.errors import WeightsError
+from tl.models.backbones import Backbone, get_spec
+
+MODEL_FILE = "backbone.safetensors"
+META_FILE = "meta.json"
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise WeightsError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"weights file '{path}' is not a safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"weights file '{path}' was refused: it holds objects other than tensors, and tl never "
+            f"unpickles code from a file (weights_only=True). Save a plain state_dict or use .safetensors"
+        ) from exc
+    except Exception as exc:
+        raise WeightsError(f"weights file '{path}' is not a weights file: {exc}") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"weights file '{path}' does not hold a state_dict of tensors")
+    return obj
+
+
+def torchvision_weights_file(name: str) -> Path:
+    """Path in the user's torch cache of a torchvision weights enum (``ResNet18_Weights.IMAGENET1K_V1``)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_weight(name)
+    except Exception as exc:
+        raise WeightsError(f"unknown torchvision weights '{name}' (for example ResNet18_Weights.IMAGENET1K_V1)") from exc
+    filename = os.path.basename(weights.url)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise WeightsError(
+            f"torchvision weights '{name}' are not in the torch cache ({path}); tl never downloads weights. "
+            f"Put the file there (torchvision downloads it to that path) or pass a local weights file"
+        )
+    return path
+
+
+def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict and metadata from a weights source string."""
+    if source.startswith("torchvision:"):
+        path = torchvision_weights_file(source.split(":", 1)[1])
+        return _read_file(path), {"source": source, "file": str(path)}
+    path = Path(source).expanduser()
+    if path.is_dir():
+        model, meta = path / MODEL_FILE, path / META_FILE
+        if not model.is_file() or not meta.is_file():
+            raise WeightsError(f"folder '{path}' is not a tl pretraining output (needs {MODEL_FILE} and {META_FILE})")
+        return _read_file(model), json.loads(meta.read_text())
+    if path.parent.is_file():
+        raise WeightsError(f"weights path '{path}' is not usable: its parent '{path.parent}' is a file")
+    return _read_file(path), {"source": str(path)}
+
+
+def load_into(backbone: Backbone, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state dict strictly, mapping foreign names (torchvision) onto stage names first."""
+    key_map = get_spec(backbone.name).key_map
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        new = k if k.startswith("stages.") else key_map(k)
+        if new is not None:
+            mapped[new] = v
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(set(mapped) - set(own))
+    shapes = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
+    if missing or unexpected or shapes:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append("wrong shapes: " + show([f"{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
+        raise WeightsError(f"weights '{where}' do not fit backbone '{backbone.name}': " + "; ".join(parts))
+    backbone.load_state_dict(mapped, strict=True)
+
+
+def load_weights(backbone: Backbone, source: str | None) -> dict:
+    """Load ``source`` into ``backbone`` (None or 'random' keeps the random init); returns metadata."""
+    if source in (None, "", "random", "none"):
+        return {"source": "random"}
+    state, meta = read_weights(source)
+    if meta.get("backbone") not in (None, backbone.name):
+        raise WeightsError(f"weights '{source}' were trained for backbone '{meta['backbone']}', not '{backbone.name}'")
+    load_into(backbone, state, source)
+    return meta
+
+
+def save_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Write a module's state dict as safetensors (contiguous copies, no shared storage)."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """Digest of every tensor in a state dict: anything that changes the weights changes it."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,239 @@
+"""Source pretraining on Ray Train: a backbone and a linear head trained on the source task.
+
+DDP over N workers (CPU here, GPUs when asked), SGD with Nesterov momentum and a cosine schedule,
+small random shifts as augmentation, a checkpoint every epoch. Running again with the same config
+resumes from the last checkpoint; a finished backbone is kept in the tl home, keyed by backbone,
+data and config, and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tl.config import config_hash, to_dict
+from tl.data import ImageSet, load_embedded
+from tl.errors import ConfigError
+from tl.models import Classifier, Preprocessing, build_backbone, get_spec, save_weights
+from tl.models.weights import META_FILE, MODEL_FILE
+from tl.runtime import provenance, torch_threads
+from tl.train import ray_train
+
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Source pretraining. ``data`` is ``mnist`` (10 classes) or ``mnist:base`` (classes 0-4)."""
+
+    backbone: str = "digits_cnn"
+    data: str = "mnist"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    augment_shift: int = 2
+    input_size: int | None = None
+    seed: int = 0
+    limit: int = 0
+    workers: int = 2
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        get_spec(self.backbone)
+        for key in ("epochs", "batch_size", "workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
+        if self.limit < 0:
+            raise ConfigError(f"config key 'limit' must be 0 (all) or positive, got {self.limit}")
+
+    def key(self) -> str:
+        """Identity of the trained weights: everything but where it runs."""
+        ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")}
+        return f"{self.backbone}-{self.data.replace(':', '_')}-{config_hash(ident)}"
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    val_accuracy: float
+    epochs_run: int
+    wall_s: float
+    reused: bool
+
+
+def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
+    src = load_embedded(cfg.data)
+    train, val = src.split("train"), src.split("val")
+    if cfg.limit:
+        train = train.subset(np.arange(min(cfg.limit, len(train))))
+    return train, val
+
+
+def _to_dataset(data: ImageSet, pp: Preprocessing):
+    """Ray Data pipeline: the table -> (image, label), preprocessed for the backbone, materialised."""
+
+    def preprocess(batch: dict) -> dict:
+        with torch.no_grad():
+            x = pp(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+        return {"image": x.numpy(), "label": batch["label"]}
+
+    ds = data.to_ray().select_columns(["image", "label"])
+    return ds.map_batches(preprocess, batch_format="numpy", batch_size=256).materialize()
+
+
+def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels, per image (zero padding)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=float(x.min()))
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _worker(c: dict) -> None:
+    """Per-worker training function (runs on every Ray Train worker)."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(c["threads"])
+    torch.manual_seed(c["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
+    state = ray_train.restore_state()
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        start = int(state["epoch"])
+        if rank == 0:
+            print(f"[pretrain] resuming from the checkpoint of epoch {start}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    opt = torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], nesterov=True,
+                          weight_decay=c["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    per_worker = max(1, c["batch_size"] // world)
+    steps_per_epoch = max(1, (c["train_size"] // world) // per_worker)
+    total = steps_per_epoch * c["epochs"]
+    warmup = int(c["warmup_epochs"] * steps_per_epoch)
+    gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
+    acc = float(state["val_accuracy"]) if state is not None else 0.0
+    for epoch in range(start, c["epochs"]):
+        model.train()
+        losses = []
+        step = epoch * steps_per_epoch
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=c["seed"] * 1000 + epoch,
+        )
+        for i, batch in enumerate(batches):
+            if i >= steps_per_epoch:
+                break
+            lr = _lr_at(step, total, warmup, c["lr"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = _shift(batch["image"], c["augment_shift"], gen).to(device)
+            loss = F.cross_entropy(model(x), batch["label"].to(device))
+            ray_train.check_finite(loss, what="pretrain", step=step, lr=lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        acc = _accuracy(model, ray.train.get_dataset_shard("val"), device)
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "val_accuracy": acc}
+        if rank == 0:
+            print(f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {metrics['loss']:.4f}  "
+                  f"source val accuracy {acc:.4f}", flush=True)
+        ray_train.report(metrics, {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                   "epoch": epoch + 1, "val_accuracy": acc})
+    if start >= c["epochs"]:
+        ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": acc}, state)
+
+
+def _accuracy(model: torch.nn.Module, shard, device) -> float:
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=256):
+            pred = model(batch["image"].to(device)).argmax(1).cpu()
+            correct += int((pred == batch["label"]).sum())
+            seen += len(pred)
+    return correct / max(1, seen)
+
+
+def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = print) -> PretrainResult:
+    """Pretrain (or reuse, or resume) the backbone for ``cfg``; needs a running Ray."""
+    out = Path(storage) / "backbones" / cfg.key()
+    meta_path = out / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        log(f"[pretrain] reusing the finished backbone in {out} (source val accuracy {meta['val_accuracy']:.4f})")
+        return PretrainResult(out, float(meta["val_accuracy"]), int(meta["epochs"]), 0.0, True)
+    t0 = time.time()
+    train, val = _source_sets(cfg)
+    spec = get_spec(cfg.backbone)
+    model_pp = build_backbone(cfg.backbone, cfg.input_size).preprocessing
+    log(f"[pretrain] {cfg.backbone} on {cfg.data}: {len(train)} train / {len(val)} val images, "
+        f"{cfg.epochs} epochs, {cfg.workers} Ray Train workers{' on GPUs' if cfg.use_gpu else ''}")
+    worker_cfg = dict(dataclasses.asdict(cfg), num_classes=len(train.classes), train_size=len(train),
+                      threads=torch_threads(cfg.workers))
+    result = ray_train.fit(
+        _worker, worker_cfg, {"train": _to_dataset(train, model_pp), "val": _to_dataset(val, model_pp)},
+        name=f"pretrain-{cfg.key()}", storage=Path(storage) / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
+        split=("train",),
+    )
+    state = ray_train.load_result_state(result)
+    model = Classifier(build_backbone(cfg.backbone, cfg.input_size), len(train.classes))
+    model.load_state_dict(state["model"])
+    save_weights(model.backbone, out / MODEL_FILE)
+    save_weights(model.head, out / HEAD_FILE)
+    acc = float(state["val_accuracy"])
+    wall = time.time() - t0
+    meta = {
+        "backbone": cfg.backbone, "data": cfg.data, "classes": list(train.classes), "val_accuracy": acc,
+        "epochs": int(state["epoch"]), "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
+        "config": to_dict(cfg), "wall_s": wall, **provenance(),
+    }
+    (out / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
+    (out / (META_FILE + ".tmp")).replace(meta_path)
+    log(f"[pretrain] source validation accuracy {acc:.4f} after {meta['epochs']} epochs ({wall:.0f} s); weights in {out}")
+    return PretrainResult(out, acc, int(state["epoch"]), wall, False)
+
+
+def pretrained_path(storage: Path, backbone: str = "digits_cnn", data: str = "mnist", **overrides) -> Path:
+    """Where the default pretrained backbone for (backbone, data) lives."""
+    return Path(storage) / "backbones" / PretrainConfig(backbone=backbone, data=data, **overrides).key()
+
+
+def ensure_pretrained(storage: Path, backbone: str = "digits_cnn", data: str = "mnist",
+                      log: Callable[[str], None] = print, **overrides) -> Path:
+    """The default pretrained backbone, pretraining it first (and saying so) when it is not there."""
+    cfg = PretrainConfig(backbone=backbone, data=data, **overrides)
+    if not (Path(storage) / "backbones" / cfg.key() / META_FILE).is_file():
+        log(f"[pretrain] no pretrained {backbone} for {data} in {storage}: pretraining it first")
+    return pretrain(cfg, storage, log).path

@@ -1,0 +1,88 @@
+"""Where work runs and what produced it: storage paths, CPU fitting on the running Ray, provenance."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from tl.errors import ConfigError
+
+DEFAULT_STORAGE = "~/.cache/tl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_storage(path: str | os.PathLike | None) -> Path:
+    """The tl home (checkpoints, caches, Ray storage); must be writable and outside the repository."""
+    p = Path(os.path.expanduser(str(path or DEFAULT_STORAGE))).resolve()
+    try:
+        p.relative_to(REPO_ROOT)
+        inside = (REPO_ROOT / ".git").exists()
+    except ValueError:
+        inside = False
+    if inside:
+        raise ConfigError(f"storage path '{p}' is inside the repository; use a path outside it (default {DEFAULT_STORAGE})")
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"storage path '{p}' is not writable: '{parent}' is a file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".tl-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"storage path '{p}' is not writable: {exc}") from exc
+    return p
+
+
+def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
+    """CPUs each of ``num_workers`` may ask for so the group fits the running Ray's logical CPUs
+    and leaves ``reserve`` for the Ray Data tasks around it (DESIGN section 5: starvation hangs)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    share = (total - reserve) / max(1, num_workers)
+    if share <= 0:
+        raise ConfigError(f"{num_workers} workers do not fit the {total:g} CPUs of the running Ray")
+    return round(min(1.0, share), 3)
+
+
+def torch_threads(num_workers: int) -> int:
+    """Threads for each torch worker process on one machine: the cores, shared out."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import ray
+    import torch
+    import torchvision
+
+    import tl
+
+    return {
+        "tl": tl.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
+    }
+
+
+def hardware() -> dict[str, object]:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "gpu": gpu, "host": platform.node()}
+
+
+def provenance() -> dict[str, object]:
+    return {"git_commit": git_commit(), "versions": versions(), "hardware": hardware()}

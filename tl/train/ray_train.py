@@ -1,0 +1,112 @@
+"""Launching the training loop on Ray Train (Train V2): DDP over N workers, checkpoints, resume.
+
+Resuming is running again with the same ``RunConfig(name, storage_path)``: the worker function
+asks ``ray.train.get_checkpoint()`` for the latest checkpoint and continues from its step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tl.errors import TrainingError
+from tl.runtime import cpus_per_worker
+
+STATE_FILE = "state.pt"
+
+
+def fit(
+    train_fn: Callable[[dict], None],
+    train_config: dict[str, Any],
+    datasets: dict[str, Any],
+    *,
+    name: str,
+    storage: Path,
+    workers: int,
+    use_gpu: bool = False,
+    split: tuple[str, ...] = ("train",),
+    max_failures: int = 0,
+    keep_checkpoints: int = 2,
+):
+    """Run ``train_fn`` on ``workers`` Ray Train workers; returns the ``ray.train.Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker(workers)}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=train_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training run '{name}' failed: {_root_message(exc)}") from exc
+
+
+def _root_message(exc: BaseException) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        if "TrainingError:" in line or "TLError" in line:
+            return line.split("Error:", 1)[-1].strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(exc)
+
+
+def restore_state() -> dict | None:
+    """Inside a worker: the state saved by the latest checkpoint of this run, if any."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def report(metrics: dict[str, Any], state: dict | None = None) -> None:
+    """Inside a worker: report metrics; with ``state``, rank 0 also writes a checkpoint."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    if state is not None and rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+def load_result_state(result) -> dict:
+    """The state dict saved in a finished run's latest checkpoint."""
+    if result.checkpoint is None:
+        raise TrainingError("the training run finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def check_finite(loss: torch.Tensor, *, what: str, step: int, lr: float) -> None:
+    """A NaN or infinite loss stops the run with one message naming the strategy, step and rate."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingError(f"non-finite loss ({value}) in '{what}' at step {step} with learning rate {lr:g}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model

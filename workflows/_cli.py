@@ -1,0 +1,62 @@
+"""The one command-line shape every workflow shares, Ray start-up, and turning errors into exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable
+
+DESCRIPTION_TAIL = "Settings come from defaults, then --config FILE, then each --set key=value."
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m workflows.{prog}", description=f"{description} {DESCRIPTION_TAIL}")
+    p.add_argument("--config", metavar="FILE", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted, repeatable), e.g. --set epochs=5")
+    p.add_argument("--smoke-test", action="store_true", help="tiny data, finishes in seconds")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default=None, metavar="PATH",
+                   help="checkpoints, caches and Ray storage (default ~/.cache/tl; never inside the repository)")
+    p.add_argument("--output", default=None, metavar="DIR", help="where results go (default results/<experiment>)")
+    return p
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` or start a local Ray with more logical CPUs than cores (DESIGN section 5)."""
+    import ray
+
+    from tl.errors import ConfigError
+
+    if ray.is_initialized():
+        return
+    quiet = ray.LoggingConfig(log_level="WARNING")
+    if address:
+        try:
+            ray.init(address=address, logging_config=quiet)
+        except Exception as exc:
+            raise ConfigError(f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0]})") from exc
+    else:
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), logging_config=quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a workflow main: a TLError becomes one line on stderr and exit status 2."""
+    from tl.errors import TLError
+
+    try:
+        code = main()
+    except TLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    sys.exit(code or 0)
