@@ -78,9 +78,11 @@ class PretrainResult:
 def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     src = load_embedded(cfg.data)
     train, val = src.split("train"), src.split("val")
+    # the source rows come sorted by class: permute them once, so shards and batches mix classes
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
     if cfg.limit:
-        train = train.subset(np.arange(min(cfg.limit, len(train))))
-    return train, val
+        order = order[: cfg.limit]
+    return train.subset(order), val
 
 
 def _to_dataset(data: ImageSet, pp: Preprocessing):
@@ -147,7 +149,7 @@ def _worker(c: dict) -> None:
         step = epoch * steps_per_epoch
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=1024,
             local_shuffle_seed=c["seed"] * 1000 + epoch,
         )
         for i, batch in enumerate(batches):

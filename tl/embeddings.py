@@ -1,0 +1,163 @@
+"""Embedding extraction with Ray Data, cached by content.
+
+The backbone runs in ``map_batches`` with a callable class on an actor pool (one GPU per actor when
+asked). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
+a digest of its weights, the stage read, the preprocessing and the dataset's fingerprint, so
+anything that changes the embeddings changes the key. ``manifest.json`` is written last: a folder
+without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
+filesystems understand (``s3://``, ``gs://``, ``hdfs://``), so every node of a cluster sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tl.data import ImageSet
+from tl.errors import DataError
+from tl.models import make_backbone, weights_digest
+
+MANIFEST = "manifest.json"
+MODEL_RUNS = {"extractions": 0}  # counts extraction jobs launched from this process (a hit launches none)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How to extract: which backbone, weights and stage; how big the batches and the actor pool."""
+
+    backbone: str = "digits_cnn"
+    weights: str | None = None
+    stage: int | None = None
+    input_size: int | None = None
+    batch_size: int = 256
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int = 0
+    use_gpu: bool = False
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of an ImageSet, row-aligned with it."""
+
+    key: str
+    vectors: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    hit: bool
+    path: str
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def _fs(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+
+
+def cache_key(backbone: str, digest: str, stage: int | None, preprocessing: dict, fingerprint: str) -> str:
+    blob = json.dumps({"backbone": backbone, "weights": digest, "stage": stage, "preprocessing": preprocessing,
+                       "data": fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class _Embedder:
+    """Ray Data actor: builds the backbone once, then embeds batches of raw (3 x H x W) images."""
+
+    def __init__(self, backbone: str, weights: str | None, stage: int | None, input_size: int | None, threads: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = make_backbone(backbone, weights, input_size).eval().to(self.device)
+        self.stage = stage
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+            emb = self.model(self.model.preprocessing(x), self.stage).float().cpu().numpy()
+        return {"row": batch["row"], "id": batch["id"], "label": batch["label"], "embedding": emb}
+
+
+def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[str], None] = print) -> Embeddings:
+    """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached."""
+    import ray.data
+
+    t0 = time.time()
+    model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
+    stage = cfg.stage if cfg.stage != model.num_stages else None
+    pp = model.preprocessing.describe()
+    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, data.fingerprint())
+    fs, root = _fs(cache_root)
+    folder = f"{root}/embeddings/{key}"
+    cached = _read(fs, folder, len(data))
+    if cached is not None:
+        vectors, ids, labels, info = cached
+        log(f"[embed] cache hit {key[:12]}: {len(ids)} x {vectors.shape[1]} from {folder}")
+        return Embeddings(key, vectors, ids, labels, True, folder, time.time() - t0, info)
+    if fs.get_file_info(folder).type != pafs.FileType.NotFound:
+        log(f"[embed] {folder} has no manifest (an interrupted write): rebuilding it")
+        fs.delete_dir(folder)
+    MODEL_RUNS["extractions"] += 1
+    log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
+        f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
+    df = data.to_pandas()[["image", "label", "id"]]
+    df.insert(0, "row", np.arange(len(df)))
+    ds = ray.data.from_pandas(df).map_batches(
+        _Embedder,
+        fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage,
+                                   input_size=cfg.input_size, threads=cfg.threads_per_actor),
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size, batch_format="numpy",
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
+    )
+    part = f"{folder}/part-{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(part, filesystem=fs)
+    info = {"key": key, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
+            "preprocessing": pp, "dataset": data.name, "fingerprint": data.fingerprint(), "rows": len(data),
+            "dim": model.stage_dim(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with fs.open_output_stream(f"{folder}/{MANIFEST}") as out:
+        out.write(json.dumps(info, indent=2).encode())
+    vectors, ids, labels, _ = _read(fs, folder, len(data))
+    secs = time.time() - t0
+    log(f"[embed] wrote {len(ids)} x {vectors.shape[1]} embeddings to {folder} in {secs:.1f} s")
+    return Embeddings(key, vectors, ids, labels, False, folder, secs, info)
+
+
+def _read(fs: pafs.FileSystem, folder: str, rows: int):
+    """The cached table, or None when there is no complete cache (no manifest, or wrong size)."""
+    if fs.get_file_info(f"{folder}/{MANIFEST}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
+        info = json.loads(f.read())
+    try:
+        table = pq.read_table(folder, filesystem=fs, partitioning=None)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"embedding cache '{folder}' is damaged ({exc}); delete the folder to rebuild it") from exc
+    table = table.sort_by("row")
+    if table.num_rows != rows or info.get("rows") != rows:
+        raise DataError(f"embedding cache '{folder}' holds {table.num_rows} rows, expected {rows}; delete it to rebuild")
+    col = table.column("embedding").combine_chunks()
+    vectors = _to_matrix(col)
+    return vectors, np.asarray(table.column("id").to_pylist(), dtype=object), table.column("label").to_numpy(), info
+
+
+def _to_matrix(col) -> np.ndarray:
+    if hasattr(col, "to_numpy_ndarray"):
+        return np.asarray(col.to_numpy_ndarray(), dtype=np.float32)
+    return np.asarray(col.to_pylist(), dtype=np.float32)

@@ -1,0 +1,146 @@
+"""Episodic evaluation: the same seeded episodes for every strategy, per-episode rows, mean accuracy
+with a 95% confidence interval (1.96 sigma / sqrt(E)), and paired differences between strategies
+(DESIGN section 3). Feature strategies index the embedding cache; nothing is recomputed per episode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tl.data import ImageSet, sample_episodes
+from tl.models import Backbone
+from tl.strategies import EpisodeTask, Strategy
+
+Z95 = 1.96
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the normal 95% confidence interval of the mean."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    return float(Z95 * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+@dataclass
+class PairedDifference:
+    a: str
+    b: str
+    mean: float
+    ci95: float
+    episodes: int
+
+
+def paired_difference(rows: pd.DataFrame, a: str, b: str) -> PairedDifference:
+    """Mean of (accuracy of ``a`` - accuracy of ``b``) over the episodes both ran, with its CI."""
+    keys = [k for k in ("target", "shots", "seed", "episode") if k in rows.columns]
+    pa = rows[rows["strategy"] == a].set_index(keys)["accuracy"]
+    pb = rows[rows["strategy"] == b].set_index(keys)["accuracy"]
+    both = pa.index.intersection(pb.index)
+    d = (pa.loc[both] - pb.loc[both]).to_numpy()
+    return PairedDifference(a, b, float(d.mean()) if len(d) else float("nan"), ci95(d), int(len(d)))
+
+
+def summarize(rows: pd.DataFrame, by: Sequence[str] = ("target", "shots", "strategy")) -> pd.DataFrame:
+    """Mean, per-episode sigma, 95% CI and per-seed means for each cell (CIs pool all seeds)."""
+    out = []
+    for key, g in rows.groupby(list(by), sort=True):
+        acc = g["accuracy"].to_numpy()
+        per_seed = g.groupby("seed")["accuracy"].mean()
+        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "mean": acc.mean(),
+                    "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"), "ci95": ci95(acc),
+                    "episodes": len(acc), "seeds": len(per_seed),
+                    "per_seed": ", ".join(f"{s}:{m:.3f}" for s, m in per_seed.items()),
+                    "seconds_per_episode": g["seconds"].mean()})
+    return pd.DataFrame(out)
+
+
+def run_episodes(
+    strategies: dict[str, Strategy],
+    data: ImageSet,
+    *,
+    shots: int,
+    queries: int,
+    episodes: int,
+    seed: int,
+    n_way: int | None = None,
+    backbone: Backbone | None = None,
+    embeddings: np.ndarray | None = None,
+    unlabelled: ImageSet | None = None,
+    target: str | None = None,
+    start: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Run every strategy on the same ``episodes`` episodes of ``data``; one row per strategy x episode.
+
+    ``backbone`` is the pretrained backbone (copied fresh for each episode of a trained strategy);
+    ``embeddings`` are row-aligned with ``data`` (from the cache), for feature strategies.
+    """
+    eps = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
+    images = None
+    if any(not s.uses_embeddings for s in strategies.values()):
+        if backbone is None:
+            raise ValueError("trained strategies need a backbone")
+        with torch.no_grad():
+            images = backbone.preprocessing(torch.from_numpy(data.images))
+    if any(s.uses_embeddings for s in strategies.values()) and embeddings is None:
+        raise ValueError("feature strategies need embeddings")
+    pool = None
+    if unlabelled is not None and backbone is not None:
+        with torch.no_grad():
+            pool = backbone.preprocessing(torch.from_numpy(unlabelled.images))
+    rows = []
+    for n, ep in enumerate(eps):
+        for label, strat in strategies.items():
+            task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=seed * 100_003 + ep.index)
+            if strat.uses_embeddings:
+                task.support_emb, task.query_emb = embeddings[ep.support], embeddings[ep.query]
+            else:
+                task.support_x, task.query_x = images[ep.support], images[ep.query]
+                task.backbone = lambda: copy.deepcopy(backbone)
+                task.unlabelled_x = pool
+            t0 = time.perf_counter()
+            pred = strat.predict_episode(task)
+            secs = time.perf_counter() - t0
+            rows.append({
+                "strategy": label, "method": strat.name, "family": strat.family, "target": target or data.name,
+                "shots": shots, "seed": seed, "episode": ep.index, "n_way": len(ep.classes), "queries": queries,
+                "accuracy": float(np.mean(pred == ep.query_labels)), "seconds": secs,
+                "params": json.dumps(strat.params(), sort_keys=True),
+            })
+        if progress is not None:
+            progress(n + 1, len(eps))
+    return rows
+
+
+def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "") -> str:
+    """A Markdown table per (target, shots): mean +- CI, sigma, and the paired difference to the best."""
+    lines = []
+    if note:
+        lines += [note, ""]
+    for (target, shots), g in summary.groupby(["target", "shots"], sort=True):
+        g = g.sort_values("mean", ascending=False)
+        best = g.iloc[0]["strategy"]
+        cell = rows[(rows["target"] == target) & (rows["shots"] == shots)]
+        lines += [f"### {target}, {shots}-shot ({int(g.iloc[0]['episodes'])} episodes; best: {best})", "",
+                  "| strategy | accuracy ± 95% CI | σ (per episode) | Δ to best ± 95% CI (paired) | s / episode |",
+                  "|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            if r["strategy"] == best:
+                delta = "—"
+            else:
+                d = paired_difference(cell, r["strategy"], best)
+                delta = f"{100 * d.mean:+.1f} ± {100 * d.ci95:.1f}"
+            lines.append(f"| {r['strategy']} | {100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} | {100 * r['std']:.1f} "
+                         f"| {delta} | {r['seconds_per_episode']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The strategy interface: a strategy is data (its hyper-parameters) plus a few small methods.
+
+Feature strategies classify cached embeddings; trained strategies say which parameters train and
+at what learning rate (``param_groups``), what the per-step loss is (``loss``), and optional hooks
+(``prepare``, ``on_start``). The one training loop (``tl.train.loop``) never branches on a name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl.errors import ConfigError
+from tl.models import Backbone, Classifier
+
+
+@dataclass
+class EpisodeTask:
+    """What a strategy gets for one episode. Labels are 0..n_way-1.
+
+    ``support_x``/``query_x`` are preprocessed image tensors (trained strategies);
+    ``support_emb``/``query_emb`` index the embedding cache (feature strategies);
+    ``unlabelled_x`` is the unlabelled target pool, for strategies that use one.
+    """
+
+    n_way: int
+    support_y: np.ndarray
+    seed: int
+    support_x: torch.Tensor | None = None
+    query_x: torch.Tensor | None = None
+    support_emb: np.ndarray | None = None
+    query_emb: np.ndarray | None = None
+    unlabelled_x: torch.Tensor | None = None
+    backbone: Callable[[], Backbone] | None = None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base of every registered strategy; dataclass fields are its hyper-parameters."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    uses_embeddings: ClassVar[bool] = False
+
+    def predict_episode(self, task: EpisodeTask) -> np.ndarray:
+        """Predicted labels for the episode's queries."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FeatureStrategy(Strategy):
+    """A classifier fitted on support embeddings; no image is touched."""
+
+    family: ClassVar[str] = "feature"
+    uses_embeddings: ClassVar[bool] = True
+
+    def fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_episode(self, task: EpisodeTask) -> np.ndarray:
+        if task.support_emb is None or task.query_emb is None:
+            raise ConfigError(f"strategy '{self.name}' needs cached embeddings")
+        return self.fit_predict(task.support_emb, task.support_y, task.query_emb, task.n_way)
+
+
+BN_MODES = ("train", "frozen")
+
+
+@dataclass(frozen=True)
+class TrainedStrategy(Strategy):
+    """Trains a backbone and a new linear head with the one training loop.
+
+    ``frozen``: first k stages frozen; ``lr``: head learning rate; ``backbone_lr_mult``: the
+    backbone's rate as a multiple of it; ``batch_norm``: ``train`` (batch statistics, updated) or
+    ``frozen`` (running statistics fixed: the safe choice for tiny few-shot batches).
+    """
+
+    family: ClassVar[str] = "finetune"
+    frozen: int = 0
+    lr: float = 0.01
+    backbone_lr_mult: float = 1.0
+    steps: int = 60
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_norm: str = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.batch_norm not in BN_MODES:
+            raise ConfigError(f"strategy '{self.name}': batch_norm must be one of {BN_MODES}, got '{self.batch_norm}'")
+        if self.lr <= 0 or self.steps < 1 or self.batch_size < 1 or self.frozen < 0:
+            raise ConfigError(f"strategy '{self.name}': lr, steps and batch_size must be positive and frozen >= 0")
+
+    # --- the three small methods -------------------------------------------------------------
+    def prepare(self, backbone: Backbone, n_classes: int) -> Classifier:
+        """The model to train: here, the given backbone with its first k stages frozen."""
+        return Classifier(backbone.freeze_first(self.frozen), n_classes)
+
+    def param_groups(self, model: Classifier) -> list[dict]:
+        """Head at ``lr``; trainable backbone parameters at ``lr * backbone_lr_mult``."""
+        groups = [{"params": list(model.head.parameters()), "lr": self.lr, "name": "head"}]
+        trainable = [p for p in model.backbone.parameters() if p.requires_grad]
+        if trainable and self.backbone_lr_mult > 0:
+            groups.append({"params": trainable, "lr": self.lr * self.backbone_lr_mult, "name": "backbone"})
+        elif trainable:
+            for p in trainable:
+                p.requires_grad_(False)
+        return groups
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def on_start(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Hook before the first step (``lp_ft`` fits its linear probe here)."""
+
+    # --- one episode, in-process ---------------------------------------------------------------
+    def predict_episode(self, task: EpisodeTask) -> np.ndarray:
+        from tl.train.loop import predict, train_steps
+
+        if task.backbone is None or task.support_x is None or task.query_x is None:
+            raise ConfigError(f"strategy '{self.name}' needs images and a backbone")
+        torch.manual_seed(task.seed)
+        model = self.prepare(task.backbone(), task.n_way)
+        x, y = task.support_x, torch.as_tensor(task.support_y)
+        self.on_start(model, x, y)
+        train_steps(model, self, _support_batches(x, y, self.batch_size, task.seed), self.steps)
+        return predict(model, task.query_x)
+
+
+def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    """Endless shuffled mini-batches of the support set (the whole set when it fits one batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield x[idx], y[idx]
