@@ -11,7 +11,7 @@ from tl.models import Classifier, build_backbone, count_trainable, load_weights,
 # Trainable parameters of each backbone (head excluded) with the first k stages frozen, k = 0..all.
 # Like torchvision's trainable-layers table: resnet18 at k=0 is torchvision's 11,689,512 less fc.
 TRAINABLE = {
-    "digits_cnn": [156256, 146048, 90496, 16512, 0],
+    "digits_cnn": [388896, 387968, 369408, 295424, 0],
     "resnet18": [11176512, 11166976, 11019008, 10493440, 8393728, 0],
     "resnet50": [23508032, 23498496, 23282688, 22063104, 14964736, 0],
 }

@@ -126,9 +126,9 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
         batch_size=cfg.batch_size, batch_format="numpy",
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
     )
-    part = f"{folder}/part-{uuid.uuid4().hex[:8]}"
-    ds.write_parquet(part, filesystem=fs)
-    info = {"key": key, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
+    part = f"data-{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(f"{folder}/{part}", filesystem=fs)
+    info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
             "preprocessing": pp, "dataset": data.name, "fingerprint": data.fingerprint(), "rows": len(data),
             "dim": model.stage_dim(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with fs.open_output_stream(f"{folder}/{MANIFEST}") as out:
@@ -146,8 +146,8 @@ def _read(fs: pafs.FileSystem, folder: str, rows: int):
     with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
         info = json.loads(f.read())
     try:
-        table = pq.read_table(folder, filesystem=fs, partitioning=None)
-    except (pa.ArrowInvalid, OSError) as exc:
+        table = pq.read_table(f"{folder}/{info['data']}", filesystem=fs, partitioning=None)
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
         raise DataError(f"embedding cache '{folder}' is damaged ({exc}); delete the folder to rebuild it") from exc
     table = table.sort_by("row")
     if table.num_rows != rows or info.get("rows") != rows:

@@ -126,23 +126,16 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def _digits_cnn_stages() -> list[nn.Module]:
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
+    def block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
-    return [
-        block(3, 32),  # 28 -> 14
-        block(32, 64),  # 14 -> 7
-        nn.Sequential(nn.Conv2d(64, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True)),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 128), nn.ReLU(inplace=True)),
-    ]
+    # 28 -> 14 -> 7 -> 3 -> 3; features are the globally pooled conv maps of the last stage
+    return [block(3, 32), block(32, 64), block(64, 128), block(128, 256, pool=False)]
 
 
 register(BackboneSpec(
-    name="digits_cnn", builder=_digits_cnn_stages, feature_dim=128,
+    name="digits_cnn", builder=_digits_cnn_stages, feature_dim=256,
     preprocessing=Preprocessing((28, 28), *DIGITS),
     description="small 4-stage CNN for 28x28 digits (the default)",
 ))

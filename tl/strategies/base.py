@@ -81,7 +81,8 @@ class TrainedStrategy(Strategy):
 
     ``frozen``: first k stages frozen; ``lr``: head learning rate; ``backbone_lr_mult``: the
     backbone's rate as a multiple of it; ``batch_norm``: ``train`` (batch statistics, updated) or
-    ``frozen`` (running statistics fixed: the safe choice for tiny few-shot batches).
+    ``frozen`` (running statistics fixed: the safe choice for tiny few-shot batches);
+    ``clip_grad``: gradient-norm clip (0: none), which keeps 1-shot fine-tuning from diverging.
     """
 
     family: ClassVar[str] = "finetune"
@@ -93,6 +94,7 @@ class TrainedStrategy(Strategy):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_norm: str = "frozen"
+    clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_norm not in BN_MODES:

@@ -29,6 +29,7 @@ class LPFT(TrainedStrategy):
     name = "lp_ft"
     probe_lr: float = 0.05
     probe_steps: int = 100
+    probe_weight_decay: float = 1e-3
     lr: float = 0.005
 
     def on_start(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -36,7 +37,7 @@ class LPFT(TrainedStrategy):
         model.eval()
         with torch.no_grad():
             feats = model.backbone(x)
-        opt = torch.optim.Adam(model.head.parameters(), lr=self.probe_lr)
+        opt = torch.optim.Adam(model.head.parameters(), lr=self.probe_lr, weight_decay=self.probe_weight_decay)
         for _ in range(self.probe_steps):
             opt.zero_grad()
             F.cross_entropy(model.head(feats), y).backward()

@@ -53,6 +53,8 @@ def train_steps(
         check_finite(loss, what=strategy.name, step=step, lr=opt.param_groups[0]["lr"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if strategy.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], strategy.clip_grad)
         opt.step()
         losses.append(float(loss.detach()))
         if on_step is not None:
