@@ -30,3 +30,14 @@ def storage(tmp_path):
     p = tmp_path / "tl-home"
     p.mkdir()
     return p
+
+
+@pytest.fixture(scope="session")
+def pretrained(ray_local, tmp_path_factory):
+    """A quickly pretrained digits backbone (real Ray Train run), shared by the tests that need one."""
+    from tl.pretrain import PretrainConfig, pretrain
+
+    home = tmp_path_factory.mktemp("pretrained-home")
+    res = pretrain(PretrainConfig(epochs=3, limit=1800, batch_size=64, lr=0.05, workers=1), home)
+    assert res.val_accuracy > 0.8, res.val_accuracy
+    return str(res.path)

@@ -2,10 +2,10 @@
 
 from tl.data.episodes import Episode, sample_episodes
 from tl.data.imageset import ImageSet
-from tl.data.sources import load_csv_manifest, load_image_folder, load_parquet
+from tl.data.sources import load_csv_manifest, load_image_folder, load_parquet, load_source
 from tl.data.suite import load_embedded
 
 __all__ = [
     "Episode", "ImageSet", "sample_episodes", "load_embedded",
-    "load_image_folder", "load_csv_manifest", "load_parquet",
+    "load_image_folder", "load_csv_manifest", "load_parquet", "load_source",
 ]

@@ -192,3 +192,26 @@ def load_parquet(
     labels = [str(v) for v in rows["label"]]
     class_tuple = _class_list(labels, classes, f"Parquet file '{path}'")
     return _build(path.stem, path.stem, rows["image"].tolist(), labels, class_tuple, rows["row"].tolist())
+
+
+def load_source(
+    dataset: str | None = None,
+    folder: str | None = None,
+    csv: str | None = None,
+    parquet: str | None = None,
+    size: tuple[int, int] = (28, 28),
+    classes: Sequence[str] | None = None,
+) -> ImageSet:
+    """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file."""
+    given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet)) if v}
+    if len(given) != 1:
+        raise DataError(f"give exactly one data source (dataset, folder, csv or parquet); got {sorted(given) or 'none'}")
+    if dataset:
+        from tl.data.suite import load_embedded
+
+        return load_embedded(dataset)
+    if folder:
+        return load_image_folder(folder, size, classes)
+    if csv:
+        return load_csv_manifest(csv, size, classes)
+    return load_parquet(parquet, size, classes)

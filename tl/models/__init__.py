@@ -9,15 +9,22 @@ from tl.models.weights import load_weights, save_weights, weights_digest
 
 
 class Classifier(nn.Module):
-    """A backbone and a linear head on its last-stage features."""
+    """A backbone and a linear head on its last-stage features.
+
+    ``start`` > 0: inputs are the cached output of the first ``start`` (frozen) stages.
+    """
 
     def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.start = 0
+
+    def features(self, x):
+        return self.backbone(x, start=self.start)
 
     def forward(self, x):
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
 
 
 def make_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:

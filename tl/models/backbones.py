@@ -59,14 +59,22 @@ class Backbone(nn.Module):
     def _pool(x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) if x.ndim == 2 else F.adaptive_avg_pool2d(x, 1).flatten(1)
 
-    def forward(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
-        """Features after stage ``stage`` (1-based; default: the last), pooled to N x C."""
+    def forward(self, x: torch.Tensor, stage: int | None = None, start: int = 0) -> torch.Tensor:
+        """Features after stage ``stage`` (1-based; default: the last), pooled to N x C.
+
+        ``start`` > 0 means ``x`` is already the output of the first ``start`` stages (a cached
+        frozen prefix), so only the stages after it run.
+        """
         last = self.num_stages if stage is None else stage
         if not 1 <= last <= self.num_stages:
             raise ConfigError(f"backbone '{self.name}' has stages 1..{self.num_stages}, not {last}")
-        for s in self.stages[:last]:
+        return self._pool(self.run_stages(x, start, last))
+
+    def run_stages(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Unpooled output of stages ``start+1 .. end`` applied to ``x``."""
+        for s in self.stages[start:end]:
             x = s(x)
-        return self._pool(x)
+        return x
 
     def stage_dim(self, stage: int | None = None) -> int:
         """Feature size after a stage (found by a forward pass on one blank image)."""

@@ -132,10 +132,17 @@ class TrainedStrategy(Strategy):
             raise ConfigError(f"strategy '{self.name}' needs images and a backbone")
         torch.manual_seed(task.seed)
         model = self.prepare(task.backbone(), task.n_way)
-        x, y = task.support_x, torch.as_tensor(task.support_y)
+        x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
+        k = model.backbone.frozen_stages
+        if k and self.batch_norm == "frozen":
+            # frozen stages in eval mode are a fixed function: run them once, train the rest
+            model.backbone.eval()
+            with torch.no_grad():
+                x, q = model.backbone.run_stages(x, 0, k), model.backbone.run_stages(q, 0, k)
+            model.start = k
         self.on_start(model, x, y)
         train_steps(model, self, _support_batches(x, y, self.batch_size, task.seed), self.steps)
-        return predict(model, task.query_x)
+        return predict(model, q)
 
 
 def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):

@@ -36,7 +36,7 @@ class LPFT(TrainedStrategy):
         was = model.training
         model.eval()
         with torch.no_grad():
-            feats = model.backbone(x)
+            feats = model.features(x)
         opt = torch.optim.Adam(model.head.parameters(), lr=self.probe_lr, weight_decay=self.probe_weight_decay)
         for _ in range(self.probe_steps):
             opt.zero_grad()

@@ -1,0 +1,138 @@
+"""Embedding cache (Ray Data extraction), feature strategies and the CI arithmetic."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tl.data import load_embedded
+from tl.embeddings import MANIFEST, MODEL_RUNS, EmbedConfig, cache_key, extract
+from tl.evaluate import ci95, paired_difference, run_episodes, summarize
+from tl.models import build_backbone, save_weights
+from tl.strategies import make_strategy, registered
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small(n=64, offset=0):
+    d = load_embedded("optdigits").split("test")
+    return d.subset(np.arange(offset, offset + n))
+
+
+def quiet(_):
+    pass
+
+
+def test_cache_key_changes_with_each_input_and_only_then():
+    base = dict(backbone="digits_cnn", digest="w1", stage=None, preprocessing={"size": [28, 28]}, fingerprint="d1")
+    k = cache_key(**base)
+    assert cache_key(**base) == k
+    for field, value in (("backbone", "resnet18"), ("digest", "w2"), ("stage", 2),
+                         ("preprocessing", {"size": [32, 32]}), ("fingerprint", "d2")):
+        assert cache_key(**{**base, field: value}) != k, field
+
+
+def test_extraction_hits_and_misses(ray_local, tmp_path):
+    w1, w2 = tmp_path / "w1.safetensors", tmp_path / "w2.safetensors"
+    save_weights(build_backbone("digits_cnn"), w1)
+    save_weights(build_backbone("digits_cnn"), w2)
+    cache = str(tmp_path / "cache")
+    data = small()
+    first = extract(data, EmbedConfig(weights=str(w1)), cache, quiet)
+    assert not first.hit and first.vectors.shape == (64, 256)
+    assert list(first.ids) == list(data.ids) and np.array_equal(first.labels, data.labels)
+
+    runs = MODEL_RUNS["extractions"]
+    again = extract(data, EmbedConfig(weights=str(w1)), cache, quiet)
+    assert again.hit and again.key == first.key and np.array_equal(again.vectors, first.vectors)
+    assert MODEL_RUNS["extractions"] == runs, "a cache hit must run no model"
+
+    variants = {
+        "weights": (data, EmbedConfig(weights=str(w2))),
+        "stage": (data, EmbedConfig(weights=str(w1), stage=2)),
+        "preprocessing": (data, EmbedConfig(weights=str(w1), input_size=32)),
+        "data": (small(offset=1), EmbedConfig(weights=str(w1))),
+    }
+    keys = {first.key}
+    for what, (d, cfg) in variants.items():
+        res = extract(d, cfg, cache, quiet)
+        assert not res.hit and res.key not in keys, what
+        keys.add(res.key)
+    assert extract(data, EmbedConfig(weights=str(w1), stage=2), cache, quiet).vectors.shape == (64, 64)
+
+
+def test_folder_without_manifest_is_rebuilt(ray_local, tmp_path):
+    cache = str(tmp_path / "cache")
+    w = tmp_path / "w.safetensors"
+    save_weights(build_backbone("digits_cnn"), w)
+    first = extract(small(32), EmbedConfig(weights=str(w)), cache, quiet)
+    os.remove(os.path.join(first.path, MANIFEST))
+    runs = MODEL_RUNS["extractions"]
+    again = extract(small(32), EmbedConfig(weights=str(w)), cache, quiet)
+    assert not again.hit and MODEL_RUNS["extractions"] == runs + 1
+    assert np.allclose(again.vectors, first.vectors, atol=1e-6)
+    assert os.path.exists(os.path.join(again.path, MANIFEST))
+
+
+def test_corrupt_image_stops_extraction_with_its_name(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((10, 10, 3), 50 * i, np.uint8)).save(root / c / f"{i}.png")
+    (root / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    storage = tmp_path / "home"
+    env = dict(os.environ, RAY_ADDRESS="")
+    out = subprocess.run([sys.executable, "-m", "workflows.embed", "--storage", str(storage),
+                          "--set", f"folder={root}", "--set", "weights=random"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "bad.png" in out.stderr and "error:" in out.stderr
+    assert not list(storage.glob(f"cache/embeddings/*/{MANIFEST}")), "no cache may look complete"
+
+
+@pytest.fixture(scope="module")
+def optdigits_embeddings(pretrained, tmp_path_factory):
+    data = load_embedded("optdigits").split("test")
+    emb = extract(data, EmbedConfig(weights=pretrained), str(tmp_path_factory.mktemp("cache")), quiet)
+    return data, emb.vectors
+
+
+def test_feature_strategies_beat_chance_on_optdigits_5shot(optdigits_embeddings):
+    data, vectors = optdigits_embeddings
+    strategies = {n: make_strategy(n) for n in registered("feature")}
+    assert set(strategies) == {"linear_probe", "prototype", "logistic"}
+    rows = pd.DataFrame(run_episodes(strategies, data, shots=5, queries=15, episodes=20, seed=0,
+                                     embeddings=vectors))
+    means = rows.groupby("strategy")["accuracy"].mean()
+    assert (means > 0.5).all(), means  # chance is 0.10
+
+
+def test_ci_shrinks_as_episodes_grow(optdigits_embeddings):
+    data, vectors = optdigits_embeddings
+    proto = {"prototype": make_strategy("prototype")}
+    cis = []
+    for n in (10, 40, 160):
+        rows = pd.DataFrame(run_episodes(proto, data, shots=1, queries=15, episodes=n, seed=1, embeddings=vectors))
+        cis.append(summarize(rows).iloc[0]["ci95"])
+    assert cis[0] > cis[1] > cis[2], cis
+
+
+def test_ci_and_paired_difference_arithmetic():
+    assert ci95([0.5, 0.7]) == pytest.approx(1.96 * np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
+    assert ci95([0.2, 0.4, 0.6, 0.8]) == pytest.approx(1.96 * 0.2581988897 / 2, rel=1e-6)
+    rows = pd.DataFrame({
+        "strategy": ["a"] * 3 + ["b"] * 3, "target": "t", "shots": 1, "seed": 0, "episode": [0, 1, 2] * 2,
+        "accuracy": [0.6, 0.8, 0.7, 0.5, 0.6, 0.7], "seconds": 0.0,
+    })
+    d = paired_difference(rows, "a", "b")  # differences 0.1, 0.2, 0.0
+    assert d.mean == pytest.approx(0.1) and d.episodes == 3
+    assert d.ci95 == pytest.approx(1.96 * 0.1 / np.sqrt(3))
+    s = summarize(rows).set_index("strategy")
+    assert s.loc["a", "mean"] == pytest.approx(0.7) and s.loc["b", "std"] == pytest.approx(0.1)

@@ -1,0 +1,165 @@
+"""Every registered strategy: a finite first step, gradients exactly where they should be, BatchNorm
+handled as stated, NaN losses named; plus Ray Train fine-tuning: DDP equivalence and resume."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tl.data import load_embedded, sample_episodes
+from tl.errors import ConfigError, TrainingError
+from tl.models import build_backbone, count_trainable
+from tl.strategies import REGISTRY, EpisodeTask, TrainedStrategy, make_strategy
+from tl.train.loop import make_optimizer, train_steps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def episode(shots=2):
+    d = load_embedded("optdigits").split("adapt")
+    bb = build_backbone("digits_cnn")
+    images = bb.preprocessing(torch.from_numpy(d.images))
+    ep = sample_episodes(d.labels, 5, shots, 3, 1, seed=0)[0]
+    return bb, images[ep.support], torch.as_tensor(ep.support_labels), images[ep.query], ep
+
+
+def bn_stats(module):
+    return [m.running_mean.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_strategy_runs_an_episode(name):
+    bb, x, y, q, ep = episode()
+    s = make_strategy(name)
+    task = EpisodeTask(n_way=5, support_y=ep.support_labels, seed=0)
+    if s.uses_embeddings:
+        with torch.no_grad():
+            task.support_emb, task.query_emb = bb(x).numpy(), bb(q).numpy()
+    else:
+        task.support_x, task.query_x, task.backbone = x, q, lambda: copy.deepcopy(bb)
+        s = make_strategy(name, {"steps": 2})
+    pred = s.predict_episode(task)
+    assert pred.shape == (len(q),) and set(pred) <= set(range(5))
+
+
+TRAINED = sorted(n for n, c in REGISTRY.items() if issubclass(c, TrainedStrategy))
+
+
+@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("k", [0, 2, 4])
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+def test_one_step_gradients_reach_exactly_the_trainable_parameters(name, k, bn):
+    if name == "scratch" and k:
+        with pytest.raises(ConfigError, match="frozen must be 0"):
+            make_strategy(name, {"frozen": k})
+        return
+    bb, x, y, _, _ = episode()
+    s = make_strategy(name, {"frozen": k, "batch_norm": bn, "steps": 1})
+    model = s.prepare(bb, 5)
+    frozen_params = {id(p) for st in model.backbone.stages[:k] for p in st.parameters()}
+    s.on_start(model, x, y)
+    before_frozen = bn_stats(model.backbone.stages[:k])
+    before_live = bn_stats(model.backbone.stages[k:])
+    losses = train_steps(model, s, iter([(x, y)]), 1)
+    assert np.isfinite(losses[0])
+    for p in model.parameters():
+        if id(p) in frozen_params:
+            assert p.grad is None and not p.requires_grad
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(before_frozen, bn_stats(model.backbone.stages[:k])))
+    live_changed = any(not torch.equal(a, b) for a, b in zip(before_live, bn_stats(model.backbone.stages[k:])))
+    assert live_changed == (bn == "train" and k < 4)
+    n_opt = sum(p.numel() for g in make_optimizer(s, model).param_groups for p in g["params"])
+    assert n_opt == count_trainable(model)
+
+
+def test_trainable_counts_per_k_through_the_strategy():
+    expected = [388896, 387968, 369408, 295424, 0]
+    head = 256 * 10 + 10
+    for k, n in enumerate(expected):
+        model = make_strategy("finetune", {"frozen": k}).prepare(build_backbone("digits_cnn"), 10)
+        assert count_trainable(model) == n + head
+
+
+def test_non_finite_loss_names_strategy_step_and_rate():
+    bb, x, y, _, _ = episode()
+    s = make_strategy("finetune", {"lr": 1e30, "clip_grad": 0.0, "momentum": 0.0, "steps": 5})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* in 'finetune' at step \d+ with learning rate 1e\+30"):
+        train_steps(s.prepare(bb, 5), s, iter([(x, y)] * 5), 5)
+
+
+def test_frozen_prefix_cache_gives_the_same_model():
+    """Training on cached frozen-stage outputs equals training through the frozen stages."""
+    bb, x, y, q, ep = episode(3)
+    s = make_strategy("finetune", {"frozen": 2, "steps": 5})
+    task = EpisodeTask(n_way=5, support_y=ep.support_labels, seed=3, support_x=x, query_x=q,
+                       backbone=lambda: copy.deepcopy(bb))
+    fast = s.predict_episode(task)
+    torch.manual_seed(3)
+    model = s.prepare(copy.deepcopy(bb), 5)
+    from tl.strategies.base import _support_batches
+    from tl.train.loop import predict
+    train_steps(model, s, _support_batches(x, y, s.batch_size, 3), 5)
+    assert np.array_equal(fast, predict(model, q))
+
+
+def test_bad_strategy_config_is_named():
+    with pytest.raises(ConfigError, match="unknown strategy 'dnn'"):
+        make_strategy("dnn")
+    with pytest.raises(ConfigError, match="unknown config key 'strategies.finetune.frozn'"):
+        make_strategy("finetune", {"frozn": 1})
+    with pytest.raises(ConfigError, match="batch_norm"):
+        make_strategy("finetune", {"batch_norm": "maybe"})
+
+
+# --- Ray Train -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_workers_match_one_worker(ray_local, storage, tmp_path):
+    from tl.finetune import FinetuneConfig, finetune
+
+    losses = {}
+    for workers in (1, 2):
+        cfg = FinetuneConfig(weights="random", target="optdigits", limit=64, workers=workers, checkpoint_every=4,
+                             params={"steps": 4, "batch_size": 64, "lr": 0.05, "batch_norm": "frozen"})
+        m = finetune(cfg, storage / f"w{workers}", tmp_path / f"out{workers}", log=lambda _: None)
+        assert m["steps"] == 4
+        losses[workers] = m["final_loss"]
+    assert losses[1] == pytest.approx(losses[2], abs=1e-4), losses
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "workflows.finetune", "--storage", str(storage), "--output", str(tmp_path / "out"),
+           "--workers", "1", "--set", "weights=random", "--set", "target=optdigits", "--set", "limit=256",
+           "--set", "checkpoint_every=10", "--set", "params.steps=200", "--set", "params.batch_size=32"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(storage.glob("ray/finetune-*/checkpoint_*/state.pt")):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.3)
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert "resuming from the checkpoint at step" in text, text
+    resumed = int(text.split("resuming from the checkpoint at step", 1)[1].split()[0])
+    assert resumed >= 10
+    steps_logged = [int(ln.split("step", 1)[1].split("/")[0]) for ln in text.splitlines() if "[finetune] step" in ln]
+    assert steps_logged and min(steps_logged) > resumed, "steps before the checkpoint were redone"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 200
