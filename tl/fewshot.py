@@ -23,6 +23,7 @@ from tl.data import load_embedded
 from tl.errors import ConfigError
 from tl.evaluate import run_episodes, summarize, summary_markdown
 from tl.models import get_spec
+from tl.report import plot_accuracy_vs_shots
 from tl.runtime import provenance
 from tl.strategies import TrainedStrategy, make_strategy
 
@@ -175,15 +176,23 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
     rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
     rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
     rows = rows.sort_values(["target", "shots", "seed", "strategy", "episode"]).reset_index(drop=True)
-    summary = summarize(rows)
     note = (f"Few-shot evaluation on the `{cfg.split}` split: {rows['n_way'].iloc[0]}-way, {cfg.queries} queries "
             f"per class, {cfg.episodes} episodes x {len(cfg.seeds)} seed(s), the same episodes for every strategy. "
             f"Backbone {cfg.backbone} ({weights or 'random'}). Hyper-parameters are the strategies' defaults: "
             f"nothing here was chosen on these test episodes. Config hash {config_hash(cfg)}.")
     if failures:
         note += "\n\nFAILED cells:\n" + "\n".join(f"- {f}" for f in failures)
+    write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} episodes x {len(cfg.seeds)} seed(s), "
+                  f"{cfg.queries} queries/class")
+    log(f"[fewshot] {len(rows)} rows; summary in {output / 'summary.md'} ({time.time() - t0:.0f} s)")
+    return {"rows": len(rows), "failures": failures, "output": str(output), "wall_s": time.time() - t0}
+
+
+def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> pd.DataFrame:
+    """rows.parquet, summary.csv, summary.md and accuracy_vs_shots.png from the result rows."""
+    summary = summarize(rows)
     rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
     (output / "summary.md").write_text(summary_markdown(summary, rows, note))
-    log(f"[fewshot] {len(rows)} rows; summary in {output / 'summary.md'} ({time.time() - t0:.0f} s)")
-    return {"rows": len(rows), "failures": failures, "output": str(output), "wall_s": time.time() - t0}
+    plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
+    return summary

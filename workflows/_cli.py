@@ -25,6 +25,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def shlex_args() -> list[str]:
+    """This process's command-line arguments, quoted for a shell (recorded beside results)."""
+    import shlex
+
+    return [shlex.quote(a) for a in sys.argv[1:]]
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` or start a local Ray with more logical CPUs than cores (DESIGN section 5)."""
     import ray

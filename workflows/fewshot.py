@@ -28,6 +28,7 @@ def main() -> int:
     output = Path(args.output or f"results/{cfg.experiment}")
     _cli.init_ray(args.address)
     out = run_fewshot(cfg, storage, output)
+    (output / "command.txt").write_text("python -m workflows.fewshot " + " ".join(_cli.shlex_args()) + "\n")
     print(f"rows: {output / 'rows.parquet'}\nsummary: {output / 'summary.md'}")
     return 2 if out["failures"] else 0
 

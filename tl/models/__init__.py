@@ -27,9 +27,14 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def make_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
-    """Build a registered backbone and load its weights (None: random initialisation)."""
-    bb = build_backbone(name, input_size)
+def make_backbone(name: str, weights: str | None = None, input_size: int | None = None, seed: int = 0) -> Backbone:
+    """Build a registered backbone and load its weights. Without weights the random initialisation
+    is drawn from ``seed``, so every process (driver, Ray actors) builds the same model."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bb = build_backbone(name, input_size)
     load_weights(bb, weights)
     return bb
 
