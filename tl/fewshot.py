@@ -176,10 +176,7 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
     rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
     rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
     rows = rows.sort_values(["target", "shots", "seed", "strategy", "episode"]).reset_index(drop=True)
-    note = (f"Few-shot evaluation on the `{cfg.split}` split: {rows['n_way'].iloc[0]}-way, {cfg.queries} queries "
-            f"per class, {cfg.episodes} episodes x {len(cfg.seeds)} seed(s), the same episodes for every strategy. "
-            f"Backbone {cfg.backbone} ({weights or 'random'}). Hyper-parameters are the strategies' defaults: "
-            f"nothing here was chosen on these test episodes. Config hash {config_hash(cfg)}.")
+    note = describe(plain, rows, weights)
     if failures:
         note += "\n\nFAILED cells:\n" + "\n".join(f"- {f}" for f in failures)
     write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} episodes x {len(cfg.seeds)} seed(s), "
@@ -196,3 +193,13 @@ def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> pd
     (output / "summary.md").write_text(summary_markdown(summary, rows, note))
     plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
     return summary
+
+
+def describe(cfg: dict, rows: pd.DataFrame, weights: str | None = None) -> str:
+    """The sentence that says what a results table is (printed above every summary)."""
+    return (f"Few-shot evaluation on the `{cfg.get('split', '?')}` split: {rows['n_way'].iloc[0]}-way, "
+            f"{rows['queries'].iloc[0]} queries per class, {rows['episode'].nunique()} episodes x "
+            f"{rows['seed'].nunique()} seed(s), the same episodes for every strategy. Backbone "
+            f"{cfg.get('backbone', '?')} ({weights or cfg.get('weights', 'random')}). Hyper-parameters are the "
+            f"strategies' defaults: nothing here was chosen on these test episodes. Config hash "
+            f"{config_hash(cfg)}.")

@@ -22,18 +22,14 @@ def main() -> int:
     import pandas as pd
 
     from tl.errors import DataError
-    from tl.fewshot import write_reports
+    from tl.fewshot import describe, write_reports
 
     folder = Path(args.results)
     if not (folder / "rows.parquet").is_file():
         raise DataError(f"'{folder}' has no rows.parquet")
     rows = pd.read_parquet(folder / "rows.parquet")
     cfg = json.loads(rows["config"].iloc[0]) if "config" in rows.columns else {}
-    note = (f"Few-shot evaluation on the `{cfg.get('split', '?')}` split: {rows['n_way'].iloc[0]}-way, "
-            f"{rows['queries'].iloc[0]} queries per class, {rows['episode'].nunique()} episodes x "
-            f"{rows['seed'].nunique()} seed(s), the same episodes for every strategy. Backbone "
-            f"{cfg.get('backbone', '?')}. Hyper-parameters are the strategies' defaults: nothing here was chosen "
-            f"on these test episodes.")
+    note = describe(cfg, rows)
     title = args.title or f"{cfg.get('backbone', '')}: {rows['episode'].nunique()} episodes x {rows['seed'].nunique()} seed(s)"
     write_reports(rows, folder, note, title)
     print(f"summary: {folder / 'summary.md'}\nplot: {folder / 'accuracy_vs_shots.png'}")
