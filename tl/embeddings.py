@@ -89,7 +89,7 @@ class _Embedder:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+            x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
             emb = self.model(self.model.preprocessing(x), self.stage).float().cpu().numpy()
         return {"row": batch["row"], "id": batch["id"], "label": batch["label"], "embedding": emb}
 
@@ -116,9 +116,7 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
     MODEL_RUNS["extractions"] += 1
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
-    df = data.to_pandas()[["image", "label", "id"]]
-    df.insert(0, "row", np.arange(len(df)))
-    ds = ray.data.from_pandas(df).map_batches(
+    ds = data.to_ray(("row", "image", "label", "id")).map_batches(
         _Embedder,
         fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage,
                                    input_size=cfg.input_size, threads=cfg.threads_per_actor),

@@ -141,10 +141,10 @@ def _accuracy(model: torch.nn.Module, shard, device) -> float:
 def _dataset(data: ImageSet, pp):
     def preprocess(batch: dict) -> dict:
         with torch.no_grad():
-            x = pp(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+            x = pp(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
         return {"image": x.numpy(), "label": batch["label"]}
 
-    return data.to_ray().select_columns(["image", "label"]).map_batches(preprocess, batch_format="numpy",
+    return data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy",
                                                                        batch_size=256).materialize()
 
 

@@ -90,10 +90,10 @@ def _to_dataset(data: ImageSet, pp: Preprocessing):
 
     def preprocess(batch: dict) -> dict:
         with torch.no_grad():
-            x = pp(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+            x = pp(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
         return {"image": x.numpy(), "label": batch["label"]}
 
-    ds = data.to_ray().select_columns(["image", "label"])
+    ds = data.to_ray(("image", "label"))
     return ds.map_batches(preprocess, batch_format="numpy", batch_size=256).materialize()
 
 

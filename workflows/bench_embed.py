@@ -20,7 +20,7 @@ from workflows import _cli
 def main() -> int:
     p = _cli.parser("bench_embed", "Benchmark Ray Data extraction and the warm embedding cache.")
     p.add_argument("--size", type=int, default=96, help="input size for part (a) (default 96)")
-    p.add_argument("--eval-size", type=int, default=64, help="input size for part (b) (default 64)")
+    p.add_argument("--eval-size", type=int, default=96, help="input size for part (b) (default 96, as part a)")
     p.add_argument("--episodes", type=int, default=600)
     args = p.parse_args()
 

@@ -114,11 +114,31 @@ class ImageSet:
             }
         )
 
-    def to_ray(self):
-        """The table as a Ray Dataset with the common columns."""
+    def to_arrow(self, columns=COLUMNS, start: int = 0, stop: int | None = None):
+        """The table schema as a pyarrow Table; images become a fixed-shape tensor column (no copy
+        through Python objects, which is what makes large extractions fast)."""
+        import pyarrow as pa
+        from ray.data.extensions import ArrowTensorArray
+
+        sl = slice(start, stop)
+        names = np.array(list(self.classes) + [""], dtype=object)
+        make = {
+            "image": lambda: ArrowTensorArray.from_numpy(self.images[sl]),
+            "label": lambda: pa.array(self.labels[sl]),
+            "class_name": lambda: pa.array(names[self.labels[sl]].tolist(), pa.string()),
+            "domain": lambda: pa.array([self.domain] * len(self.labels[sl]), pa.string()),
+            "split": lambda: pa.array(self.splits[sl].tolist(), pa.string()),
+            "id": lambda: pa.array(self.ids[sl].tolist(), pa.string()),
+            "row": lambda: pa.array(np.arange(len(self))[sl]),
+        }
+        return pa.table({c: make[c]() for c in columns})
+
+    def to_ray(self, columns=COLUMNS, block_rows: int = 1024):
+        """The table as a Ray Dataset, in blocks of ``block_rows`` so work streams through it."""
         import ray.data
 
-        return ray.data.from_pandas(self.to_pandas())
+        blocks = [self.to_arrow(columns, i, i + block_rows) for i in range(0, max(1, len(self)), block_rows)]
+        return ray.data.from_arrow(blocks)
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
