@@ -20,7 +20,7 @@ import pandas as pd
 
 from tl.config import config_hash, to_dict
 from tl.data import load_embedded
-from tl.errors import ConfigError
+from tl.errors import ConfigError, TrainingError
 from tl.evaluate import run_episodes, summarize, summary_markdown
 from tl.models import get_spec
 from tl.report import plot_accuracy_vs_shots
@@ -82,8 +82,14 @@ class FewShotConfig:
                                   f"'{self.backbone}' (0..{num_stages})")
 
 
-def _cell_name(target: str, shots: int, seed: int, label: str) -> str:
-    return f"{target.replace(':', '_')}__{shots}shot__seed{seed}__{label}"
+def _cell_name(target: str, shots: int, seed: int, label: str, ident: str) -> str:
+    """File name of a finished cell; ``ident`` hashes everything else that changes its rows."""
+    return f"{target.replace(':', '_')}__{shots}shot__seed{seed}__{label}__{ident}"
+
+
+def _cell_ident(cfg: dict, entry: StrategyEntry) -> str:
+    keep = {k: cfg[k] for k in ("backbone", "weights", "input_size", "split", "n_way", "queries", "episodes")}
+    return config_hash({**keep, "strategy": entry.strategy, "params": entry.params}, 10)
 
 
 def _run_cell(cfg: dict, target: str, shots: int, seed: int, label: str, entry: dict, weights: str | None,
@@ -123,12 +129,13 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
         load_embedded(t).split(cfg.split)
     entries = {e.name(): e for e in cfg.strategies}
     plain = to_dict(cfg)
+    idents = {label: _cell_ident(plain, e) for label, e in entries.items()}
     todo, done = [], 0
     for target in cfg.targets:
         for shots in cfg.shots:
             for seed in cfg.seeds:
                 for label in entries:
-                    if (cells_dir / (_cell_name(target, shots, seed, label) + ".parquet")).exists():
+                    if (cells_dir / (_cell_name(target, shots, seed, label, idents[label]) + ".parquet")).exists():
                         done += 1
                     else:
                         todo.append((target, shots, seed, label))
@@ -160,7 +167,7 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
             failures.append(f"{target} {shots}-shot seed {seed} {label}: {str(exc).splitlines()[-1]}")
             log(f"[fewshot] FAILED {failures[-1]}")
             continue
-        name = _cell_name(target, shots, seed, label)
+        name = _cell_name(target, shots, seed, label, idents[label])
         tmp = cells_dir / (name + ".parquet.tmp")
         rows.to_parquet(tmp)
         os.replace(tmp, cells_dir / (name + ".parquet"))
@@ -168,8 +175,12 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
         log(f"[fewshot] {done}/{total} {target} {shots}-shot seed {seed} {label}: "
             f"{100 * rows['accuracy'].mean():.1f}% ({time.time() - t0:.0f} s)")
     files = sorted(cells_dir.glob("*.parquet"))
-    wanted = {_cell_name(t, k, s, lab) for t in cfg.targets for k in cfg.shots for s in cfg.seeds for lab in entries}
-    rows = pd.concat([pd.read_parquet(f) for f in files if f.stem in wanted], ignore_index=True)
+    wanted = {_cell_name(t, k, s, lab, idents[lab]) for t in cfg.targets for k in cfg.shots for s in cfg.seeds
+              for lab in entries}
+    parts = [pd.read_parquet(f) for f in files if f.stem in wanted]
+    if not parts:
+        raise TrainingError("no cell finished:\n" + "\n".join(failures))
+    rows = pd.concat(parts, ignore_index=True)
     prov = provenance()
     rows["config"] = json.dumps(plain, sort_keys=True)
     rows["git_commit"] = prov["git_commit"]
