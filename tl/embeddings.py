@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
+from tl.models.embedder import Embedder
 
 MANIFEST = "manifest.json"
 MODEL_RUNS = {"extractions": 0}  # counts extraction jobs launched from this process (a hit launches none)
@@ -73,27 +74,6 @@ def cache_key(backbone: str, digest: str, stage: int | None, preprocessing: dict
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-class _Embedder:
-    """Ray Data actor: builds the backbone once, then embeds batches of raw (3 x H x W) images."""
-
-    def __init__(self, backbone: str, weights: str | None, stage: int | None, input_size: int | None, threads: int):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = make_backbone(backbone, weights, input_size).eval().to(self.device)
-        self.stage = stage
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
-            emb = self.model(self.model.preprocessing(x), self.stage).float().cpu().numpy()
-        return {"row": batch["row"], "id": batch["id"], "label": batch["label"], "embedding": emb}
-
-
 def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[str], None] = print) -> Embeddings:
     """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached."""
     import ray.data
@@ -117,7 +97,7 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
     ds = data.to_ray(("row", "image", "label", "id")).map_batches(
-        _Embedder,
+        Embedder,
         fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage,
                                    input_size=cfg.input_size, threads=cfg.threads_per_actor),
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),

@@ -19,9 +19,11 @@ from workflows import _cli
 
 def main() -> int:
     p = _cli.parser("bench_embed", "Benchmark Ray Data extraction and the warm embedding cache.")
-    p.add_argument("--size", type=int, default=96, help="input size for part (a) (default 96)")
-    p.add_argument("--eval-size", type=int, default=96, help="input size for part (b) (default 96, as part a)")
+    p.add_argument("--size", type=int, default=128, help="input size for part (a) (default 128: the plain loop runs over a minute)")
+    p.add_argument("--eval-size", type=int, default=96, help="input size for part (b) (default 96)")
     p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--part", choices=["a", "b", "all"], default="all",
+                   help="run one part; its rows replace that part's rows in the existing table")
     args = p.parse_args()
 
     import numpy as np
@@ -60,70 +62,76 @@ def main() -> int:
         rows.append({"part": part, "measure": what, "value": round(value, 3), "unit": unit, "note": note})
         print(f"{part:>2} {what:<58} {value:10.2f} {unit:<10} {note}")
 
-    # (a) plain loop
-    model = make_backbone("resnet18", None, args.size).eval()
-    x_all = torch.from_numpy(suite.images)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(x_all), 256):
-            model(model.preprocessing(x_all[i : i + 256]))
-    plain_s = time.perf_counter() - t0
-    record("a", f"plain PyTorch loop, resnet18 @{args.size}px, {len(suite)} images", len(suite) / plain_s,
-           "images/s", f"{plain_s:.1f} s, {threads} threads")
-
-    t0 = time.perf_counter()
-    _cli.init_ray(args.address)
-    record("a", "Ray start-up (ray.init, local)", time.perf_counter() - t0, "s", "reported on its own")
     cache = tempfile.mkdtemp(prefix="tl-bench-cache-")
     try:
-        cfg = EmbedConfig(backbone="resnet18", input_size=args.size, batch_size=256, actors=1,
-                          cpus_per_actor=1.0, threads_per_actor=threads)
-        t0 = time.perf_counter()
-        emb = extract(suite, cfg, cache, log=lambda _: None)
-        ray_s = time.perf_counter() - t0
-        record("a", "Ray Data extraction (actor pool of 1, writes the Parquet cache)", len(suite) / ray_s,
-               "images/s", f"{ray_s:.1f} s, {threads} threads in the actor")
-        record("a", "ratio Ray Data / plain loop (throughput)", plain_s / ray_s, "x", "target >= 0.8")
-        del emb
-
-        # (b) warm cache against recomputing per episode, three feature strategies
-        data = load_embedded("optdigits").split("test")
-        strategies = {n: make_strategy(n) for n in registered("feature")}
-        ecfg = EmbedConfig(backbone="resnet18", input_size=args.eval_size, batch_size=256, actors=1,
-                           threads_per_actor=threads)
-        vectors = extract(data, ecfg, cache, log=lambda _: None).vectors  # fill the cache
-        t0 = time.perf_counter()
-        warm = extract(data, ecfg, cache, log=lambda _: None)
-        rows_warm = run_episodes(strategies, data, shots=5, queries=15, episodes=episodes, seed=0,
-                                 embeddings=warm.vectors)
-        warm_s = time.perf_counter() - t0
-        record("b", f"warm cache: 3 feature strategies x {episodes} episodes (5-shot)", warm_s, "s",
-               f"resnet18 @{args.eval_size}px, cache read included")
-
-        bb = make_backbone("resnet18", None, args.eval_size).eval()
-        images = torch.from_numpy(data.images)
-        t0 = time.perf_counter()
-        acc_re = []
-        for ep in sample_episodes(data.labels, None, 5, 15, episodes, 0, data.classes):
+        if args.part in ("a", "all"):
+            # (a) the same backbone, images and threads: a plain loop, then Ray Data
+            model = make_backbone("resnet18", None, args.size).eval()
+            x_all = torch.from_numpy(suite.images)
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                s_emb = bb(bb.preprocessing(images[ep.support])).numpy()
-                q_emb = bb(bb.preprocessing(images[ep.query])).numpy()
-            for strat in strategies.values():
-                acc_re.append(float(np.mean(strat.fit_predict(s_emb, ep.support_labels, q_emb, 10) == ep.query_labels)))
-        re_s = time.perf_counter() - t0
-        record("b", f"recompute embeddings per episode: same {episodes} episodes", re_s, "s", "")
-        record("b", "ratio recompute / warm cache (wall time)", re_s / warm_s, "x", "target >= 20")
-        same = np.allclose(np.mean(acc_re), pd.DataFrame(rows_warm)["accuracy"].mean(), atol=0.01)
-        record("b", "mean accuracy agrees between the two paths", float(same), "bool", "")
-        del vectors
+                for i in range(0, len(x_all), 256):
+                    model(model.preprocessing(x_all[i : i + 256]))
+            plain_s = time.perf_counter() - t0
+            record("a", f"plain PyTorch loop, resnet18 @{args.size}px, {len(suite)} images", len(suite) / plain_s,
+                   "images/s", f"{plain_s:.1f} s, {threads} threads")
+            t0 = time.perf_counter()
+            _cli.init_ray(args.address)
+            record("a", "Ray start-up (ray.init, local)", time.perf_counter() - t0, "s", "reported on its own")
+            cfg = EmbedConfig(backbone="resnet18", input_size=args.size, batch_size=256, actors=1,
+                              cpus_per_actor=1.0, threads_per_actor=threads)
+            t0 = time.perf_counter()
+            extract(suite, cfg, cache, log=lambda _: None)
+            ray_s = time.perf_counter() - t0
+            record("a", "Ray Data extraction (actor pool of 1, writes the Parquet cache)", len(suite) / ray_s,
+                   "images/s", f"{ray_s:.1f} s, {threads} threads in the actor, actor start included")
+            record("a", "ratio Ray Data / plain loop (throughput)", plain_s / ray_s, "x", "target >= 0.8")
+
+        if args.part in ("b", "all"):
+            # (b) warm cache against recomputing per episode, three feature strategies
+            _cli.init_ray(args.address)
+            data = load_embedded("optdigits").split("test")
+            strategies = {n: make_strategy(n) for n in registered("feature")}
+            ecfg = EmbedConfig(backbone="resnet18", input_size=args.eval_size, batch_size=256, actors=1,
+                               threads_per_actor=threads)
+            extract(data, ecfg, cache, log=lambda _: None)  # fill the cache
+            t0 = time.perf_counter()
+            warm = extract(data, ecfg, cache, log=lambda _: None)
+            rows_warm = run_episodes(strategies, data, shots=5, queries=15, episodes=episodes, seed=0,
+                                     embeddings=warm.vectors)
+            warm_s = time.perf_counter() - t0
+            record("b", f"warm cache: 3 feature strategies x {episodes} episodes (5-shot)", warm_s, "s",
+                   f"resnet18 @{args.eval_size}px, cache read included")
+            bb = make_backbone("resnet18", None, args.eval_size).eval()
+            images = torch.from_numpy(data.images)
+            t0 = time.perf_counter()
+            acc_re = []
+            for ep in sample_episodes(data.labels, None, 5, 15, episodes, 0, data.classes):
+                with torch.inference_mode():
+                    s_emb = bb(bb.preprocessing(images[ep.support])).numpy()
+                    q_emb = bb(bb.preprocessing(images[ep.query])).numpy()
+                for strat in strategies.values():
+                    pred = strat.fit_predict(s_emb, ep.support_labels, q_emb, 10)
+                    acc_re.append(float(np.mean(pred == ep.query_labels)))
+            re_s = time.perf_counter() - t0
+            record("b", f"recompute embeddings per episode: same {episodes} episodes", re_s, "s",
+                   f"{threads} threads")
+            record("b", "ratio recompute / warm cache (wall time)", re_s / warm_s, "x", "target >= 20")
+            same = np.allclose(np.mean(acc_re), pd.DataFrame(rows_warm)["accuracy"].mean(), atol=0.01)
+            record("b", "mean accuracy agrees between the two paths", float(same), "bool", "")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
-    table = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "embed-smoke" if args.smoke_test else "embed"
+    table = pd.DataFrame(rows)
+    if args.part != "all" and (out_dir / f"{stem}.csv").is_file():
+        old = pd.read_csv(out_dir / f"{stem}.csv", keep_default_na=False)
+        table = pd.concat([old[old["part"] != args.part], table]).sort_values("part", kind="stable")
     table.to_csv(out_dir / f"{stem}.csv", index=False)
     cmd = "python -m workflows.bench_embed" + (" --smoke-test" if args.smoke_test else "")
+    if args.part != "all":
+        cmd += f" (part {args.part} rerun with --part {args.part}; the other part from the previous run)"
     md = [f"# Embedding benchmark", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
           f"{time.strftime('%Y-%m-%d')}.", "", "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
     md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]

@@ -1,0 +1,32 @@
+"""The Ray Data actor that runs a backbone over batches of images.
+
+Kept in a module that imports only torch and the backbone registry: every actor imports it on
+start, and a lighter import is a faster start (it is part of the extraction's wall time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Embedder:
+    """Builds the backbone once per actor, then embeds batches of raw (3 x H x W) images."""
+
+    def __init__(self, backbone: str, weights: str | None, stage: int | None, input_size: int | None, threads: int):
+        import torch
+
+        from tl.models import make_backbone
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = make_backbone(backbone, weights, input_size).eval().to(self.device)
+        self.stage = stage
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
+            emb = self.model(self.model.preprocessing(x), self.stage).float().cpu().numpy()
+        return {"row": batch["row"], "id": batch["id"], "label": batch["label"], "embedding": emb}
