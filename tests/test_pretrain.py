@@ -55,10 +55,11 @@ def _run_pretrain(storage: Path, *extra: str, **kw) -> subprocess.Popen:
 def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
     proc = _run_pretrain(storage)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(storage.glob("ray/pretrain-*/checkpoint_*/state.pt")):
+    # a checkpoint counts once Ray Train has registered it (its snapshot file is written after the files)
+    while time.time() < deadline and not list(storage.glob("ray/pretrain-*/checkpoint_manager_snapshot.json")):
         assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.5)
-    assert list(storage.glob("ray/pretrain-*/checkpoint_*")), "no checkpoint was written in time"
+        time.sleep(0.2)
+    assert list(storage.glob("ray/pretrain-*/checkpoint_manager_snapshot.json")), "no checkpoint in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not list(storage.glob("backbones/*/meta.json")), "a killed run must not look finished"

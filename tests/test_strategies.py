@@ -147,10 +147,9 @@ def test_killed_finetune_resumes_from_its_checkpoint(ray_local, storage, tmp_pat
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(storage.glob("ray/finetune-*/checkpoint_*/state.pt")):
+    while time.time() < deadline and not list(storage.glob("ray/finetune-*/checkpoint_manager_snapshot.json")):
         assert first.poll() is None, first.stdout.read()
-        time.sleep(0.3)
-    time.sleep(1.0)
+        time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -140,6 +140,9 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
                     else:
                         todo.append((target, shots, seed, label))
     total = done + len(todo)
+    # longest cells first (trained strategies, most shots), so the run does not end on a long tail
+    trained = {lab: not make_strategy(e.strategy, e.params).uses_embeddings for lab, e in entries.items()}
+    todo.sort(key=lambda c: (trained[c[3]], c[1]), reverse=True)
     log(f"[fewshot] {total} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(entries)} strategies), {cfg.episodes} episodes each; {done} already finished in {cells_dir}")
     emb_refs: dict[str, Any] = {}
