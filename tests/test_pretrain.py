@@ -14,7 +14,6 @@ import torch
 
 from tl.data import load_embedded
 from tl.models import Classifier, make_backbone
-from tl.models.weights import load_into
 from tl.pretrain import HEAD_FILE, PretrainConfig, pretrain
 
 pytestmark = pytest.mark.slow

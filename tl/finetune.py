@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tl.config import config_hash, to_dict
-from tl.data import ImageSet, load_embedded
+from tl.data import load_embedded
 from tl.errors import ConfigError
 from tl.models import Classifier, make_backbone, save_weights
 from tl.pretrain import ensure_pretrained
@@ -118,34 +118,13 @@ def _worker(c: dict) -> None:
         losses = train_steps(model, strategy, batches, end, optimizer=opt, start_step=step, device=device, autocast=amp)
         step = end
         loss = _global_mean(float(np.mean(losses)) if losses else float("nan"))
-        acc = _accuracy(model, ray.train.get_dataset_shard("eval"), device)
+        acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("eval"), device)
         if rank == 0:
             print(f"[finetune] step {step}/{strategy.steps}  loss {loss:.4f}  eval accuracy {acc:.4f}", flush=True)
         ray_train.report({"step": step, "loss": loss, "last_loss": _global_mean(losses[-1]) if losses else loss,
                           "eval_accuracy": acc},
                          {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
                           "eval_accuracy": acc, "loss": loss})
-
-
-def _accuracy(model: torch.nn.Module, shard, device) -> float:
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=512):
-            pred = model(b["image"].to(device)).argmax(1).cpu()
-            correct += int((pred == b["label"]).sum())
-            seen += len(pred)
-    return correct / max(1, seen)
-
-
-def _dataset(data: ImageSet, pp):
-    def preprocess(batch: dict) -> dict:
-        with torch.no_grad():
-            x = pp(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
-        return {"image": x.numpy(), "label": batch["label"]}
-
-    return data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy",
-                                                                       batch_size=256).materialize()
 
 
 def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[str], None]) -> str | None:
@@ -169,7 +148,8 @@ def finetune(cfg: FinetuneConfig, storage: Path, output: Path, log: Callable[[st
     c = dict(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size, strategy=cfg.strategy,
              params=dict(cfg.params), num_classes=len(full.classes), seed=cfg.seed, amp=cfg.amp,
              checkpoint_every=cfg.checkpoint_every, threads=torch_threads(cfg.workers))
-    result = ray_train.fit(_worker, c, {"train": _dataset(train, pp), "eval": _dataset(evald, pp)},
+    datasets = {"train": ray_train.preprocessed_dataset(train, pp), "eval": ray_train.preprocessed_dataset(evald, pp)}
+    result = ray_train.fit(_worker, c, datasets,
                            name=cfg.key(), storage=Path(storage) / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
                            split=("train",), max_failures=cfg.max_failures)
     state = ray_train.load_result_state(result)

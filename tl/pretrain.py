@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tl.config import config_hash, to_dict
 from tl.data import ImageSet, load_embedded
 from tl.errors import ConfigError
-from tl.models import Classifier, Preprocessing, build_backbone, get_spec, save_weights
+from tl.models import Classifier, build_backbone, get_spec, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE
 from tl.runtime import provenance, torch_threads
 from tl.train import ray_train
@@ -83,18 +83,6 @@ def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     if cfg.limit:
         order = order[: cfg.limit]
     return train.subset(order), val
-
-
-def _to_dataset(data: ImageSet, pp: Preprocessing):
-    """Ray Data pipeline: the table -> (image, label), preprocessed for the backbone, materialised."""
-
-    def preprocess(batch: dict) -> dict:
-        with torch.no_grad():
-            x = pp(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
-        return {"image": x.numpy(), "label": batch["label"]}
-
-    ds = data.to_ray(("image", "label"))
-    return ds.map_batches(preprocess, batch_format="numpy", batch_size=256).materialize()
 
 
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -166,7 +154,7 @@ def _worker(c: dict) -> None:
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-        acc = _accuracy(model, ray.train.get_dataset_shard("val"), device)
+        acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("val"), device)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "val_accuracy": acc}
         if rank == 0:
             print(f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {metrics['loss']:.4f}  "
@@ -175,17 +163,6 @@ def _worker(c: dict) -> None:
                                    "epoch": epoch + 1, "val_accuracy": acc})
     if start >= c["epochs"]:
         ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": acc}, state)
-
-
-def _accuracy(model: torch.nn.Module, shard, device) -> float:
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=256):
-            pred = model(batch["image"].to(device)).argmax(1).cpu()
-            correct += int((pred == batch["label"]).sum())
-            seen += len(pred)
-    return correct / max(1, seen)
 
 
 def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = print) -> PretrainResult:
@@ -205,7 +182,8 @@ def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = pr
     worker_cfg = dict(dataclasses.asdict(cfg), num_classes=len(train.classes), train_size=len(train),
                       threads=torch_threads(cfg.workers))
     result = ray_train.fit(
-        _worker, worker_cfg, {"train": _to_dataset(train, model_pp), "val": _to_dataset(val, model_pp)},
+        _worker, worker_cfg,
+        {"train": ray_train.preprocessed_dataset(train, model_pp), "val": ray_train.preprocessed_dataset(val, model_pp)},
         name=f"pretrain-{cfg.key()}", storage=Path(storage) / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
         split=("train",),
     )

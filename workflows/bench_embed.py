@@ -132,7 +132,7 @@ def main() -> int:
     cmd = "python -m workflows.bench_embed" + (" --smoke-test" if args.smoke_test else "")
     if args.part != "all":
         cmd += f" (part {args.part} rerun with --part {args.part}; the other part from the previous run)"
-    md = [f"# Embedding benchmark", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
+    md = ["# Embedding benchmark", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
           f"{time.strftime('%Y-%m-%d')}.", "", "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
     md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")

@@ -110,3 +110,28 @@ def check_finite(loss: torch.Tensor, *, what: str, step: int, lr: float) -> None
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper."""
     return model.module if hasattr(model, "module") else model
+
+
+def preprocessed_dataset(data, preprocessing):
+    """Ray Data pipeline: an ImageSet -> (image, label), preprocessed for the backbone by Ray Data
+    and materialised, ready to be sharded over the training workers."""
+    import numpy as np
+
+    def preprocess(batch: dict) -> dict:
+        with torch.no_grad():
+            x = preprocessing(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
+        return {"image": x.numpy(), "label": batch["label"]}
+
+    return data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy", batch_size=256).materialize()
+
+
+def shard_accuracy(model: torch.nn.Module, shard, device) -> float:
+    """Inside a worker: accuracy of ``model`` over a whole (unsplit) evaluation shard."""
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=512):
+            pred = model(batch["image"].to(device)).argmax(1).cpu()
+            correct += int((pred == batch["label"]).sum())
+            seen += len(pred)
+    return correct / max(1, seen)
