@@ -21,7 +21,7 @@ from tl.config import config_hash, to_dict
 from tl.data import load_embedded
 from tl.errors import ConfigError, TrainingError
 from tl.evaluate import run_episodes, summarize, summary_markdown
-from tl.models import get_spec
+from tl.models.backbones import num_stages
 from tl.report import plot_accuracy_vs_shots
 from tl.runtime import provenance
 from tl.strategies import TrainedStrategy, make_strategy
@@ -66,7 +66,7 @@ class FewShotConfig:
     cpus_per_task: float = 1.0
 
     def __post_init__(self) -> None:
-        num_stages = len(get_spec(self.backbone).builder())
+        stages = num_stages(self.backbone)
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"config key 'shots': every shot count must be at least 1, got {list(self.shots)}")
         if self.queries < 1 or self.episodes < 1 or not self.seeds:
@@ -76,9 +76,9 @@ class FewShotConfig:
             raise ConfigError(f"config key 'strategies': two entries share a label ({labels})")
         for e in self.strategies:
             s = make_strategy(e.strategy, e.params)
-            if isinstance(s, TrainedStrategy) and not 0 <= s.frozen <= num_stages:
+            if isinstance(s, TrainedStrategy) and not 0 <= s.frozen <= stages:
                 raise ConfigError(f"strategy '{e.name()}': frozen depth {s.frozen} is out of range for backbone "
-                                  f"'{self.backbone}' (0..{num_stages})")
+                                  f"'{self.backbone}' (0..{stages})")
 
 
 def _cell_name(target: str, shots: int, seed: int, label: str, ident: str) -> str:
@@ -118,7 +118,7 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
     import ray
 
     from tl.embeddings import EmbedConfig, extract
-    from tl.finetune import resolve_weights
+    from tl.pretrain import resolve_weights
 
     t0 = time.time()
     cells_dir = output / "cells"
@@ -145,7 +145,7 @@ def run_fewshot(cfg: FewShotConfig, storage: Path, output: Path, log: Callable[[
     log(f"[fewshot] {total} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(entries)} strategies), {cfg.episodes} episodes each; {done} already finished in {cells_dir}")
     emb_refs: dict[str, Any] = {}
-    if todo and any(make_strategy(entries[c[3]].strategy, entries[c[3]].params).uses_embeddings for c in todo):
+    if any(not trained[c[3]] for c in todo):
         for target in {c[0] for c in todo}:
             data = load_embedded(target).split(cfg.split)
             emb = extract(data, EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,

@@ -20,7 +20,7 @@ from tl.config import config_hash, to_dict
 from tl.data import load_embedded
 from tl.errors import ConfigError
 from tl.models import Classifier, make_backbone, save_weights
-from tl.pretrain import ensure_pretrained
+from tl.pretrain import resolve_weights
 from tl.runtime import provenance, torch_threads
 from tl.strategies import TrainedStrategy, make_strategy
 from tl.train import ray_train
@@ -125,13 +125,6 @@ def _worker(c: dict) -> None:
                           "eval_accuracy": acc},
                          {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
                           "eval_accuracy": acc, "loss": loss})
-
-
-def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[str], None]) -> str | None:
-    """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing)."""
-    if weights == "pretrained":
-        return str(ensure_pretrained(storage, backbone, log=log))
-    return None if weights in ("random", "none", "") else weights
 
 
 def finetune(cfg: FinetuneConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:

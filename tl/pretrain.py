@@ -217,3 +217,10 @@ def ensure_pretrained(storage: Path, backbone: str = "digits_cnn", data: str = "
     if not (Path(storage) / "backbones" / cfg.key() / META_FILE).is_file():
         log(f"[pretrain] no pretrained {backbone} for {data} in {storage}: pretraining it first")
     return pretrain(cfg, storage, log).path
+
+
+def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[str], None]) -> str | None:
+    """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing)."""
+    if weights == "pretrained":
+        return str(ensure_pretrained(storage, backbone, log=log))
+    return None if weights in ("random", "none", "") else weights

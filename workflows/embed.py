@@ -34,7 +34,7 @@ def main() -> int:
     from tl.config import load_config
     from tl.data import load_source
     from tl.embeddings import EmbedConfig, extract
-    from tl.finetune import resolve_weights
+    from tl.pretrain import resolve_weights
     from tl.models import build_backbone
     from tl.runtime import resolve_storage
 

@@ -8,6 +8,7 @@ small digits CNN and for a torchvision ResNet (stem, layer1..layer4), as torchvi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -125,6 +126,12 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 def registered() -> list[str]:
     return sorted(_REGISTRY)
+
+
+@lru_cache(maxsize=None)
+def num_stages(name: str) -> int:
+    """How many stages a registered backbone has (built once, then remembered)."""
+    return len(get_spec(name).builder())
 
 
 def get_spec(name: str) -> BackboneSpec:
