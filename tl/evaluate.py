@@ -64,6 +64,38 @@ def summarize(rows: pd.DataFrame, by: Sequence[str] = ("target", "shots", "strat
     return pd.DataFrame(out)
 
 
+class _Episodes:
+    """Seeded episodes of ``data`` and the tensors/embeddings every strategy's task is cut from."""
+
+    def __init__(self, strategies, data: ImageSet, shots: int, queries: int, episodes: int, seed: int,
+                 n_way: int | None, backbone: Backbone | None, embeddings: np.ndarray | None,
+                 unlabelled: ImageSet | None, start: int = 0):
+        self.seed, self.backbone, self.embeddings = seed, backbone, embeddings
+        self.episodes = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
+        self.images = self.pool = None
+        if any(not s.uses_embeddings for s in strategies):
+            if backbone is None:
+                raise ValueError("trained strategies need a backbone")
+            with torch.no_grad():
+                self.images = backbone.preprocessing(torch.tensor(data.images))
+        if any(s.uses_embeddings for s in strategies) and embeddings is None:
+            raise ValueError("feature strategies need embeddings")
+        if unlabelled is not None and backbone is not None:
+            with torch.no_grad():
+                self.pool = backbone.preprocessing(torch.tensor(unlabelled.images))
+
+    def task(self, strat: Strategy, ep) -> EpisodeTask:
+        task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=self.seed * 100_003 + ep.index)
+        if strat.uses_embeddings:
+            task.support_emb, task.query_emb = self.embeddings[ep.support], self.embeddings[ep.query]
+        else:
+            backbone = self.backbone
+            task.support_x, task.query_x = self.images[ep.support], self.images[ep.query]
+            task.backbone = lambda: copy.deepcopy(backbone)
+            task.unlabelled_x = self.pool
+        return task
+
+
 def run_episodes(
     strategies: dict[str, Strategy],
     data: ImageSet,
@@ -85,29 +117,12 @@ def run_episodes(
     ``backbone`` is the pretrained backbone (copied fresh for each episode of a trained strategy);
     ``embeddings`` are row-aligned with ``data`` (from the cache), for feature strategies.
     """
-    eps = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
-    images = None
-    if any(not s.uses_embeddings for s in strategies.values()):
-        if backbone is None:
-            raise ValueError("trained strategies need a backbone")
-        with torch.no_grad():
-            images = backbone.preprocessing(torch.from_numpy(data.images))
-    if any(s.uses_embeddings for s in strategies.values()) and embeddings is None:
-        raise ValueError("feature strategies need embeddings")
-    pool = None
-    if unlabelled is not None and backbone is not None:
-        with torch.no_grad():
-            pool = backbone.preprocessing(torch.from_numpy(unlabelled.images))
+    eps = _Episodes(strategies.values(), data, shots, queries, episodes, seed, n_way, backbone, embeddings,
+                    unlabelled, start)
     rows = []
-    for n, ep in enumerate(eps):
+    for n, ep in enumerate(eps.episodes):
         for label, strat in strategies.items():
-            task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=seed * 100_003 + ep.index)
-            if strat.uses_embeddings:
-                task.support_emb, task.query_emb = embeddings[ep.support], embeddings[ep.query]
-            else:
-                task.support_x, task.query_x = images[ep.support], images[ep.query]
-                task.backbone = lambda: copy.deepcopy(backbone)
-                task.unlabelled_x = pool
+            task = eps.task(strat, ep)
             t0 = time.perf_counter()
             pred = strat.predict_episode(task)
             secs = time.perf_counter() - t0
@@ -118,8 +133,50 @@ def run_episodes(
                 "params": json.dumps(strat.params(), sort_keys=True),
             })
         if progress is not None:
-            progress(n + 1, len(eps))
+            progress(n + 1, len(eps.episodes))
     return rows
+
+
+def staged_accuracy(
+    strategy: Strategy,
+    data: ImageSet,
+    *,
+    shots: int,
+    queries: int,
+    episodes: int,
+    seed: int,
+    report_steps: Sequence[int],
+    n_way: int | None = None,
+    backbone: Backbone | None = None,
+    embeddings: np.ndarray | None = None,
+    unlabelled: ImageSet | None = None,
+    on_report: Callable[[int, float], None] | None = None,
+) -> list[tuple[int, float]]:
+    """Mean episode accuracy of one strategy after each of ``report_steps`` training steps.
+
+    Every episode's model is advanced to the next milestone, then all are evaluated: a search
+    (ASHA) can stop the candidate between milestones, and the budget it spent is the steps reached.
+    A feature strategy has no steps: one report at the last milestone.
+    """
+    eps = _Episodes([strategy], data, shots, queries, episodes, seed, n_way, backbone, embeddings, unlabelled)
+    out: list[tuple[int, float]] = []
+    if not hasattr(strategy, "start_episode"):
+        acc = [float(np.mean(strategy.predict_episode(eps.task(strategy, ep)) == ep.query_labels))
+               for ep in eps.episodes]
+        out.append((int(report_steps[-1]), float(np.mean(acc))))
+        if on_report is not None:
+            on_report(*out[-1])
+        return out
+    runs = [strategy.start_episode(eps.task(strategy, ep)) for ep in eps.episodes]
+    for steps in report_steps:
+        acc = []
+        for run, ep in zip(runs, eps.episodes):
+            run.advance(int(steps))
+            acc.append(float(np.mean(run.predict() == ep.query_labels)))
+        out.append((int(steps), float(np.mean(acc))))
+        if on_report is not None:
+            on_report(*out[-1])
+    return out
 
 
 def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "") -> str:

@@ -125,24 +125,53 @@ class TrainedStrategy(Strategy):
         """Hook before the first step (``lp_ft`` fits its linear probe here)."""
 
     # --- one episode, in-process ---------------------------------------------------------------
+    def start_episode(self, task: EpisodeTask) -> "EpisodeRun":
+        """A model set up for this episode, trained step by step (a search reports between steps)."""
+        return EpisodeRun(self, task)
+
     def predict_episode(self, task: EpisodeTask) -> np.ndarray:
-        from tl.train.loop import predict, train_steps
+        run = self.start_episode(task)
+        run.advance(self.steps)
+        return run.predict()
+
+
+class EpisodeRun:
+    """One episode of a trained strategy, advanced in stages: ``advance(s)`` trains up to step ``s``
+    with the same optimizer and batch stream, so a run stopped at 20 steps and continued to 60 is the
+    run of 60 steps. This is what lets ASHA spend its budget in training steps."""
+
+    def __init__(self, strategy: TrainedStrategy, task: EpisodeTask):
+        from tl.train.loop import make_optimizer
 
         if task.backbone is None or task.support_x is None or task.query_x is None:
-            raise ConfigError(f"strategy '{self.name}' needs images and a backbone")
+            raise ConfigError(f"strategy '{strategy.name}' needs images and a backbone")
+        self.strategy, self.step = strategy, 0
         torch.manual_seed(task.seed)
-        model = self.prepare(task.backbone(), task.n_way)
+        model = strategy.prepare(task.backbone(), task.n_way)
         x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
         k = model.backbone.frozen_stages
-        if k and self.batch_norm == "frozen":
+        if k and strategy.batch_norm == "frozen":
             # frozen stages in eval mode are a fixed function: run them once, train the rest
             model.backbone.eval()
             with torch.no_grad():
                 x, q = model.backbone.run_stages(x, 0, k), model.backbone.run_stages(q, 0, k)
             model.start = k
-        self.on_start(model, x, y)
-        train_steps(model, self, _support_batches(x, y, self.batch_size, task.seed), self.steps)
-        return predict(model, q)
+        strategy.on_start(model, x, y)
+        self.model, self.query = model, q
+        self.optimizer = make_optimizer(strategy, model)
+        self.batches = _support_batches(x, y, strategy.batch_size, task.seed)
+
+    def advance(self, steps: int) -> None:
+        from tl.train.loop import train_steps
+
+        if steps > self.step:
+            train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer, start_step=self.step)
+            self.step = steps
+
+    def predict(self) -> np.ndarray:
+        from tl.train.loop import predict
+
+        return predict(self.model, self.query)
 
 
 def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):

@@ -1,0 +1,332 @@
+"""Ray Tune search over a strategy's hyper-parameters (frozen depth, learning rates, ...).
+
+The trial is a plain function (Train V2: no ``Tuner(trainer)``). It scores a candidate on
+*validation* episodes drawn from the target's ``adapt`` split, which shares no image with the
+``test`` split; the chosen candidate is then evaluated once on test episodes. The budget is
+training steps: every candidate's episode models are advanced to the next milestone and the
+mean validation accuracy is reported, so ASHA (Li et al. 2020, "A System for Massively Parallel
+Hyperparameter Tuning") can stop a weak candidate early and the compute it used is the steps it
+reached.
+
+A search space is YAML: ``key: {grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
+``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (a bare list means ``choice``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from ray import tune
+
+from tl.config import config_hash, to_dict
+from tl.errors import ConfigError, TLError
+from tl.models.backbones import num_stages
+from tl.strategies import TrainedStrategy, make_strategy
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def _space_spec(key: str, spec: Any) -> tuple[str, list]:
+    if isinstance(spec, (list, tuple)):
+        spec = {"choice": list(spec)}
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ConfigError(f"search space key 'space.{key}': write one of {{{', '.join(SPACE_KINDS)}}}: [...], got {spec!r}")
+    kind, arg = next(iter(spec.items()))
+    if kind not in SPACE_KINDS:
+        raise ConfigError(f"search space key 'space.{key}': unknown kind '{kind}' (known: {', '.join(SPACE_KINDS)})")
+    if not isinstance(arg, (list, tuple)) or not arg:
+        raise ConfigError(f"search space key 'space.{key}': '{kind}' has an empty list of values")
+    arg = list(arg)
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(arg) != 2 or not all(isinstance(v, (int, float)) for v in arg) or not arg[0] < arg[1]:
+            raise ConfigError(f"search space key 'space.{key}': '{kind}' needs [low, high] with low < high, got {arg}")
+        if kind == "loguniform" and arg[0] <= 0:
+            raise ConfigError(f"search space key 'space.{key}': 'loguniform' needs low > 0, got {arg}")
+    return kind, arg
+
+
+def check_space(space: Mapping[str, Any], strategy: str, params: Mapping[str, Any], backbone: str) -> None:
+    """Every key is a hyper-parameter of ``strategy`` and every value builds a valid strategy."""
+    if not space:
+        raise ConfigError("config key 'space': the search space is empty")
+    stages = num_stages(backbone)
+    for key, spec in space.items():
+        kind, arg = _space_spec(key, spec)
+        values = arg if kind in ("grid", "choice") else arg[:1]
+        for v in values:
+            s = make_strategy(strategy, {**params, key: v})
+            if isinstance(s, TrainedStrategy) and not 0 <= s.frozen <= stages:
+                raise ConfigError(f"search space key 'space.{key}': frozen depth {s.frozen} is out of range for "
+                                  f"backbone '{backbone}' (0..{stages})")
+
+
+def tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """The YAML space as Ray Tune domains."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        kind, arg = _space_spec(key, spec)
+        out[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](arg) if kind in ("grid", "choice") else \
+            {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*arg)
+    return out
+
+
+def report_steps(max_steps: int, grace: int, factor: float) -> list[int]:
+    """ASHA's rung milestones grace * factor^i below ``max_steps``, then ``max_steps``."""
+    out, t = [], float(grace)
+    while t < max_steps:
+        out.append(int(round(t)))
+        t *= factor
+    return sorted(set(out + [max_steps]))
+
+
+def _default_space() -> dict[str, Any]:
+    return {"frozen": {"grid": [0, 1, 2, 3, 4]}, "lr": {"grid": [0.003, 0.01, 0.03, 0.1]}}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """``scheduler``: ``asha`` (early stopping, budget in training steps) or ``none`` (full grid);
+    ``search_alg``: ``grid`` (Tune's variant generator: grid and random sampling) or ``optuna``
+    (needs the ``optuna`` extra and no ``grid`` keys)."""
+
+    experiment: str = "search"
+    backbone: str = "digits_cnn"
+    weights: str = "pretrained"
+    input_size: int | None = None
+    target: str = "mnistm"
+    shots: int = 5
+    n_way: int | None = None
+    queries: int = 15
+    val_split: str = "adapt"
+    test_split: str = "test"
+    val_episodes: int = 10
+    test_episodes: int = 100
+    seed: int = 0
+    strategy: str = "finetune"
+    params: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=_default_space)
+    num_samples: int = 1
+    scheduler: str = "asha"
+    max_steps: int = 60
+    grace_steps: int = 0
+    reduction_factor: float = 3.0
+    search_alg: str = "grid"
+    cpus_per_trial: float = 1.0
+    max_concurrent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("asha", "none"):
+            raise ConfigError(f"config key 'scheduler': '{self.scheduler}' is not one of asha, none")
+        if self.search_alg not in ("grid", "optuna"):
+            raise ConfigError(f"config key 'search_alg': '{self.search_alg}' is not one of grid, optuna")
+        if self.shots < 1 or self.val_episodes < 1 or self.test_episodes < 1 or self.max_steps < 1:
+            raise ConfigError("config keys 'shots', 'val_episodes', 'test_episodes' and 'max_steps' must be at least 1")
+        if self.reduction_factor <= 1:
+            raise ConfigError("config key 'reduction_factor' must be greater than 1")
+        if not 0 < self.cpus_per_trial:
+            raise ConfigError("config key 'cpus_per_trial' must be positive")
+        if self.val_split == self.test_split:
+            raise ConfigError(f"config keys 'val_split' and 'test_split' are both '{self.test_split}': validation "
+                              f"episodes must share no image with test episodes")
+        make_strategy(self.strategy, self.params)
+        check_space(self.space, self.strategy, self.params, self.backbone)
+        if self.search_alg == "optuna":
+            grids = [k for k, v in self.space.items() if _space_spec(k, v)[0] == "grid"]
+            if grids:
+                raise ConfigError(f"search space keys {grids}: 'grid' cannot be used with search_alg optuna "
+                                  f"(use choice)")
+
+    def milestones(self) -> list[int]:
+        grace = self.grace_steps or max(1, int(round(self.max_steps / self.reduction_factor**2)))
+        return report_steps(self.max_steps, grace, self.reduction_factor)
+
+
+def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> None:
+    """One candidate: validation episodes advanced milestone by milestone, reported to Tune."""
+    import torch
+
+    from tl.evaluate import staged_accuracy
+    from tl.models import make_backbone
+
+    torch.set_num_threads(1)
+    params = {**fixed["params"], **{k: config[k] for k in fixed["keys"]}}
+    strat = make_strategy(fixed["strategy"], params)
+    if isinstance(strat, TrainedStrategy):
+        strat = make_strategy(fixed["strategy"], {**params, "steps": fixed["max_steps"]})
+    backbone = None if strat.uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
+    episodes = fixed["val_episodes"]
+
+    def report(steps: int, acc: float) -> None:
+        tune.report({"val_accuracy": acc, "steps": steps, "trial_steps": steps * episodes, "failed": ""})
+
+    try:
+        staged_accuracy(strat, data, shots=fixed["shots"], queries=fixed["queries"], episodes=episodes,
+                        seed=fixed["seed"], report_steps=fixed["milestones"], n_way=fixed["n_way"],
+                        backbone=backbone, embeddings=embeddings, on_report=report)
+    except TLError as exc:
+        # a candidate that diverges is a result (the worst one), not a crash that Tune retries
+        tune.report({"val_accuracy": 0.0, "steps": fixed["max_steps"], "trial_steps": 0, "failed": str(exc)})
+
+
+_LOGGERS: dict[int, Callable[[str], None]] = {}
+
+
+class TrialProgress(tune.Callback):
+    """One line per finished trial. Tune pickles its run config, so this holds a key to the logger,
+    not the logger itself (the class is module-level, so it is pickled by reference)."""
+
+    def __init__(self, log: Callable[[str], None], total: int | None, what: str):
+        _LOGGERS[id(log)] = log
+        self.key, self.total, self.what, self.done, self.t0 = id(log), total, what, 0, time.time()
+
+    def _log(self, line: str) -> None:
+        _LOGGERS.get(self.key, print)(f"[{self.what}] {self.done}/{self.total or '?'} {line} "
+                                      f"({time.time() - self.t0:.0f} s)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        line = r.get("progress_line") or ", ".join(f"{k}={v}" for k, v in sorted(trial.config.items()))
+        if "val_accuracy" in r and "progress_line" not in r:
+            line += f": validation {100 * r['val_accuracy']:.1f}% at {r.get('steps')} steps"
+        self._log(line)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._log(f"trial {trial.trial_id} ERROR ({trial.config})")
+
+
+def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
+    """Search on validation episodes, then evaluate the chosen candidate on test episodes.
+
+    Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
+    ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
+    """
+    import ray
+    import yaml
+
+    from tl.data import load_embedded
+    from tl.embeddings import EmbedConfig, extract
+    from tl.fewshot import _run_cell, describe, write_reports
+    from tl.pretrain import resolve_weights
+    from tl.runtime import provenance
+
+    t0 = time.time()
+    output.mkdir(parents=True, exist_ok=True)
+    weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
+    target = load_embedded(cfg.target)
+    val, test = target.split(cfg.val_split), target.split(cfg.test_split)
+    strat0 = make_strategy(cfg.strategy, cfg.params)
+    val_emb = test_emb = None
+    if strat0.uses_embeddings:
+        ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
+                           cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+        val_emb = extract(val, ecfg, str(storage / "cache"), log).vectors
+        test_emb = extract(test, ecfg, str(storage / "cache"), log).vectors
+    trained = isinstance(strat0, TrainedStrategy)
+    milestones = cfg.milestones() if trained else [cfg.max_steps]
+    fixed = {"strategy": cfg.strategy, "params": dict(cfg.params), "keys": sorted(cfg.space), "backbone": cfg.backbone,
+             "input_size": cfg.input_size, "shots": cfg.shots, "queries": cfg.queries, "n_way": cfg.n_way,
+             "seed": cfg.seed, "val_episodes": cfg.val_episodes, "max_steps": cfg.max_steps, "milestones": milestones}
+    scheduler = None
+    if cfg.scheduler == "asha" and trained:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="steps", max_t=cfg.max_steps, grace_period=milestones[0],
+                                  reduction_factor=cfg.reduction_factor)
+    search_alg = None
+    if cfg.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(seed=cfg.seed)
+        except (ImportError, AssertionError) as exc:
+            raise ConfigError("config key 'search_alg': optuna is not installed (pip install 'tl[optuna]')") from exc
+    name = f"{cfg.experiment}-{config_hash(to_dict(cfg), 8)}"
+    path = storage / "tune" / name
+    trainable = tune.with_resources(
+        tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=weights, fixed=fixed),
+        {"cpu": cfg.cpus_per_trial if trained else min(cfg.cpus_per_trial, 0.25)})
+    n_grid = int(np.prod([len(_space_spec(k, v)[1]) for k, v in cfg.space.items()
+                          if _space_spec(k, v)[0] == "grid"] or [1]))
+    total = n_grid * cfg.num_samples
+    log(f"[search] {cfg.strategy} on {cfg.target} {cfg.shots}-shot: {total} candidates x {cfg.val_episodes} "
+        f"validation episodes ({cfg.val_split} split), milestones {milestones} steps, scheduler {cfg.scheduler}, "
+        f"search {cfg.search_alg}")
+    run_config = tune.RunConfig(name=name, storage_path=str(storage / "tune"), verbose=0,
+                                callbacks=[TrialProgress(log, total, "search")])
+    tuner = None
+    if tune.Tuner.can_restore(str(path)):
+        try:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+            log(f"[search] resuming the search in {path} (finished candidates are kept)")
+        except Exception as exc:  # a state file cut short by a crash: keep it aside, start afresh
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            path.rename(aside)
+            log(f"[search] could not restore {path} ({type(exc).__name__}); moved it to {aside}, starting afresh")
+    if tuner is None:
+        tuner = tune.Tuner(trainable, param_space=tune_space(cfg.space), run_config=run_config,
+                           tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
+                                                       search_alg=search_alg, num_samples=cfg.num_samples,
+                                                       max_concurrent_trials=cfg.max_concurrent or None))
+    grid = tuner.fit()
+    trials = []
+    for res in grid:
+        if res.error is not None or res.metrics is None or "val_accuracy" not in res.metrics:
+            trials.append({**{k: res.config.get(k) for k in cfg.space}, "val_accuracy": float("nan"),
+                           "steps": 0, "trial_steps": 0, "failed": str(res.error).splitlines()[0] or "error"})
+            continue
+        m = res.metrics
+        trials.append({**{k: res.config.get(k) for k in cfg.space}, "val_accuracy": m["val_accuracy"],
+                       "steps": m["steps"], "trial_steps": m["trial_steps"], "failed": m.get("failed", "")})
+    ok = [t for t in trials if not t["failed"] and not math.isnan(t["val_accuracy"])]
+    if not ok:
+        raise TLError("every search candidate failed:\n" + "\n".join(str(t["failed"]) for t in trials))
+    # best among candidates that reached the full budget (ASHA stopped the others on a lower rung)
+    full = [t for t in ok if t["steps"] >= max(milestones)] or ok
+    best_row = max(full, key=lambda t: t["val_accuracy"])
+    chosen = {k: best_row[k] for k in cfg.space}
+    table = pd.DataFrame(trials)
+    params = {**cfg.params, **chosen}
+    if trained:
+        params["steps"] = cfg.max_steps
+    table = table.sort_values(["val_accuracy"], ascending=False)
+    table.to_csv(output / "trials.csv", index=False)
+    log(f"[search] chosen on validation episodes: {chosen} (validation accuracy {100 * best_row['val_accuracy']:.1f}%, "
+        f"compute {int(table['trial_steps'].sum())} episode-steps); evaluating on {cfg.test_episodes} test episodes")
+    plain = to_dict(cfg)
+    cell_cfg = {"backbone": cfg.backbone, "input_size": cfg.input_size, "split": cfg.test_split, "queries": cfg.queries,
+                "episodes": cfg.test_episodes, "n_way": cfg.n_way}
+    label = cfg.strategy if cfg.strategy != "finetune" else f"finetune_k{params.get('frozen', 0)}"
+    task = ray.remote(_run_cell).options(num_cpus=min(1.0, cfg.cpus_per_trial))
+    rows = pd.DataFrame(ray.get(task.remote(cell_cfg, cfg.target, cfg.shots, cfg.seed, label,
+                                            {"strategy": cfg.strategy, "params": params}, weights, test_emb)))
+    prov = provenance()
+    rows["config"] = json.dumps(plain, sort_keys=True)
+    rows["git_commit"], rows["versions"] = prov["git_commit"], json.dumps(prov["versions"], sort_keys=True)
+    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
+    note = describe({**cell_cfg, "weights": cfg.weights}, rows, weights).replace(
+        "Hyper-parameters are the strategies' defaults: nothing here was chosen on these test episodes.",
+        f"Hyper-parameters ({', '.join(cfg.space)}) were chosen by a Ray Tune search on {cfg.val_episodes} validation "
+        f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes.")
+    write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
+    test_acc = float(rows["accuracy"].mean())
+    best = {"target": cfg.target, "shots": cfg.shots, "strategy": cfg.strategy, "params": params,
+            "val_accuracy": float(best_row["val_accuracy"]), "test_accuracy": test_acc,
+            "test_episodes": cfg.test_episodes, "chosen_on": f"{cfg.val_episodes} validation episodes, split {cfg.val_split}",
+            "trial_steps": int(table["trial_steps"].sum()), "experiment": str(path)}
+    tmp = output / "best.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(best, sort_keys=False))
+    os.replace(tmp, output / "best.yaml")
+    log(f"[search] test accuracy {100 * test_acc:.1f}% over {cfg.test_episodes} episodes; {output / 'best.yaml'} "
+        f"({time.time() - t0:.0f} s)")
+    return {**best, "trials": table, "wall_s": time.time() - t0, "output": str(output)}

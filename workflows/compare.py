@@ -1,0 +1,44 @@
+"""The main job: compare transfer strategies on the same seeded episodes, each cell a Ray Tune trial.
+
+    python -m workflows.compare                       # the embedded digits suite (about ten minutes)
+    python -m workflows.compare --set 'shots=[1,5]' --set episodes=100
+    python -m workflows.compare --address ray://head:10001 --storage /shared/tl --output /shared/results/x
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workflows import _cli
+
+
+def main() -> int:
+    p = _cli.parser("compare", "Compare transfer strategies (feature extraction, fine-tuning, ...) with honest CIs.")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (the same as running the same command again)")
+    p.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
+    args = p.parse_args()
+
+    from tl.compare import CompareConfig, run_compare
+    from tl.config import load_config
+    from tl.runtime import resolve_storage
+
+    base: dict = {}
+    if args.smoke_test:
+        base = {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3,
+                "val_episodes": 2,
+                "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
+                               {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
+    cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
+    storage = resolve_storage(args.storage)
+    output = Path(args.output or f"results/{cfg.experiment}")
+    _cli.init_ray(args.address)
+    out = run_compare(cfg, storage, output, retry_failed=args.retry_failed)
+    (output / "command.txt").write_text("python -m workflows.compare " + " ".join(_cli.shlex_args()) + "\n")
+    print(f"rows: {output / 'rows.parquet'}\nsummary: {output / 'summary.md'}\nbest: {output / 'best.yaml'}\n"
+          f"plot: {output / 'accuracy_vs_shots.png'}")
+    return 2 if out["failures"] else 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)
