@@ -1,0 +1,120 @@
+"""The comparison workflow on the local Ray: outputs, rerun runs nothing, kill and resume, failures."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tl.compare import CompareConfig, run_compare
+from tl.config import load_config
+from tl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = {"experiment": "cmp-test", "targets": ["optdigits"], "shots": [1, 2], "episodes": 3, "val_episodes": 1,
+         "queries": 5,
+         "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
+                        {"strategy": "finetune", "params": {"steps": 3}, "search": {"frozen": [3, 4]}}]}
+KEYS = ["target", "shots", "seed", "strategy", "episode"]
+
+
+def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pretrained, tmp_path):
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=SMALL)
+    logs = []
+    out = run_compare(cfg, tmp_path / "home", tmp_path / "out", logs.append)
+    for f in ("rows.parquet", "summary.md", "accuracy_vs_shots.png", "best.yaml"):
+        assert (tmp_path / "out" / f).is_file(), f
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert len(rows) == out["rows"] == 2 * 3 * 3 and not rows.duplicated(KEYS).any()
+    assert {"config", "git_commit", "versions", "hardware", "node", "chosen", "val_accuracy"} <= set(rows.columns)
+    ft = rows[rows["strategy"] == "finetune"]
+    assert ft["chosen"].isin(['{"frozen": 3}', '{"frozen": 4}']).all() and ft["val_accuracy"].notna().all()
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())["best"]["optdigits"]
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    for shots in (1, 2):
+        top = summary[summary["shots"] == shots].sort_values("mean").iloc[-1]
+        assert best[shots]["label"] == top["strategy"] and best[shots]["accuracy"] == pytest.approx(top["mean"], abs=1e-4)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "Δ to best" in text and "validation episodes of the `adapt` split" in text
+
+    tune_dir = tmp_path / "home" / "tune"
+    before = sorted(os.listdir(tune_dir))
+    logs.clear()
+    run_compare(cfg, tmp_path / "home", tmp_path / "out", logs.append)
+    assert "6 finished" in logs[0] and "0 to run" in logs[0]
+    assert sorted(os.listdir(tune_dir)) == before, "no Tune experiment may start when nothing is left"
+    rows2 = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    pd.testing.assert_frame_equal(rows[KEYS + ["accuracy"]], rows2[KEYS + ["accuracy"]])
+
+
+def test_failing_cell_is_listed_and_the_rest_complete(ray_local, pretrained, tmp_path):
+    base = {**SMALL, "shots": [1], "strategies": [
+        {"strategy": "prototype"},
+        {"strategy": "finetune", "label": "absurd_lr", "params": {"frozen": 3, "steps": 5, "lr": 1e30,
+                                                                  "clip_grad": 0.0}}]}
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=base)
+    out = run_compare(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
+    assert out["rows"] == 3 and len(out["failures"]) == 1
+    assert "absurd_lr" in out["failures"][0] and "non-finite loss" in out["failures"][0]
+    assert "FAILED cells" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _compare_cmd(pretrained, home, out, *extra):
+    return [sys.executable, "-m", "workflows.compare", "--storage", str(home), "--output", str(out),
+            "--set", f"weights={pretrained}", "--set", "experiment=cmp-kill", "--set", "targets=[optdigits]",
+            "--set", "shots=[1,2,3]", "--set", "episodes=3", "--set", "queries=5",
+            "--set", 'strategies=[{strategy: finetune, label: ft3, params: {frozen: 3, steps: 40}}, '
+                     '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 40}}]', *extra]
+
+
+def test_killed_comparison_resumes_to_exactly_the_full_rows(ray_local, pretrained, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    home, out = tmp_path / "home", tmp_path / "out"
+    cells = home / "runs" / "cmp-kill" / "cells"
+    proc = subprocess.Popen(_compare_cmd(pretrained, home, out), cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cells.glob("*.parquet"))) < 1:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(cells.glob("*.parquet")))
+    assert 1 <= finished < 6, f"the kill should land mid-run ({finished} of 6 cells finished)"
+    assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
+
+    done = subprocess.run(_compare_cmd(pretrained, home, out, "--resume"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{finished} finished" in done.stdout
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert len(rows) == 6 * 3 and not rows.duplicated(KEYS).any()
+    assert set(map(tuple, rows[["shots", "strategy"]].drop_duplicates().to_numpy())) == \
+        {(k, s) for k in (1, 2, 3) for s in ("ft2", "ft3")}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategies=[{strategy: dino}]", "unknown strategy 'dino'"),
+    ("backbone=vgg99", "unknown backbone 'vgg99'"),
+    ("epsiodes=3", "unknown config key 'epsiodes'"),
+    ("episodes=three", "'episodes'"),
+    ("shots=[-1]", "'shots'"),
+    ("strategies=[{strategy: finetune, search: {frozen: []}}]", "'search.frozen' needs a non-empty list"),
+    ("strategies=[{strategy: finetune, params: {frozen: 7}}]", "frozen depth 7 is out of range"),
+])
+def test_bad_config_is_a_clear_error_before_any_trial(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CompareConfig, overrides=[override])
+
+
+def test_workflow_bad_config_exits_2_naming_the_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "workflows.compare", "--storage", str(tmp_path / "h"),
+                        "--output", str(tmp_path / "o"), "--set", "strategies=[{strategy: dino}]"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown strategy 'dino'" in r.stderr
+    assert not (tmp_path / "o").exists()

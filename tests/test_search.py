@@ -1,0 +1,81 @@
+"""Ray Tune search: space parsing, milestones, staged training == straight training, a real ASHA run."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tl.config import load_config
+from tl.data import load_embedded
+from tl.errors import ConfigError
+from tl.evaluate import run_episodes, staged_accuracy
+from tl.models import make_backbone
+from tl.search import SearchConfig, check_space, report_steps, run_search, tune_space
+from tl.strategies import make_strategy
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": {"choice": []}}, "'space.lr': 'choice' has an empty list"),
+    ({"lr": {"gird": [0.1]}}, "'space.lr': unknown kind 'gird'"),
+    ({"lr": {"loguniform": [0.0, 0.1]}}, "'space.lr': 'loguniform' needs low > 0"),
+    ({"lr": {"uniform": [0.1, 0.01]}}, "low < high"),
+    ({"learning_rate": [0.1]}, "learning_rate"),
+    ({"frozen": {"grid": [0, 9]}}, "frozen depth 9 is out of range"),
+    ({}, "search space is empty"),
+])
+def test_bad_search_space_is_one_clear_error(space, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_space(space, "finetune", {}, "digits_cnn")
+
+
+def test_optuna_refuses_grid_keys_and_spaces_become_tune_domains():
+    with pytest.raises(ConfigError, match="'grid' cannot be used with search_alg optuna"):
+        SearchConfig(search_alg="optuna")
+    dom = tune_space({"frozen": {"grid": [1, 2]}, "lr": {"loguniform": [1e-3, 1e-1]}, "m": [0.5, 0.9]})
+    assert dom["frozen"] == {"grid_search": [1, 2]}
+    assert 1e-3 <= dom["lr"].sample() <= 1e-1 and dom["m"].sample() in (0.5, 0.9)
+
+
+def test_report_steps_are_asha_rungs():
+    assert report_steps(60, 7, 3) == [7, 21, 60]
+    assert report_steps(9, 1, 3) == [1, 3, 9]
+    assert SearchConfig(max_steps=64, reduction_factor=4).milestones() == [4, 16, 64]
+
+
+def test_staged_training_equals_one_straight_run(pretrained):
+    """Advancing an episode to 4 steps, then to 10, is the 10-step run: ASHA's budget is honest."""
+    data = load_embedded("optdigits").split("adapt")
+    backbone = make_backbone("digits_cnn", pretrained)
+    strat = make_strategy("finetune", {"frozen": 2, "steps": 10, "lr": 0.05})
+    staged = staged_accuracy(strat, data, shots=2, queries=5, episodes=3, seed=1, report_steps=[4, 10],
+                             backbone=backbone)
+    straight = run_episodes({"ft": strat}, data, shots=2, queries=5, episodes=3, seed=1, backbone=backbone)
+    assert [s for s, _ in staged] == [4, 10]
+    assert staged[-1][1] == pytest.approx(np.mean([r["accuracy"] for r in straight]))
+
+
+def test_asha_search_on_validation_then_test(ray_local, pretrained, tmp_path):
+    cfg = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
+        "target": "optdigits", "shots": 1, "queries": 5, "val_episodes": 2, "test_episodes": 3, "max_steps": 9,
+        "space": {"frozen": {"grid": [3, 4]}, "lr": {"grid": [0.01, 0.1]}}})
+    logs = []
+    out = run_search(cfg, tmp_path / "home", tmp_path / "out", logs.append)
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert len(trials) == 4 and set(trials["frozen"]) == {3, 4} and set(trials["lr"]) == {0.01, 0.1}
+    assert trials["steps"].max() == 9 and (trials["steps"] >= 1).all()
+    assert trials["trial_steps"].sum() == out["trial_steps"] <= 4 * 9 * 2
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    full = trials[trials["steps"] == 9]
+    assert best["val_accuracy"] == pytest.approx(full["val_accuracy"].max())
+    assert best["params"]["frozen"] in (3, 4) and best["params"]["steps"] == 9
+    assert best["chosen_on"].endswith("split adapt")
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert len(rows) == 3 and best["test_accuracy"] == pytest.approx(rows["accuracy"].mean())
+    assert "chosen by a Ray Tune search on 2 validation episodes of the `adapt` split" in \
+        (tmp_path / "out" / "summary.md").read_text()
+
+    # the same search again restores the finished experiment: no candidate runs twice
+    logs.clear()
+    run_search(cfg, tmp_path / "home", tmp_path / "out", logs.append)
+    assert any("resuming the search" in line for line in logs)
+    assert not any("validation" in line and "/4 " in line for line in logs)
