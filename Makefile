@@ -16,7 +16,7 @@ install: $(STAMP)
 
 ## demo: set up, then run the main job on the embedded digits suite
 demo: $(STAMP)
-	$(BIN)/python -m workflows.fewshot --config workflows/configs/demo.yaml
+	$(BIN)/python -m workflows.compare
 
 ## test: set up, then run the whole test suite (slow multi-worker tests included)
 test: $(STAMP)

@@ -29,10 +29,21 @@ def test_support_and_query_disjoint_and_balanced():
         assert np.array_equal(np.array(ep.classes)[ep.query_labels], y[ep.query])
 
 
-def test_class_with_too_few_images_is_named():
-    y = np.array([0] * 30 + [1] * 30 + [2] * 12)
-    with pytest.raises(DataError, match=r"class 'two' has 12 images, fewer than shots \+ queries = 5 \+ 10 = 15"):
+def test_class_without_a_query_left_is_named():
+    y = np.array([0] * 30 + [1] * 30 + [2] * 5)
+    with pytest.raises(DataError, match=r"class 'two' has 5 images, fewer than shots \+ one query = 5 \+ 1"):
         sample_episodes(y, None, 5, 10, 1, seed=0, class_names=["zero", "one", "two"])
+
+
+def test_small_data_mode_uses_every_remaining_image_as_queries():
+    y = np.array([0] * 30 + [1] * 30 + [2] * 12)
+    full = sample_episodes(np.array([0] * 30 + [1] * 30 + [2] * 30), None, 5, 10, 3, seed=4)
+    for ep, ref in zip(sample_episodes(y, None, 5, 10, 3, seed=4), full):
+        assert ep.query_counts() == {0: 10, 1: 10, 2: 7}
+        assert set(np.flatnonzero(y == 2)) <= set(ep.support) | set(ep.query)
+        assert not set(ep.support) & set(ep.query)
+        # classes with enough images draw exactly what they drew before
+        assert np.array_equal(ep.support[:10], ref.support[:10]) and np.array_equal(ep.query[:20], ref.query[:20])
 
 
 @pytest.mark.parametrize("k,q,e", [(0, 5, 1), (1, 0, 1), (1, 1, 0)])

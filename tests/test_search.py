@@ -79,3 +79,16 @@ def test_asha_search_on_validation_then_test(ray_local, pretrained, tmp_path):
     run_search(cfg, tmp_path / "home", tmp_path / "out", logs.append)
     assert any("resuming the search" in line for line in logs)
     assert not any("validation" in line and "/4 " in line for line in logs)
+
+
+def test_optuna_search_of_a_feature_strategy_uses_fractional_cpus(ray_local, pretrained, tmp_path):
+    pytest.importorskip("optuna")
+    cfg = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
+        "target": "optdigits", "shots": 1, "queries": 5, "val_episodes": 4, "test_episodes": 4,
+        "strategy": "logistic", "search_alg": "optuna", "scheduler": "none", "num_samples": 5,
+        "space": {"C": {"loguniform": [0.01, 100.0]}}})
+    out = run_search(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert len(trials) == 5 and trials["C"].between(0.01, 100.0).all() and trials["C"].nunique() == 5
+    assert out["params"]["C"] == pytest.approx(trials.sort_values("val_accuracy").iloc[-1]["C"])
+    assert 0.0 < out["test_accuracy"] <= 1.0

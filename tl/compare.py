@@ -129,65 +129,68 @@ def _ident(plain: dict, entry: CompareEntry) -> str:
     return config_hash({**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}, 10)
 
 
+def compute_cell(cell: dict, data: dict, embeddings: dict, weights: str | None, fixed: dict) -> pd.DataFrame:
+    """The work of one cell, wherever it runs (a Tune trial, a plain loop, a process pool): the inner
+    search on validation episodes when the entry has one, then the test episodes."""
+    from tl.evaluate import run_episodes, staged_accuracy
+    from tl.models import make_backbone
+
+    target, shots, seed, label = cell["target"], cell["shots"], cell["seed"], cell["label"]
+    entry = CompareEntry(**cell["entry"])
+    emb = embeddings.get(target) or {}
+    t0 = time.time()
+    cands = [make_strategy(entry.strategy, p) for p in entry.candidates()]
+    backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
+    val_scores = []
+    if len(cands) > 1:
+        for s in cands:
+            (_, acc), = staged_accuracy(
+                s, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
+                seed=seed, report_steps=[getattr(s, "steps", 1)], n_way=fixed["n_way"], backbone=backbone,
+                embeddings=emb.get("val"))[-1:]
+            val_scores.append(acc)
+    best = max(range(len(cands)), key=lambda i: val_scores[i]) if val_scores else 0
+    strat = cands[best]
+    rows = run_episodes({label: strat}, data[target]["test"], shots=shots, queries=fixed["queries"],
+                        episodes=fixed["episodes"], seed=seed, n_way=fixed["n_way"], backbone=backbone,
+                        embeddings=emb.get("test"), target=target)
+    df = pd.DataFrame(rows)
+    df["chosen"] = json.dumps({k: strat.params()[k] for k in entry.search}, sort_keys=True)
+    df["val_accuracy"] = val_scores[best] if val_scores else float("nan")
+    df["val_scores"] = json.dumps([[{k: c.params()[k] for k in entry.search}, a] for c, a in zip(cands, val_scores)])
+    df["cell_seconds"] = time.time() - t0
+    return df
+
+
 def _cell_trial(config: dict, *, data: dict, embeddings: dict, weights: str | None, fixed: dict) -> None:
-    """One cell as a Tune trial: the inner search on validation episodes, then the test episodes."""
+    """One cell as a Tune trial; its rows are written to the cells folder before it reports."""
+    import io
+
     import ray
     import torch
     from ray import tune
 
-    from tl.evaluate import run_episodes, staged_accuracy
-    from tl.models import make_backbone
-
     torch.set_num_threads(1)
     cell = config["cell"]
-    target, shots, seed, label = cell["target"], cell["shots"], cell["seed"], cell["label"]
-    entry = CompareEntry(**cell["entry"])
     out_dir = Path(fixed["cells_dir"])
-    t0 = time.time()
+    what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}"
     try:
-        cands = [make_strategy(entry.strategy, p) for p in entry.candidates()]
-        backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
-        val_scores = []
-        if len(cands) > 1:
-            for s in cands:
-                steps = getattr(s, "steps", 1)
-                (_, acc), = staged_accuracy(
-                    s, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
-                    seed=seed, report_steps=[steps], n_way=fixed["n_way"], backbone=backbone,
-                    embeddings=(embeddings.get(target) or {}).get("val"))[-1:]
-                val_scores.append(acc)
-            best = max(range(len(cands)), key=lambda i: val_scores[i])
-        else:
-            best = 0
-        strat = cands[best]
-        rows = run_episodes({label: strat}, data[target]["test"], shots=shots, queries=fixed["queries"],
-                            episodes=fixed["episodes"], seed=seed, n_way=fixed["n_way"], backbone=backbone,
-                            embeddings=(embeddings.get(target) or {}).get("test"), target=target)
+        df = compute_cell(cell, data, embeddings, weights, fixed)
     except TLError as exc:
         # a diverging cell is a recorded result, not a crash for Tune to retry
         msg = f"{type(exc).__name__}: {exc}"
         _atomic_write(out_dir / (cell["name"] + ".failed.json"), json.dumps({"cell": cell, "error": msg}).encode())
-        tune.report({"accuracy": float("nan"), "failed": msg,
-                     "progress_line": f"{target} {shots}-shot seed {seed} {label}: FAILED {msg}"})
+        tune.report({"accuracy": float("nan"), "failed": msg, "progress_line": f"{what}: FAILED {msg}"})
         return
-    chosen = {k: strat.params()[k] for k in entry.search}
     node = ray.get_runtime_context().get_node_id()
-    df = pd.DataFrame(rows)
     df["node"], df["host"] = node, platform.node()
-    df["chosen"] = json.dumps(chosen, sort_keys=True)
-    df["val_accuracy"] = val_scores[best] if val_scores else float("nan")
-    df["val_scores"] = json.dumps({json.dumps(p, sort_keys=True): a for p, a in
-                                   zip([{k: c.params()[k] for k in entry.search} for c in cands], val_scores)})
-    df["cell_seconds"] = time.time() - t0
-    import io
-
     buf = io.BytesIO()
     df.to_parquet(buf)
     _atomic_write(out_dir / (cell["name"] + ".parquet"), buf.getvalue())
-    extra = f" (chose {chosen} on validation)" if chosen else ""
+    chosen = df["chosen"].iloc[0]
+    extra = f" (chose {chosen} on validation)" if chosen != "{}" else ""
     tune.report({"accuracy": float(df["accuracy"].mean()), "failed": "", "node": node,
-                 "progress_line": f"{target} {shots}-shot seed {seed} {label}: "
-                                  f"{100 * df['accuracy'].mean():.1f}%{extra}"})
+                 "progress_line": f"{what}: {100 * df['accuracy'].mean():.1f}%{extra}"})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -228,15 +231,32 @@ def plan(cfg: CompareConfig, cells_dir: Path, retry_failed: bool = False) -> dic
     return {"todo": todo, "done": done, "failed": failed, "entries": entries, "plain": plain}
 
 
+def prepare(cfg: CompareConfig, todo: list[dict], entries: dict, weights: str | None, storage: Path,
+            cells_dir: Path, log: Callable[[str], None] = print) -> tuple[dict, dict, dict]:
+    """Target splits, cached embeddings (feature cells only) and the settings every cell shares."""
+    from tl.data import load_embedded
+    from tl.embeddings import EmbedConfig, extract
+
+    targets = sorted({c["target"] for c in todo})
+    data = {t: {"test": load_embedded(t).split(cfg.test_split), "val": load_embedded(t).split(cfg.val_split)}
+            for t in targets}
+    embeddings: dict = {}
+    if any(make_strategy(entries[c["label"]].strategy, entries[c["label"]].params).uses_embeddings for c in todo):
+        ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
+                           cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+        for t in targets:
+            embeddings[t] = {s: extract(data[t][s], ecfg, str(storage / "cache"), log).vectors for s in ("test", "val")}
+    fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
+             "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "cells_dir": str(cells_dir)}
+    return data, embeddings, fixed
+
+
 def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[str], None] = print,
                 retry_failed: bool = False) -> dict:
     """Run every missing cell as a Tune trial, then write rows.parquet, summary.md, summary.csv,
     accuracy_vs_shots.png and best.yaml to ``output``."""
-    import ray
     from ray import tune
 
-    from tl.data import load_embedded
-    from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
     from tl.search import TrialProgress
 
@@ -252,19 +272,7 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
         f"{len(entries)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
         f"{len(p['failed'])} failed before (in {cells_dir}); {len(todo)} to run")
     if todo:
-        targets = sorted({c["target"] for c in todo})
-        data = {t: {"test": load_embedded(t).split(cfg.test_split), "val": load_embedded(t).split(cfg.val_split)}
-                for t in targets}
-        embeddings: dict = {}
-        feature = any(make_strategy(entries[c["label"]].strategy, entries[c["label"]].params).uses_embeddings
-                      for c in todo)
-        if feature:
-            ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                               cpus_per_actor=min(1.0, cfg.cpus_per_trial))
-            for t in targets:
-                embeddings[t] = {s: extract(data[t][s], ecfg, str(storage / "cache"), log).vectors for s in ("test", "val")}
-        fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
-                 "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "cells_dir": str(cells_dir)}
+        data, embeddings, fixed = prepare(cfg, todo, entries, weights, storage, cells_dir, log)
         feature_labels = {lab for lab, e in entries.items() if make_strategy(e.strategy, e.params).uses_embeddings}
 
         def resources(config: dict) -> dict:
@@ -319,6 +327,12 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
     if len(chosen):
         note += "\n\nChosen on validation episodes: " + "; ".join(
             f"{s} {t} {k}-shot: {v}" for (t, k, s), v in chosen.items()) + "."
+    short = rows[rows["short_classes"].fillna("{}") != "{}"] if "short_classes" in rows else rows.iloc[:0]
+    for (t, k), g in short.groupby(["target", "shots"]):
+        counts = json.loads(g["short_classes"].iloc[0])
+        note += (f"\n\nSmall-data mode, {t} {k}-shot: these classes have fewer than {k} + {cfg.queries} images, so "
+                 f"every image left after the shots is a query: effective queries per class "
+                 + ", ".join(f"{c}: {n}" for c, n in counts.items()) + f" (others: {cfg.queries}).")
     if failures:
         note += "\n\nFAILED cells:\n" + "\n".join(f"- {f}" for f in failures)
     summary = write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} test episodes x {len(cfg.seeds)} "
@@ -334,6 +348,9 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
             "accuracy": round(float(top["mean"]), 4), "ci95": round(float(top["ci95"]), 4),
             "episodes": int(top["episodes"]), "chosen_on_validation": json.loads(first["chosen"]),
         }
+    per_class = per_class_report(rows, best, {t: target_classes(cfg, t) for t in best}, output)
+    with open(output / "summary.md", "a") as f:
+        f.write("\n" + per_class)
     doc = {"experiment": cfg.experiment, "backbone": cfg.backbone, "weights": weights or cfg.weights,
            "note": "winner per target and shots by mean test accuracy over the shared episodes", "best": best}
     tmp = output / "best.yaml.tmp"
@@ -344,3 +361,31 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
     if failures:
         log("[compare] FAILED cells (rerun with --retry-failed after fixing them):\n" + "\n".join(f"  {f}" for f in failures))
     return {"rows": len(rows), "failures": failures, "output": str(output), "wall_s": wall, "cells_dir": str(cells_dir)}
+
+
+def target_classes(cfg: CompareConfig, target: str) -> tuple[str, ...]:
+    from tl.data import load_embedded
+
+    return load_embedded(target).classes
+
+
+def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path) -> str:
+    """Per-class accuracy and a confusion-matrix PNG for the best strategy of each target and shots."""
+    from tl.evaluate import confusion_matrix
+    from tl.report import plot_confusion
+
+    lines = ["## Per-class accuracy of the best strategy (all test episodes pooled)", ""]
+    for target, by_shots in sorted(best.items()):
+        names = list(classes[target])
+        lines += [f"### {target}", "", "| shots | strategy | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for shots, b in sorted(by_shots.items()):
+            sel = rows[(rows["target"] == target) & (rows["shots"] == shots) & (rows["strategy"] == b["label"])]
+            m = confusion_matrix(sel, len(names))
+            acc = [f"{100 * m[i, i] / m[i].sum():.1f}" if m[i].sum() else "—" for i in range(len(names))]
+            lines.append(f"| {shots} | {b['label']} | " + " | ".join(acc) + " |")
+            png = output / f"confusion_{target.replace(':', '_')}_{shots}shot.png"
+            plot_confusion(m, names, png, f"{target}, {shots}-shot, {b['label']} ({len(sel)} episodes)")
+        lines.append("")
+    lines.append("Confusion matrices: `confusion_<target>_<shots>shot.png` beside this file.")
+    return "\n".join(lines) + "\n"

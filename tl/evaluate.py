@@ -131,10 +131,31 @@ def run_episodes(
                 "shots": shots, "seed": seed, "episode": ep.index, "n_way": len(ep.classes), "queries": queries,
                 "accuracy": float(np.mean(pred == ep.query_labels)), "seconds": secs,
                 "params": json.dumps(strat.params(), sort_keys=True),
+                "confusion": _confusion(ep, pred),
+                "short_classes": json.dumps({data.classes[c]: n for c, n in ep.query_counts().items() if n < queries}),
             })
         if progress is not None:
             progress(n + 1, len(eps.episodes))
     return rows
+
+
+def _confusion(ep, pred: np.ndarray) -> str:
+    """``{"true,pred": count}`` over the dataset's class ids: per-class accuracy and confusion
+    matrices are summed from these across episodes."""
+    classes = np.asarray(ep.classes)
+    pairs, counts = np.unique(np.stack([classes[ep.query_labels], classes[np.asarray(pred)]]), axis=1,
+                              return_counts=True)
+    return json.dumps({f"{int(t)},{int(p)}": int(n) for (t, p), n in zip(pairs.T, counts)})
+
+
+def confusion_matrix(rows: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """Summed confusion counts (true class x predicted class) of the given result rows."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for cell in rows["confusion"]:
+        for key, n in json.loads(cell).items():
+            t, p = map(int, key.split(","))
+            m[t, p] += n
+    return m
 
 
 def staged_accuracy(

@@ -31,6 +31,10 @@ class Episode:
     def shots(self) -> int:
         return len(self.support) // len(self.classes)
 
+    def query_counts(self) -> dict[int, int]:
+        """Queries per class (fewer than asked only in small-data mode)."""
+        return {c: int((self.query_labels == j).sum()) for j, c in enumerate(self.classes)}
+
 
 def sample_episodes(
     labels: np.ndarray,
@@ -45,7 +49,9 @@ def sample_episodes(
     """Draw episodes ``start .. start+n_episodes-1``; ``n_way=None`` means every class.
 
     Episode labels are 0..N-1 in the order of ``Episode.classes``; support and query never share an
-    image. A class with fewer than K+Q images is an error naming the class and the counts.
+    image. Small-data mode: a class with fewer than K+Q images uses every image left after its K
+    shots as queries (``query_counts`` says how many); a class with K images or fewer, leaving no
+    query, is an error naming the class and the counts.
     """
     labels = np.asarray(labels)
     present = np.unique(labels[labels >= 0])
@@ -62,10 +68,10 @@ def sample_episodes(
     by_class = {int(c): np.flatnonzero(labels == c) for c in present}
     need = k_shot + n_query
     for c, idx in by_class.items():
-        if len(idx) < need:
+        if len(idx) < k_shot + 1:
             raise DataError(
-                f"class '{names[c]}' has {len(idx)} images, fewer than shots + queries = "
-                f"{k_shot} + {n_query} = {need}"
+                f"class '{names[c]}' has {len(idx)} images, fewer than shots + one query = {k_shot} + 1 "
+                f"(asked for {k_shot} + {n_query} = {need})"
             )
     episodes = []
     for i in range(start, start + n_episodes):
@@ -73,11 +79,11 @@ def sample_episodes(
         chosen = np.sort(rng.choice(present, size=n_way, replace=False)) if n_way < len(present) else present
         sup, sup_y, qry, qry_y = [], [], [], []
         for j, c in enumerate(chosen):
-            pick = rng.choice(by_class[int(c)], size=need, replace=False)
+            pick = rng.choice(by_class[int(c)], size=min(need, len(by_class[int(c)])), replace=False)
             sup.append(pick[:k_shot])
             qry.append(pick[k_shot:])
             sup_y.append(np.full(k_shot, j))
-            qry_y.append(np.full(n_query, j))
+            qry_y.append(np.full(len(pick) - k_shot, j))
         episodes.append(
             Episode(
                 seed=seed, index=i, classes=tuple(int(c) for c in chosen),

@@ -1,0 +1,173 @@
+"""Benchmark: (a) the same fine-tuning cells run by the comparison workflow (Ray Tune trials), by a
+plain sequential loop (torch's default threads) and by a bare multiprocessing pool (one
+single-threaded process per core); (b) ASHA against the full grid on the same search space:
+compute used (episode-steps) and the best validation accuracy each finds. Writes
+results/bench/compare.md and compare.csv.
+
+    python -m workflows.bench_compare               # both parts (about 15 minutes on 2 cores)
+    python -m workflows.bench_compare --part b
+    python -m workflows.bench_compare --smoke-test
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from workflows import _cli
+
+_POOL_STATE: dict = {}
+
+
+def _pool_init(state: dict) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _POOL_STATE.update(state)
+
+
+def _pool_cell(cell: dict):
+    from tl.compare import compute_cell
+
+    s = _POOL_STATE
+    return compute_cell(cell, s["data"], s["embeddings"], s["weights"], s["fixed"])
+
+
+def main() -> int:
+    p = _cli.parser("bench_compare", "Benchmark the comparison's scheduling and ASHA against the full grid.")
+    p.add_argument("--part", choices=["a", "b", "all"], default="all",
+                   help="run one part; its rows replace that part's rows in the existing table")
+    args = p.parse_args()
+
+    import multiprocessing as mp
+
+    import pandas as pd
+    import torch
+
+    from tl.compare import CompareConfig, plan, prepare, run_compare
+    from tl.config import load_config
+    from tl.pretrain import resolve_weights
+    from tl.runtime import resolve_storage
+    from tl.search import SearchConfig, run_search
+
+    storage = resolve_storage(args.storage)
+    out_dir = Path(args.output or "results/bench")
+    cores = os.cpu_count() or 1
+    rows: list[dict] = []
+
+    def record(part: str, measure: str, value, unit: str, note: str = "") -> None:
+        rows.append({"part": part, "measure": measure, "value": value, "unit": unit, "note": note})
+        print(f"[bench] {part} | {measure}: {value} {unit} {note}")
+
+    t_ray = time.time()
+    _cli.init_ray(args.address)
+    ray_start = time.time() - t_ray
+    weights = resolve_weights("pretrained", "digits_cnn", storage, print)
+    scratch = Path(tempfile.mkdtemp(prefix="tl-bench-compare-"))
+    try:
+        if args.part in ("a", "all"):
+            episodes = 2 if args.smoke_test else 12
+            base = {"experiment": "bench-a", "weights": weights, "targets": ["optdigits", "mnistm"],
+                    "shots": [5, 10], "episodes": episodes, "seeds": [0],
+                    "strategies": [{"strategy": "finetune", "label": f"ft{k}", "params": {"frozen": k}}
+                                   for k in (1, 2)]}
+            cfg = load_config(CompareConfig, base=base)
+            cells_dir = scratch / "cells-plan"
+            cells_dir.mkdir()
+            pl = plan(cfg, cells_dir)
+            data, embeddings, fixed = prepare(cfg, pl["todo"], pl["entries"], weights, storage, cells_dir)
+            n = len(pl["todo"])
+            what = f"{n} cells: finetune k=1,2 x optdigits, mnistm x 5, 10 shots, {episodes} episodes each"
+
+            from tl.compare import compute_cell
+
+            torch.set_num_threads(cores)
+            t0 = time.time()
+            seq = [compute_cell(c, data, embeddings, weights, fixed) for c in pl["todo"]]
+            t_seq = time.time() - t0
+            record("a", "sequential loop (torch default threads)", round(t_seq, 1), "s", f"{what}; {cores} threads")
+
+            ctx = mp.get_context("spawn")
+            t0 = time.time()
+            with ctx.Pool(cores, initializer=_pool_init, initargs=({"data": data, "embeddings": embeddings,
+                                                                       "weights": weights, "fixed": fixed},)) as pool:
+                pooled = pool.map(_pool_cell, pl["todo"], chunksize=1)
+            t_pool = time.time() - t0
+            record("a", f"multiprocessing pool ({cores} single-threaded processes)", round(t_pool, 1), "s",
+                   "pool start included")
+
+            for cpus in (1.0, 2.0):
+                home = scratch / f"home-{cpus}"
+                t0 = time.time()
+                run_compare(load_config(CompareConfig, base={**base, "cpus_per_trial": cpus}), resolve_storage(home),
+                            scratch / f"out-{cpus}", lambda s: None)
+                t_tune = time.time() - t0
+                concurrent = int(float(__import__("ray").cluster_resources().get("CPU", 1)) // cpus)
+                record("a", f"comparison workflow, cpus_per_trial={cpus:g} ({concurrent} trials at once)",
+                       round(t_tune, 1), "s", "Tune set-up, trial start-up and report writing included")
+                record("a", f"ratio comparison(cpus_per_trial={cpus:g}) / pool", round(t_tune / t_pool, 2), "x",
+                       "target <= 1.15")
+                record("a", f"speed-up of comparison(cpus_per_trial={cpus:g}) over sequential",
+                       round(t_seq / t_tune, 2), "x", "target >= 1.3")
+                tune_rows = pd.read_parquet(scratch / f"out-{cpus}" / "rows.parquet")
+                same = tune_rows.sort_values(["target", "shots", "strategy", "episode"])["accuracy"].to_numpy()
+                ref = pd.concat(seq).sort_values(["target", "shots", "strategy", "episode"])["accuracy"].to_numpy()
+                record("a", f"same accuracies as the sequential loop (cpus_per_trial={cpus:g})",
+                       bool((abs(same - ref) < 1e-9).all()), "bool")
+            record("a", "pool ratio over sequential", round(t_seq / t_pool, 2), "x", "")
+            record("a", "local Ray start (not in the figures above)", round(ray_start, 1), "s", "")
+            assert len(pooled) == n
+
+        if args.part in ("b", "all"):
+            space = {"frozen": {"grid": [0, 1, 2, 3, 4]}, "lr": {"grid": [0.003, 0.01, 0.03, 0.1]}}
+            base = {"weights": weights, "target": "mnistm", "shots": 5, "val_episodes": 2 if args.smoke_test else 6,
+                    "test_episodes": 3 if args.smoke_test else 30, "max_steps": 9 if args.smoke_test else 60,
+                    "reduction_factor": 3, "space": space}
+            found = {}
+            for sched in ("none", "asha"):
+                home = resolve_storage(scratch / f"search-{sched}")
+                t0 = time.time()
+                res = run_search(load_config(SearchConfig, base={**base, "experiment": f"bench-b-{sched}",
+                                                                  "scheduler": sched}),
+                                 home, scratch / f"search-out-{sched}", lambda s: None)
+                wall = time.time() - t0
+                found[sched] = res
+                label = "full grid" if sched == "none" else "ASHA"
+                record("b", f"{label}: compute", int(res["trial_steps"]), "episode-steps",
+                       f"20 candidates x {base['val_episodes']} validation episodes, up to {base['max_steps']} steps")
+                record("b", f"{label}: best validation accuracy", round(100 * res["val_accuracy"], 1), "%",
+                       f"chose {({k: res['params'][k] for k in space})}")
+                record("b", f"{label}: test accuracy of its choice", round(100 * res["test_accuracy"], 1), "%",
+                       f"{base['test_episodes']} test episodes")
+                record("b", f"{label}: wall time", round(wall, 1), "s", "")
+            record("b", "ASHA compute / full grid", round(found["asha"]["trial_steps"] / found["none"]["trial_steps"], 3),
+                   "x", "target <= 0.40")
+            record("b", "full grid best - ASHA best (validation)",
+                   round(100 * (found["none"]["val_accuracy"] - found["asha"]["val_accuracy"]), 1), "points",
+                   "target <= 1")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "compare-smoke" if args.smoke_test else "compare"
+    table = pd.DataFrame(rows)
+    if args.part != "all" and (out_dir / f"{stem}.csv").is_file():
+        old = pd.read_csv(out_dir / f"{stem}.csv", keep_default_na=False)
+        table = pd.concat([old[old["part"] != args.part], table]).sort_values("part", kind="stable")
+    table.to_csv(out_dir / f"{stem}.csv", index=False)
+    cmd = "python -m workflows.bench_compare" + (" --smoke-test" if args.smoke_test else "")
+    if args.part != "all":
+        cmd += f" (part {args.part} rerun with --part {args.part}; the other part from the previous run)"
+    md = ["# Comparison benchmark", "", f"Command: `{cmd}` on {cores} CPU cores, {time.strftime('%Y-%m-%d')}.", "",
+          "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
+    md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]
+    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print(f"table: {out_dir / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)
