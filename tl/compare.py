@@ -55,6 +55,22 @@ class CompareEntry:
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.search[k] for k in keys))]
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """A user's target data: exactly one of ``folder`` (one subfolder per class), ``csv`` (a manifest
+    ``path,label``) or ``parquet`` (image bytes + label), brought to ``size``. ``split: halves`` splits
+    it stratified into ``adapt`` (validation episodes) and ``test``; ``split: none`` keeps every image
+    for test episodes (small data: no search is possible then, since nothing is left to validate on)."""
+
+    folder: str | None = None
+    csv: str | None = None
+    parquet: str | None = None
+    size: tuple[int, int] = (28, 28)
+    classes: tuple[str, ...] | None = None
+    split: str = "none"
+    seed: int = 0
+
+
 def _default_entries() -> tuple[CompareEntry, ...]:
     return (
         CompareEntry("prototype"), CompareEntry("logistic"), CompareEntry("linear_probe"),
@@ -87,6 +103,7 @@ class CompareConfig:
     feature_cpus: float = 0.25
     max_concurrent: int = 0
     max_failures: int = 2
+    data: dict[str, DataSource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if any(k < 1 for k in self.shots):
@@ -104,6 +121,17 @@ class CompareConfig:
         labels = [e.name() for e in self.strategies]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"config key 'strategies': two entries share a label ({labels})")
+        for name, src in self.data.items():
+            if sum(bool(v) for v in (src.folder, src.csv, src.parquet)) != 1:
+                raise ConfigError(f"config key 'data.{name}': give exactly one of folder, csv or parquet")
+            if src.split not in ("none", "halves"):
+                raise ConfigError(f"config key 'data.{name}.split': '{src.split}' is not one of none, halves")
+            if src.split == "none":
+                searched = [e.name() for e in self.strategies if e.search]
+                if name in self.targets and searched:
+                    raise ConfigError(
+                        f"config key 'data.{name}.split' is none, so target '{name}' has no validation images; "
+                        f"strategies {searched} search on validation episodes: use split: halves or drop the search")
         stages = num_stages(self.backbone)
         for e in self.strategies:
             for key, values in e.search.items():
@@ -234,21 +262,36 @@ def plan(cfg: CompareConfig, cells_dir: Path, retry_failed: bool = False) -> dic
 def prepare(cfg: CompareConfig, todo: list[dict], entries: dict, weights: str | None, storage: Path,
             cells_dir: Path, log: Callable[[str], None] = print) -> tuple[dict, dict, dict]:
     """Target splits, cached embeddings (feature cells only) and the settings every cell shares."""
-    from tl.data import load_embedded
     from tl.embeddings import EmbedConfig, extract
 
     targets = sorted({c["target"] for c in todo})
-    data = {t: {"test": load_embedded(t).split(cfg.test_split), "val": load_embedded(t).split(cfg.val_split)}
-            for t in targets}
+    data = {t: target_data(cfg, t) for t in targets}
     embeddings: dict = {}
     if any(make_strategy(entries[c["label"]].strategy, entries[c["label"]].params).uses_embeddings for c in todo):
         ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
                            cpus_per_actor=min(1.0, cfg.cpus_per_trial))
         for t in targets:
-            embeddings[t] = {s: extract(data[t][s], ecfg, str(storage / "cache"), log).vectors for s in ("test", "val")}
+            embeddings[t] = {s: extract(data[t][s], ecfg, str(storage / "cache"), log).vectors
+                             for s in ("test", "val") if data[t][s] is not None}
     fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
              "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "cells_dir": str(cells_dir)}
     return data, embeddings, fixed
+
+
+def dry_run(cfg: CompareConfig, storage: Path, log: Callable[[str], None] = print, retry_failed: bool = False) -> dict:
+    """Say what a run would do (trials, episodes, estimated wall time) and run nothing: no Ray, no
+    pretraining, no output folder."""
+    cells_dir = storage / "runs" / cfg.experiment / "cells"
+    p = plan(cfg, cells_dir, retry_failed)
+    for t in cfg.targets:
+        target_data(cfg, t)
+    est = estimate(cfg, p["todo"], p["entries"])
+    log(f"[dry-run] {len(p['todo'])} trials to run of {len(p['todo']) + len(p['done']) + len(p['failed'])} cells "
+        f"({len(p['done'])} finished, {len(p['failed'])} failed before); {est['test_episodes']} test episodes and "
+        f"{est['val_episodes']} validation episodes; about {est['core_seconds'] / 60:.1f} core-minutes of training, "
+        f"estimated wall time {est['wall_s'] / 60:.1f} min on {est['cores']} cores (from timed training steps on "
+        f"this machine; pretraining, if the backbone is missing, adds about 1.5 min)")
+    return {**est, "plan": p}
 
 
 def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[str], None] = print,
@@ -262,11 +305,13 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
 
     t0 = time.time()
     cells_dir = storage / "runs" / cfg.experiment / "cells"
+    p = plan(cfg, cells_dir, retry_failed)
+    todo, entries, plain = p["todo"], p["entries"], p["plain"]
+    for t in cfg.targets:
+        target_data(cfg, t)  # bad data stops here, before any pretraining or trial
     cells_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
-    p = plan(cfg, cells_dir, retry_failed)
-    todo, entries, plain = p["todo"], p["entries"], p["plain"]
     total = len(todo) + len(p["done"]) + len(p["failed"])
     log(f"[compare] {total} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(entries)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
@@ -363,10 +408,36 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
     return {"rows": len(rows), "failures": failures, "output": str(output), "wall_s": wall, "cells_dir": str(cells_dir)}
 
 
-def target_classes(cfg: CompareConfig, target: str) -> tuple[str, ...]:
-    from tl.data import load_embedded
+_TARGETS: dict[str, dict] = {}
 
-    return load_embedded(target).classes
+
+def target_data(cfg: CompareConfig, target: str) -> dict:
+    """``{"test": ImageSet, "val": ImageSet | None}`` for an embedded target or a user's ``data`` entry."""
+    from tl.data import load_embedded, load_source
+
+    src = cfg.data.get(target)
+    key = json.dumps([target, to_dict(src) if src else None, cfg.test_split, cfg.val_split], sort_keys=True)
+    if key not in _TARGETS:
+        if src is None:
+            full = load_embedded(target)
+            out = {"test": full.split(cfg.test_split), "val": full.split(cfg.val_split)}
+        else:
+            from tl.data.suite import _stratified_halves
+
+            full = load_source(folder=src.folder, csv=src.csv, parquet=src.parquet, size=tuple(src.size),
+                               classes=src.classes)
+            full.name = target
+            if src.split == "halves":
+                full.splits = _stratified_halves(full.labels, src.seed)
+                out = {"test": full.split("test"), "val": full.split("adapt")}
+            else:
+                out = {"test": full, "val": None}
+        _TARGETS[key] = out
+    return _TARGETS[key]
+
+
+def target_classes(cfg: CompareConfig, target: str) -> tuple[str, ...]:
+    return target_data(cfg, target)["test"].classes
 
 
 def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path) -> str:
@@ -389,3 +460,56 @@ def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path
         lines.append("")
     lines.append("Confusion matrices: `confusion_<target>_<shots>shot.png` beside this file.")
     return "\n".join(lines) + "\n"
+
+
+def _step_seconds(backbone: str, input_size: int | None, strat, n: int, cache: dict) -> float:
+    """Measured seconds of one training step of ``strat`` on ``n`` images (random weights and data:
+    the cost does not depend on them). Run in this process, single-threaded, like a trial."""
+    import torch
+
+    from tl.models import make_backbone
+    from tl.strategies.base import EpisodeTask
+
+    key = (strat.name, getattr(strat, "frozen", 0), getattr(strat, "batch_norm", ""), min(n, strat.batch_size))
+    if key not in cache:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            bb = make_backbone(backbone, None, input_size)
+            size = bb.preprocessing.size
+            x = torch.rand(key[3], 3, *((size, size) if isinstance(size, int) else size))
+            task = EpisodeTask(n_way=2, support_y=(torch.arange(key[3]) % 2).numpy(), seed=0, support_x=x,
+                               query_x=x[:2], backbone=lambda: bb)
+            run = strat.start_episode(task)
+            run.advance(1)
+            t0 = time.perf_counter()
+            run.advance(4)
+            cache[key] = (time.perf_counter() - t0) / 3
+        finally:
+            torch.set_num_threads(threads)
+    return cache[key]
+
+
+def estimate(cfg: CompareConfig, todo: list[dict], entries: dict, cores: int | None = None) -> dict:
+    """Trials, episodes and an estimated wall time for ``todo``, from a few timed training steps on
+    this machine (nothing is trained for real and no trial runs)."""
+    cores = cores or os.cpu_count() or 1
+    cache: dict = {}
+    total_s, test_eps, val_eps = 0.0, 0, 0
+    for c in todo:
+        e = entries[c["label"]]
+        cands = [make_strategy(e.strategy, p) for p in e.candidates()]
+        n_way = cfg.n_way or 10
+        test_eps += cfg.episodes
+        v = cfg.val_episodes * len(cands) if len(cands) > 1 else 0
+        val_eps += v
+        for s in cands:
+            eps = (cfg.val_episodes if len(cands) > 1 else 0) + (cfg.episodes if s is cands[0] else 0)
+            if s.uses_embeddings:
+                total_s += eps * 0.03
+            else:
+                total_s += eps * s.steps * _step_seconds(cfg.backbone, cfg.input_size, s, n_way * c["shots"], cache)
+    trial_overhead = 3.0
+    wall = total_s / cores + trial_overhead * len(todo) / cores + 10.0
+    return {"trials": len(todo), "test_episodes": test_eps, "val_episodes": val_eps, "core_seconds": total_s,
+            "wall_s": wall, "cores": cores}

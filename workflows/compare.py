@@ -17,9 +17,11 @@ def main() -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (the same as running the same command again)")
     p.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the number of trials and episodes and an estimated wall time; run nothing")
     args = p.parse_args()
 
-    from tl.compare import CompareConfig, run_compare
+    from tl.compare import CompareConfig, dry_run, run_compare
     from tl.config import load_config
     from tl.runtime import resolve_storage
 
@@ -32,6 +34,9 @@ def main() -> int:
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
     output = Path(args.output or f"results/{cfg.experiment}")
+    if args.dry_run:
+        dry_run(cfg, storage, retry_failed=args.retry_failed)
+        return 0
     _cli.init_ray(args.address)
     out = run_compare(cfg, storage, output, retry_failed=args.retry_failed)
     (output / "command.txt").write_text("python -m workflows.compare " + " ".join(_cli.shlex_args()) + "\n")

@@ -1,0 +1,85 @@
+"""A user's small image folder end to end, --dry-run, and augmentation of support batches."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tl.compare import CompareConfig, run_compare
+from tl.config import load_config
+from tl.data import load_embedded
+from tl.errors import ConfigError
+from tl.strategies import make_strategy
+from tl.strategies.base import EpisodeTask
+from tl.train.augment import augment_batch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _folder(root: Path, per_class: int) -> Path:
+    """A user's folder: one subfolder per class, ``per_class`` PNGs each (digits from optdigits)."""
+    data = load_embedded("optdigits")
+    for c, name in enumerate(data.classes):
+        (root / f"digit_{name}").mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(data.labels == c)[:per_class]):
+            img = (data.images[i].transpose(1, 2, 0) * 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"digit_{name}" / f"{j}.png")
+    return root
+
+
+def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretrained, tmp_path):
+    folder = _folder(tmp_path / "mine", 7)
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base={
+        "experiment": "small", "targets": ["mine"], "shots": [5], "episodes": 3,
+        "data": {"mine": {"folder": str(folder), "size": [28, 28]}},
+        "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}}]})
+    out = run_compare(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert out["rows"] == len(rows) == 2 * 3
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "Small-data mode, mine 5-shot" in text and "digit_0: 2" in text and "digit_9: 2" in text
+    assert (tmp_path / "out" / "confusion_mine_5shot.png").is_file()
+    # every query of an episode is one of the 2 images left per class: 20 queries, accuracy in twentieths
+    assert np.allclose((rows["accuracy"] * 20) % 1, 0)
+
+
+def test_small_folder_refuses_a_search_without_validation_images(tmp_path):
+    with pytest.raises(ConfigError, match="data.mine.split' is none.*no validation images"):
+        load_config(CompareConfig, base={"targets": ["mine"], "data": {"mine": {"folder": str(tmp_path)}}})
+
+
+def test_dry_run_runs_no_trial(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "workflows.compare", "--dry-run", "--storage", str(tmp_path / "home"),
+                        "--output", str(tmp_path / "out"), "--set", "targets=[optdigits]", "--set", "shots=[1,5]"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[dry-run] 12 trials to run of 12 cells" in r.stdout and "estimated wall time" in r.stdout
+    assert "120 test episodes" in r.stdout and "40 validation episodes" in r.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
+    assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
+
+
+def test_augmentation_is_seeded_keeps_shapes_and_trains():
+    x = torch.rand(6, 3, 28, 28)
+    assert augment_batch(x, "none", torch.Generator()) is x
+    a = augment_batch(x, "crop_flip", torch.Generator().manual_seed(3))
+    b = augment_batch(x, "crop_flip", torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        make_strategy("finetune", {"augment": "mixup"})
+    from tl.models import make_backbone
+
+    data = load_embedded("optdigits").split("adapt")
+    bb = make_backbone("digits_cnn", None)
+    x = bb.preprocessing(torch.tensor(data.images[:20]))
+    task = EpisodeTask(n_way=10, support_y=data.labels[:20] % 10, seed=0, support_x=x, query_x=x[:5],
+                       backbone=lambda: bb)
+    run = make_strategy("finetune", {"frozen": 2, "augment": "crop", "steps": 3}).start_episode(task)
+    assert run.model.start == 0, "with augmentation the frozen stages run on each augmented batch"
+    run.advance(3)
+    assert run.predict().shape == (5,)
