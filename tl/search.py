@@ -203,7 +203,9 @@ class TrialProgress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        self._log(f"trial {trial.trial_id} ERROR ({trial.config})")
+        cell = trial.config.get("cell")
+        what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}" if cell else trial.config
+        self._log(f"trial {trial.trial_id} ERROR ({what}); Tune retries it if retries are left")
 
 
 def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
