@@ -205,7 +205,12 @@ class TrialProgress(tune.Callback):
         self.done += 1
         cell = trial.config.get("cell")
         what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}" if cell else trial.config
-        self._log(f"trial {trial.trial_id} ERROR ({what}); Tune retries it if retries are left")
+        self._log(f"trial {trial.trial_id} ERROR ({what}), no retries left")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        cell = trial.config.get("cell")
+        what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}" if cell else trial.config
+        _LOGGERS.get(self.key, print)(f"[{self.what}] trial {trial.trial_id} lost ({what}); Tune retries it")
 
 
 def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
