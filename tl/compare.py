@@ -284,7 +284,7 @@ def dry_run(cfg: CompareConfig, storage: Path, log: Callable[[str], None] = prin
     cells_dir = storage / "runs" / cfg.experiment / "cells"
     p = plan(cfg, cells_dir, retry_failed)
     for t in cfg.targets:
-        target_data(cfg, t)
+        check_target(cfg, t)
     est = estimate(cfg, p["todo"], p["entries"])
     log(f"[dry-run] {len(p['todo'])} trials to run of {len(p['todo']) + len(p['done']) + len(p['failed'])} cells "
         f"({len(p['done'])} finished, {len(p['failed'])} failed before); {est['test_episodes']} test episodes and "
@@ -308,10 +308,14 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
     p = plan(cfg, cells_dir, retry_failed)
     todo, entries, plain = p["todo"], p["entries"], p["plain"]
     for t in cfg.targets:
-        target_data(cfg, t)  # bad data stops here, before any pretraining or trial
+        check_target(cfg, t)  # bad data stops here, before any pretraining or trial
     cells_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
+    if todo:
+        from tl.models import make_backbone
+
+        make_backbone(cfg.backbone, weights, cfg.input_size)  # weights that do not fit stop here, once
     total = len(todo) + len(p["done"]) + len(p["failed"])
     log(f"[compare] {total} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(entries)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
@@ -434,6 +438,21 @@ def target_data(cfg: CompareConfig, target: str) -> dict:
                 out = {"test": full, "val": None}
         _TARGETS[key] = out
     return _TARGETS[key]
+
+
+def check_target(cfg: CompareConfig, target: str) -> None:
+    """Every class of the target has enough images for the largest shot count (one query at least)."""
+    from tl.errors import DataError
+
+    parts = target_data(cfg, target)
+    k = max(cfg.shots)
+    for split, data in parts.items():
+        if data is None:
+            continue
+        for name, n in data.class_counts().items():
+            if n < k + 1:
+                raise DataError(f"target '{target}' ({split} images): class '{name}' has {n} images, fewer than "
+                                f"shots + one query = {k} + 1")
 
 
 def target_classes(cfg: CompareConfig, target: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ every ``checkpoint_every`` steps and resumes from the last checkpoint when run a
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ def _worker(c: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     amp = bool(c["amp"]) and device.type == "cuda"
+    print(f"[finetune] worker rank {rank} pid {os.getpid()} starts at step {step}", flush=True)
     if step >= strategy.steps:  # the run had finished: hand its last checkpoint back
         ray_train.report({"step": step, "loss": state["loss"], "last_loss": state["loss"],
                           "eval_accuracy": state["eval_accuracy"]}, state)

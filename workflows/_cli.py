@@ -42,6 +42,7 @@ def init_ray(address: str | None) -> None:
         return
     quiet = ray.LoggingConfig(log_level="WARNING")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_config=quiet)
         except Exception as exc:
@@ -49,6 +50,25 @@ def init_ray(address: str | None) -> None:
     else:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), logging_config=quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once on a host:port nobody listens on (``ray.init`` would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from tl.errors import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc})") from exc
 
 
 def run(main: Callable[[], int | None]) -> None:

@@ -62,7 +62,8 @@ def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
     if len(bad):
         lines = [f"  {r[key]}: {r['error']}" for _, r in bad.head(MAX_LISTED).iterrows()]
         more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DataError(f"{len(bad)} unreadable {what}:\n" + "\n".join(lines) + more)
+        first = bad.iloc[0]
+        raise DataError(f"{len(bad)} unreadable {what}, first '{first[key]}':\n" + "\n".join(lines) + more)
 
 
 def _decode_files(paths: list[str], size: tuple[int, int]) -> pd.DataFrame:

@@ -1,0 +1,199 @@
+"""The catalogue of bad inputs: each is one clear error naming the file, class or key, a non-zero
+exit, and no output that looks complete. Every case runs the real workflow command line."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tl.data import load_embedded
+
+REPO = Path(__file__).resolve().parent.parent
+SENTINEL = Path("/tmp/tl-bad-input-pickle-was-executed")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {SENTINEL}",))
+
+
+def _folder(root: Path, per_class: int = 8, classes: int = 3) -> Path:
+    data = load_embedded("optdigits")
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(data.labels == c)[:per_class]):
+            Image.fromarray((data.images[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{j}.png")
+    return root
+
+
+def _mine(kind: str, path) -> list[str]:
+    return ["--set", "targets=[mine]", "--set", f"data={{mine: {{{kind}: '{path}'}}}}", "--set", "shots=[1]",
+            "--set", "weights=random",
+            "--set", "queries=2", "--set", "episodes=1", "--set", "strategies=[{strategy: prototype}]"]
+
+
+def _case_corrupt(tmp):
+    root = _folder(tmp / "imgs")
+    (root / "c1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return "compare", _mine("folder", root), "broken.png"
+
+
+def _case_truncated_parquet(tmp):
+    rows = pd.DataFrame({"image": [b"x" * 10] * 4, "label": ["a", "b"] * 2})
+    rows.to_parquet(tmp / "d.parquet")
+    data = (tmp / "d.parquet").read_bytes()
+    (tmp / "d.parquet").write_bytes(data[: len(data) // 2])
+    return "compare", _mine("parquet", tmp / "d.parquet"), "d.parquet"
+
+
+def _case_csv_missing_column(tmp):
+    (tmp / "m.csv").write_text("file,label\na.png,x\n")
+    return "compare", _mine("csv", tmp / "m.csv"), "has no column 'path'"
+
+
+def _case_missing_path(tmp):
+    return "compare", _mine("folder", tmp / "nowhere"), "'" + str(tmp / "nowhere") + "' does not exist"
+
+
+def _case_too_few_images(tmp):
+    root = _folder(tmp / "imgs", per_class=8)
+    for f in sorted((root / "c2").iterdir())[1:]:
+        f.unlink()
+    return "compare", _mine("folder", root), "class 'c2' has 1 images, fewer than shots + one query = 1 + 1"
+
+
+def _case_empty_class_folder(tmp):
+    root = _folder(tmp / "imgs")
+    (root / "c9").mkdir()
+    return "compare", _mine("folder", root), "class folder '" + str(root / "c9") + "' is empty"
+
+
+def _case_label_not_in_class_list(tmp):
+    root = _folder(tmp / "imgs")
+    return "compare", _mine("folder", root) + ["--set", "data.mine.classes=[c0, c1]"], "c2"
+
+
+def _case_unknown_backbone(tmp):
+    return "compare", ["--set", "backbone=vgg99"], "unknown backbone 'vgg99'"
+
+
+def _case_unknown_strategy(tmp):
+    return "compare", ["--set", "strategies=[{strategy: maml}]"], "unknown strategy 'maml'"
+
+
+def _case_unknown_key(tmp):
+    return "compare", ["--set", "episdoes=5"], "unknown config key 'episdoes'"
+
+
+def _case_wrong_type(tmp):
+    return "compare", ["--set", "episodes=many"], "config key 'episodes'"
+
+
+def _case_negative_shots(tmp):
+    return "compare", ["--set", "shots=[-5]"], "config key 'shots'"
+
+
+def _case_weights_other_arch(tmp):
+    from safetensors.torch import save_file
+
+    from tl.models import build_backbone
+
+    save_file({k: v.contiguous() for k, v in build_backbone("resnet18").state_dict().items()}, tmp / "r18.safetensors")
+    return "compare", ["--set", f"weights={tmp / 'r18.safetensors'}", "--set", "targets=[optdigits]",
+                       "--set", "shots=[1]"], "do not fit backbone 'digits_cnn'"
+
+
+def _case_not_weights(tmp):
+    (tmp / "w.safetensors").write_text("hello, I am a text file")
+    return "compare", ["--set", f"weights={tmp / 'w.safetensors'}"], "w.safetensors' is not a safetensors file"
+
+
+def _case_pickle(tmp):
+    with open(tmp / "w.pt", "wb") as f:
+        pickle.dump({"stage": _Evil()}, f)
+    return "compare", ["--set", f"weights={tmp / 'w.pt'}"], "w.pt' was refused: it holds objects other than tensors"
+
+
+def _case_empty_choice(tmp):
+    return "search", ["--set", "space={lr: {choice: []}}"], "'space.lr': 'choice' has an empty list"
+
+
+def _case_dead_address(tmp):
+    return "compare", ["--address", "127.0.0.1:9", "--set", "shots=[1]"], "--address 127.0.0.1:9: no Ray cluster answers"
+
+
+def _case_storage_not_writable(tmp):
+    (tmp / "file").write_text("x")
+    return "compare", ["--storage", str(tmp / "file" / "home")], "is not writable: '" + str(tmp / "file") + "' is a file"
+
+
+def _case_frozen_out_of_range(tmp):
+    return "compare", ["--set", "strategies=[{strategy: finetune, params: {frozen: 9}}]"], "frozen depth 9 is out of range"
+
+
+def _case_unknown_target(tmp):
+    return "compare", ["--set", "targets=[mnistx]"], "unknown embedded dataset 'mnistx'"
+
+
+def _case_missing_config_file(tmp):
+    return "compare", ["--config", str(tmp / "nope.yaml")], "nope.yaml"
+
+
+def _case_bad_yaml(tmp):
+    (tmp / "bad.yaml").write_text("shots: [1, 5\nepisodes: 3\n")
+    return "compare", ["--config", str(tmp / "bad.yaml")], "bad.yaml"
+
+
+def _case_same_val_and_test_split(tmp):
+    return "compare", ["--set", "val_split=test"], "validation episodes must share no image with test episodes"
+
+
+def _case_bad_augment(tmp):
+    return "compare", ["--set", "strategies=[{strategy: lp_ft, params: {augment: mixup}}]"], "augment must be one of"
+
+
+CASES = [_case_corrupt, _case_truncated_parquet, _case_csv_missing_column, _case_missing_path, _case_too_few_images,
+         _case_empty_class_folder, _case_label_not_in_class_list, _case_unknown_backbone, _case_unknown_strategy,
+         _case_unknown_key, _case_wrong_type, _case_negative_shots, _case_weights_other_arch, _case_not_weights,
+         _case_pickle, _case_empty_choice, _case_dead_address, _case_storage_not_writable, _case_frozen_out_of_range,
+         _case_unknown_target, _case_missing_config_file, _case_bad_yaml, _case_same_val_and_test_split,
+         _case_bad_augment]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[6:] for c in CASES])
+def test_bad_input_is_one_clear_error(case, ray_local, tmp_path):
+    SENTINEL.unlink(missing_ok=True)
+    workflow, args, expected = case(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", f"workflows.{workflow}", "--output", str(out)]
+    if "--storage" not in args:
+        cmd += ["--storage", str(tmp_path / "home")]
+    r = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in r.stderr
+    for f in ("rows.parquet", "summary.md", "best.yaml", "trials.csv"):
+        assert not (out / f).exists(), f"a failed run left {f}"
+    assert not SENTINEL.exists(), "a pickle was executed"
+
+
+def test_image_with_other_channel_counts_is_converted(ray_local, tmp_path):
+    """Grey, grey+alpha, RGBA and palette images are converted to RGB (stated in tl.data.sources)."""
+    from tl.data import load_image_folder
+
+    root = tmp_path / "imgs"
+    for mode, name in (("L", "grey"), ("LA", "grey_alpha"), ("RGBA", "rgba"), ("P", "palette"), ("RGB", "rgb")):
+        (root / name).mkdir(parents=True)
+        Image.new(mode, (9, 7)).save(root / name / "a.png")
+    data = load_image_folder(root, (28, 28))
+    assert data.images.shape == (5, 3, 28, 28) and data.images.dtype == np.float32

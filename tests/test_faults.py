@@ -1,0 +1,125 @@
+"""Real faults on real Ray: a Ray Train worker killed mid-run, extraction killed while writing the
+embedding cache, a comparison's driver killed (resumed rows equal a clean run's rows)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _stream(proc, lines: list[str]) -> threading.Thread:
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_killed_train_worker_restarts_from_its_last_checkpoint(storage, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "workflows.finetune", "--storage", str(storage), "--output", str(tmp_path / "out"),
+           "--workers", "1", "--set", "weights=random", "--set", "target=optdigits", "--set", "limit=256",
+           "--set", "checkpoint_every=10", "--set", "params.steps=80", "--set", "params.batch_size=32",
+           "--set", "max_failures=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = _stream(proc, lines)
+    deadline, killed, last_before = time.time() + 400, None, None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        steps = [int(ln.split("step", 1)[1].split("/")[0]) for ln in list(lines) if "[finetune] step" in ln]
+        pids = [int(ln.split(" pid ", 1)[1].split()[0]) for ln in list(lines) if "worker rank 0 pid" in ln]
+        if steps and max(steps) >= 30 and pids:
+            last_before = max(steps)
+            os.kill(pids[-1], signal.SIGKILL)
+            killed = pids[-1]
+        time.sleep(0.1)
+    assert killed, "\n".join(lines[-40:])
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    text = "\n".join(lines)
+    assert proc.returncode == 0, text[-4000:]
+    starts = [ln for ln in lines if "worker rank 0 pid" in ln]
+    assert len(starts) >= 2, text[-4000:]
+    new_pid = int(starts[-1].split(" pid ", 1)[1].split()[0])
+    resumed = int(starts[-1].rsplit("step", 1)[1])
+    assert new_pid != killed
+    # at most one checkpoint interval of reported progress is redone
+    assert last_before - 10 <= resumed <= last_before + 10 and resumed > 0, (last_before, resumed)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 80
+
+
+def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):
+    from tl.data import load_embedded
+    from tl.embeddings import EmbedConfig, extract
+
+    home = tmp_path / "home"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "workflows.embed", "--storage", str(home), "--set", "dataset=mnist",
+           "--set", "weights=random", "--set", "input_size=96", "--set", "batch_size=64"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    emb_root = home / "cache" / "embeddings"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(emb_root.glob("*/data-*/*.parquet")):
+        assert proc.poll() is None, "the extraction ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    folders = list(emb_root.iterdir())
+    assert len(folders) == 1 and not (folders[0] / "manifest.json").exists(), "the kill should land mid-write"
+
+    logs: list[str] = []
+    data = load_embedded("mnist")
+    emb = extract(data, EmbedConfig(weights=None, input_size=96, batch_size=64), str(home / "cache"), logs.append)
+    assert any("has no manifest (an interrupted write): rebuilding it" in line for line in logs), logs
+    assert not emb.hit and emb.vectors.shape == (len(data), 256) and (folders[0] / "manifest.json").exists()
+    assert np.array_equal(emb.ids, data.ids)
+
+
+def _compare(pretrained, home, out, *extra):
+    return [sys.executable, "-m", "workflows.compare", "--storage", str(home), "--output", str(out),
+            "--set", f"weights={pretrained}", "--set", "experiment=fault", "--set", "targets=[optdigits, mnistm]",
+            "--set", "shots=[1,3]", "--set", "episodes=3", "--set", "queries=5",
+            "--set", 'strategies=[{strategy: logistic}, {strategy: finetune, label: ft3, params: {frozen: 3, steps: 40}}, '
+                     '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 40}}]', *extra]
+
+
+def test_killed_comparison_driver_resumes_to_a_clean_runs_rows(ray_local, pretrained, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    clean = subprocess.run(_compare(pretrained, tmp_path / "clean", tmp_path / "clean-out"), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    cells = home / "runs" / "fault" / "cells"
+    proc = subprocess.Popen(_compare(pretrained, home, out), cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(cells.glob("*.parquet"))) < 5:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(cells.glob("*.parquet")))
+    assert 5 <= finished < 12, finished
+    resumed = subprocess.run(_compare(pretrained, home, out, "--resume"), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{finished} finished" in resumed.stdout and f"{12 - finished} to run" in resumed.stdout
+    keys = ["target", "shots", "seed", "strategy", "episode"]
+    a = pd.read_parquet(tmp_path / "clean-out" / "rows.parquet").sort_values(keys).reset_index(drop=True)
+    b = pd.read_parquet(out / "rows.parquet").sort_values(keys).reset_index(drop=True)
+    assert len(b) == 12 * 3 and not b.duplicated(keys).any()
+    pd.testing.assert_frame_equal(a[keys + ["accuracy", "params", "confusion"]], b[keys + ["accuracy", "params", "confusion"]])
