@@ -154,6 +154,8 @@ def _ident(plain: dict, entry: CompareEntry) -> str:
                                   "episodes")}
     if entry.search:
         keep["val_episodes"] = plain["val_episodes"]
+    if plain.get("data"):
+        keep["data"] = plain["data"]  # a user's data source (folder, size, split) changes every row
     return config_hash({**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}, 10)
 
 
@@ -172,10 +174,13 @@ def compute_cell(cell: dict, data: dict, embeddings: dict, weights: str | None, 
     val_scores = []
     if len(cands) > 1:
         for s in cands:
-            (_, acc), = staged_accuracy(
-                s, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
-                seed=seed, report_steps=[getattr(s, "steps", 1)], n_way=fixed["n_way"], backbone=backbone,
-                embeddings=emb.get("val"))[-1:]
+            try:
+                (_, acc), = staged_accuracy(
+                    s, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
+                    seed=seed, report_steps=[getattr(s, "steps", 1)], n_way=fixed["n_way"], backbone=backbone,
+                    embeddings=emb.get("val"))[-1:]
+            except TrainingError:
+                acc = float("-inf")  # a candidate that diverges loses the search; the others go on
             val_scores.append(acc)
     best = max(range(len(cands)), key=lambda i: val_scores[i]) if val_scores else 0
     strat = cands[best]
