@@ -1,0 +1,270 @@
+"""A real Ray cluster, not a mock: three nodes on this machine (cluster/local.py), each its own
+``ray start`` with token authentication on; the comparison submitted through the Jobs API; a
+submission without the token refused; a worker node killed mid-comparison (the first worker seen
+running a trial); nothing left behind.
+
+The cluster's processes get RAY_AUTH_MODE=token from cluster/local.py; this test process keeps
+conftest's RAY_AUTH_MODE=disabled and talks to the cluster over HTTP with an explicit bearer
+header, so the session's own local Ray (the ``pretrained`` fixture) is never confused with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / "cluster" / "local.py"
+PY = sys.executable
+CONFIGS = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "launcher-aws.yaml"]
+
+
+def _local():
+    """cluster/local.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("tl_cluster_local", LOCAL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pyproject() -> tuple[dict[str, str], str]:
+    """The pinned dependencies {name: version} and the image's Python tag (py311) from pyproject.toml."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for dep in project["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.strip())
+        assert m, f"pyproject dependency '{dep}' is not pinned with =="
+        pins[m.group(1).lower()] = m.group(3)
+    low = re.search(r">=\s*3\.(\d+)", project["requires-python"]).group(1)
+    return pins, f"py3{low}"
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def _find(obj, key):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                yield v
+            yield from _find(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find(v, key)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cluster_config_pins_what_pyproject_pins(name):
+    pins, py = _pyproject()
+    ray = pins["ray"]
+    docs = [d for d in yaml.safe_load_all((REPO / "cluster" / name).read_text()) if d]
+    images = {m for s in _strings(docs) for m in re.findall(r"rayproject/ray:[^\s\"']+", s)}
+    assert images == {f"rayproject/ray:{ray}-{py}", f"rayproject/ray:{ray}-{py}-gpu"}, images  # CPU and GPU
+    versions = [str(v) for v in _find(docs, "rayVersion")]
+    if name.startswith("kuberay"):
+        assert versions == [ray], versions
+        assert [a["mode"] for a in _find(docs, "authOptions")] == ["token"]
+        assert list(_find(docs, "serviceType")) == ["ClusterIP"]
+        assert not [d for d in docs if d.get("kind") in ("Ingress", "Service")]
+    else:
+        text = (REPO / "cluster" / name).read_text()
+        assert "RAY_AUTH_MODE=token" in text and "--dashboard-host=127.0.0.1" in text
+    # every Python package the config installs is pinned to pyproject's version
+    installed = {}
+    for s in _strings(docs):
+        if name == "kuberay-rayjob.yaml" and "pip:" in s:
+            s = " ".join(yaml.safe_load(s)["pip"])
+        installed.update({k.lower(): v for k, v in re.findall(r"\b([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s\"']*)", s)})
+    if name != "kuberay-raycluster.yaml":  # the RayCluster gets its packages from the job's runtime env
+        assert installed == {k: v for k, v in pins.items() if k != "ray"}, installed
+
+
+def _ports_free(base: int) -> bool:
+    for port in [base, base + 1, base + 50, *range(base + 100, base + 400)]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU) + two workers (2 CPUs each), token auth on, in a short /tmp dir; always taken down."""
+    state_dir = tempfile.mkdtemp(prefix="tlc-", dir="/tmp")
+    base = next(b for b in random.sample(range(21000, 40000, 1000), 19) if _ports_free(b))
+    r = subprocess.run([PY, str(LOCAL), "up", "--state-dir", state_dir, "--port", str(base),
+                        "--dashboard-port", str(base + 50), "--object-store-mb", "300"],
+                       capture_output=True, check=False, text=True, timeout=900)
+    try:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        state = json.loads((Path(state_dir) / "cluster.json").read_text())
+        assert [n["name"] for n in state["nodes"]] == ["head", "w1", "w2"]
+        yield state
+    finally:
+        if (Path(state_dir) / "cluster.json").exists():
+            subprocess.run([PY, str(LOCAL), "down", "--state-dir", state_dir], capture_output=True, check=False,
+                           timeout=300)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _submit_cli(state: dict, argv: list[str], token_file: str | None, home: Path, timeout: float = 1200):
+    cmd = [PY, "-m", "workflows.submit", "--address", state["dashboard_url"]]
+    cmd += ["--token-file", token_file] if token_file else []
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled"}
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(k, None)
+    return subprocess.run(cmd + ["--", *argv], cwd=REPO, env=env, capture_output=True, check=False, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_submission_without_the_token_is_refused(cluster, tmp_path):
+    from tl.cluster import ClusterError, job_client
+
+    addr = cluster["dashboard_url"]
+    with pytest.raises(ClusterError, match=r"refused the token \(none given\)"):
+        job_client(addr, None)
+    with pytest.raises(ClusterError, match=r"refused the token \(wrong token\)"):
+        job_client(addr, "0" * 64)
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("not-the-token")
+    r = _submit_cli(cluster, ["python", "-c", "print('should never run')"], str(wrong), tmp_path)
+    assert r.returncode == 2 and f"--address {addr}: the cluster refused the token" in r.stderr, r.stderr[-2000:]
+    # Ray's own CLI, no token anywhere (HOME without ~/.ray/auth_token): refused by the server
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API"))}
+    r = subprocess.run([str(Path(PY).parent / "ray"), "job", "submit", "--address", addr, "--", "echo", "hi"],
+                       env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                       check=False,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "Unauthorized" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    # with the token, the same CLI is let in, and no job was created by the refused attempts
+    r = subprocess.run([str(Path(PY).parent / "ray"), "job", "list", "--address", addr],
+                       env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token",
+                            "RAY_AUTH_TOKEN_PATH": cluster["token_file"]}, capture_output=True, check=False,
+                       text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert "should never run" not in r.stdout and "echo hi" not in r.stdout
+
+
+@pytest.mark.slow
+def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
+    storage = Path(cluster["storage"]) / "smoke"
+    out = storage / "out"
+    argv = ["python", "-m", "workflows.compare", "--smoke-test", "--storage", str(storage), "--output", str(out),
+            "--set", f"weights={pretrained}"]
+    t0 = time.time()
+    r = _submit_cli(cluster, argv, cluster["token_file"], tmp_path)
+    wall = time.time() - t0
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "SUCCEEDED" in r.stderr and "rows:" in r.stdout
+    for f in ("rows.parquet", "summary.md", "best.yaml", "accuracy_vs_shots.png", "command.txt"):
+        assert (out / f).stat().st_size > 0, f
+    rows = pd.read_parquet(out / "rows.parquet")
+    cells = rows.groupby(["target", "shots", "seed", "strategy"])
+    assert cells.ngroups == 6 and len(rows) == 6 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
+    nodes = {n["node_id"] for n in cluster["nodes"]}
+    assert set(rows["node"]) <= nodes and rows["node"].nunique() > 1, rows.groupby("strategy")["node"].unique()
+    print(f"compare --smoke-test as a job on 3 nodes: {wall:.0f} s; cells per node "
+          f"{rows.groupby('node')['strategy'].nunique().to_dict()}")
+
+
+def _trial_running_on(local, node: dict) -> bool:
+    """A Tune trial executing on ``node`` (its worker retitles itself "ray::ImplicitFunc.train")."""
+    return any(local._cmdline(p).startswith("ray::ImplicitFunc.train") for p in local.node_processes(node))
+
+
+@pytest.mark.slow
+def test_job_survives_a_killed_worker_node(cluster, pretrained):
+    from tl.cluster import exit_status, follow, job_client, read_token, runtime_env, submit
+
+    local = _local()
+    storage = Path(cluster["storage"]) / "kill"
+    out = storage / "out"
+    # a little bigger than the smoke test (9 cells, 6 episodes each) so the kill lands mid-run
+    argv = ["python", "-m", "workflows.compare", "--smoke-test", "--set", "experiment=compare-kill",
+            "--set", "shots=[1,5,10]", "--set", "episodes=6", "--set", f"weights={pretrained}",
+            "--storage", str(storage), "--output", str(out)]
+    client = job_client(cluster["dashboard_url"], read_token(cluster["token_file"]))
+    job_id = submit(client, argv, runtime_env())
+    workers = [n for n in cluster["nodes"] if n["name"] != "head"]  # the driver runs on the head
+    deadline = time.time() + 900
+    while not (busy := [n for n in workers if _trial_running_on(local, n)]):
+        status = str(client.get_job_status(job_id))
+        assert "SUCCEEDED" not in status and "FAILED" not in status, f"job ended ({status}) before a trial ran"
+        assert time.time() < deadline, "no trial reached a worker node within 900 s"
+        time.sleep(0.3)
+    victim = busy[0]
+    done_before = {p.name for p in (storage / "runs" / "compare-kill" / "cells").glob("*.parquet")}
+    r = subprocess.run([PY, str(LOCAL), "kill", victim["name"], "--state-dir", cluster["state_dir"]],
+                       capture_output=True, check=False, text=True, timeout=120)
+    assert r.returncode == 0 and f"killed node {victim['name']}" in r.stdout, r.stdout + r.stderr
+    assert not local.node_processes(victim)
+    logs: list[str] = []
+    info = follow(client, job_id, write=logs.append)
+    text = "".join(logs)
+    assert exit_status(info) == 0, text[-5000:]
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert rows.groupby(["shots", "strategy"]).ngroups == 9 and len(rows) == 9 * 6, len(rows)
+    assert not rows.duplicated(["strategy", "shots", "episode"]).any()
+    # Tune retried the trials that were lost with the node: their cells finished on another node
+    retried = _retried_cells(storage / "tune")
+    assert retried, f"no trial was retried after {victim['name']} was killed:\n" + text[-3000:]
+    for shots, label in retried:
+        cell = rows[(rows["shots"] == shots) & (rows["strategy"] == label)]
+        assert len(cell) == 6 and victim["node_id"] not in set(cell["node"]), (shots, label, set(cell["node"]))
+    print(f"killed {victim['name']} ({victim['node_id'][:8]}) with {len(done_before)} of 9 cells finished; retried "
+          f"(shots, strategy): {sorted(retried)}; final rows {len(rows)}")
+
+
+def _retried_cells(tune_dir: Path) -> set[tuple[int, str]]:
+    """(shots, label) of every trial that Tune ran again after a failure, from the experiment's saved state."""
+    out = set()
+    for state in tune_dir.glob("compare-kill-*/experiment_state-*.json"):
+        for trial_json, run_metadata in json.loads(state.read_text())["trial_data"]:
+            if json.loads(run_metadata).get("num_failures", 0) > 0:
+                cell = json.loads(trial_json)["config"]["cell"]
+                out.add((cell["shots"], cell["label"]))
+    return out
+
+
+@pytest.mark.slow
+def test_down_leaves_no_process_of_the_cluster(cluster):
+    local = _local()
+    state_dir = cluster["state_dir"]
+    r = subprocess.run([PY, str(LOCAL), "down", "--state-dir", state_dir], capture_output=True, check=False, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (Path(state_dir) / "cluster.json").exists()
+    for node in cluster["nodes"]:
+        assert local.node_processes(node) == [], node["name"]
+        for pid in node["pids"]:  # what `up` recorded is gone (or is now someone else's, outside the session)
+            st = local._proc_stat(pid)
+            assert st is None or st[1] != node["sid"], (node["name"], pid)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and state_dir in local._cmdline(int(p))]
+    assert not left, [local._cmdline(int(p))[:200] for p in left]
