@@ -53,7 +53,7 @@ def test_failed_cell_is_listed_and_the_rest_completes(ray_local, pretrained, tmp
 
 
 @pytest.mark.parametrize("override,message", [
-    ("strategies=[{strategy: dann}]", "unknown strategy 'dann'"),
+    ("strategies=[{strategy: maml}]", "unknown strategy 'maml'"),
     ("backbone=vgg", "unknown backbone 'vgg'"),
     ("shot=[1]", "unknown config key 'shot'"),
     ("shots=[-1]", "at least 1"),

@@ -135,6 +135,10 @@ def num_stages(name: str) -> int:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith("timm:"):  # any timm model, built on demand (optional extra)
+        from tl.models.timm_backbone import timm_spec
+
+        return timm_spec(name)
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backbone '{name}' (registered: {', '.join(registered())})")
     return _REGISTRY[name]
@@ -190,6 +194,10 @@ for _arch, _dim in (("resnet18", 512), ("resnet50", 2048)):
 
 def build_backbone(name: str, input_size: int | Sequence[int] | None = None) -> Backbone:
     """A randomly initialised backbone; ``input_size`` overrides the preprocessing size."""
+    if name.startswith("timm:"):
+        from tl.models.timm_backbone import build_timm
+
+        return build_timm(name, input_size)
     spec = get_spec(name)
     pp = spec.preprocessing
     if input_size is not None:

@@ -68,6 +68,10 @@ def torchvision_weights_file(name: str) -> Path:
 
 def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict and metadata from a weights source string."""
+    if source.startswith("timm:"):
+        from tl.models.timm_backbone import read_timm_weights
+
+        return read_timm_weights(source)
     if source.startswith("torchvision:"):
         path = torchvision_weights_file(source.split(":", 1)[1])
         return _read_file(path), {"source": source, "file": str(path)}
