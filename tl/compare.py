@@ -75,7 +75,7 @@ def _default_entries() -> tuple[CompareEntry, ...]:
     return (
         CompareEntry("prototype"), CompareEntry("logistic"), CompareEntry("linear_probe"),
         CompareEntry("finetune", search={"frozen": [0, 1, 2, 3, 4]}),
-        CompareEntry("lp_ft"), CompareEntry("scratch"),
+        CompareEntry("lp_ft"), CompareEntry("scratch"), CompareEntry("dann"),
     )
 
 
@@ -171,6 +171,8 @@ def compute_cell(cell: dict, data: dict, embeddings: dict, weights: str | None, 
     t0 = time.time()
     cands = [make_strategy(entry.strategy, p) for p in entry.candidates()]
     backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
+    # an adaptation strategy's unlabelled target pool: the validation half (DESIGN section 2), never a test image
+    pool = data[target]["val"] if getattr(cands[0], "needs_target", False) else None
     val_scores = []
     if len(cands) > 1:
         for s in cands:
@@ -178,7 +180,7 @@ def compute_cell(cell: dict, data: dict, embeddings: dict, weights: str | None, 
                 (_, acc), = staged_accuracy(
                     s, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
                     seed=seed, report_steps=[getattr(s, "steps", 1)], n_way=fixed["n_way"], backbone=backbone,
-                    embeddings=emb.get("val"))[-1:]
+                    embeddings=emb.get("val"), unlabelled=pool)[-1:]
             except TrainingError:
                 acc = float("-inf")  # a candidate that diverges loses the search; the others go on
             val_scores.append(acc)
@@ -186,7 +188,7 @@ def compute_cell(cell: dict, data: dict, embeddings: dict, weights: str | None, 
     strat = cands[best]
     rows = run_episodes({label: strat}, data[target]["test"], shots=shots, queries=fixed["queries"],
                         episodes=fixed["episodes"], seed=seed, n_way=fixed["n_way"], backbone=backbone,
-                        embeddings=emb.get("test"), target=target)
+                        embeddings=emb.get("test"), target=target, unlabelled=pool)
     df = pd.DataFrame(rows)
     df["chosen"] = json.dumps({k: strat.params()[k] for k in entry.search}, sort_keys=True)
     df["val_accuracy"] = val_scores[best] if val_scores else float("nan")

@@ -121,12 +121,14 @@ def _worker(c: dict) -> None:
         step = end
         loss = _global_mean(float(np.mean(losses)) if losses else float("nan"))
         acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("eval"), device)
-        if rank == 0:
-            print(f"[finetune] step {step}/{strategy.steps}  loss {loss:.4f}  eval accuracy {acc:.4f}", flush=True)
         ray_train.report({"step": step, "loss": loss, "last_loss": _global_mean(losses[-1]) if losses else loss,
                           "eval_accuracy": acc},
                          {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
                           "eval_accuracy": acc, "loss": loss})
+        # printed after the report returns: Ray Train's result queue holds one report, so by now the
+        # previous checkpoint is registered and a crash from here on redoes at most one interval
+        if rank == 0:
+            print(f"[finetune] step {step}/{strategy.steps}  loss {loss:.4f}  eval accuracy {acc:.4f}", flush=True)
 
 
 def finetune(cfg: FinetuneConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:

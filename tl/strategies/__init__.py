@@ -7,11 +7,12 @@ from typing import Any
 from tl.config import from_dict
 from tl.errors import ConfigError
 from tl.strategies.base import EpisodeTask, FeatureStrategy, Strategy, TrainedStrategy
+from tl.strategies.adapt import ADAPT_STRATEGIES
 from tl.strategies.feature import LinearProbe, Logistic, Prototype
 from tl.strategies.finetune import Finetune, LPFT, Scratch
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, Finetune, LPFT, Scratch)
+    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, Finetune, LPFT, Scratch, *ADAPT_STRATEGIES)
 }
 
 

@@ -26,7 +26,9 @@ class EpisodeTask:
 
     ``support_x``/``query_x`` are preprocessed image tensors (trained strategies);
     ``support_emb``/``query_emb`` index the embedding cache (feature strategies);
-    ``unlabelled_x`` is the unlabelled target pool, for strategies that use one.
+    ``unlabelled_x`` is the unlabelled target pool, for strategies that use one;
+    ``source_x``/``source_y`` are labelled source images (preprocessed like ``support_x``) and
+    their source-class labels, for the adaptation strategies (their classes need not be the episode's).
     """
 
     n_way: int
@@ -37,6 +39,8 @@ class EpisodeTask:
     support_emb: np.ndarray | None = None
     query_emb: np.ndarray | None = None
     unlabelled_x: torch.Tensor | None = None
+    source_x: torch.Tensor | None = None
+    source_y: np.ndarray | None = None
     backbone: Callable[[], Backbone] | None = None
 
 
@@ -95,8 +99,13 @@ class TrainedStrategy(Strategy):
     weight_decay: float = 5e-4
     batch_norm: str = "frozen"
     clip_grad: float = 1.0
+    augment: str = "none"
 
     def __post_init__(self) -> None:
+        from tl.train.augment import AUGMENTATIONS
+
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"strategy '{self.name}': augment must be one of {AUGMENTATIONS}, got '{self.augment}'")
         if self.batch_norm not in BN_MODES:
             raise ConfigError(f"strategy '{self.name}': batch_norm must be one of {BN_MODES}, got '{self.batch_norm}'")
         if self.lr <= 0 or self.steps < 1 or self.batch_size < 1 or self.frozen < 0:
@@ -150,7 +159,7 @@ class EpisodeRun:
         model = strategy.prepare(task.backbone(), task.n_way)
         x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
         k = model.backbone.frozen_stages
-        if k and strategy.batch_norm == "frozen":
+        if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
             # frozen stages in eval mode are a fixed function: run them once, train the rest
             model.backbone.eval()
             with torch.no_grad():
@@ -159,7 +168,7 @@ class EpisodeRun:
         strategy.on_start(model, x, y)
         self.model, self.query = model, q
         self.optimizer = make_optimizer(strategy, model)
-        self.batches = _support_batches(x, y, strategy.batch_size, task.seed)
+        self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment)
 
     def advance(self, steps: int) -> None:
         from tl.train.loop import train_steps
@@ -174,12 +183,16 @@ class EpisodeRun:
         return predict(self.model, self.query)
 
 
-def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled mini-batches of the support set (the whole set when it fits one batch)."""
+def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none"):
+    """Endless shuffled mini-batches of the support set (the whole set when it fits one batch),
+    augmented per image when the strategy asks for it (``tl.train.augment``)."""
+    from tl.train.augment import augment_batch
+
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
     n = len(x)
     while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield x[idx], y[idx]
+            yield augment_batch(x[idx], augment, aug_gen), y[idx]

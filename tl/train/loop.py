@@ -26,6 +26,17 @@ def make_optimizer(strategy, model: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=strategy.weight_decay)
 
 
+def _to(batch, dev: torch.device):
+    """A tensor, or a tuple/list/dict of tensors (or None), moved to ``dev``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, dev) for v in batch)
+    return batch
+
+
 def train_steps(
     model: nn.Module,
     strategy,
@@ -37,19 +48,39 @@ def train_steps(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     autocast: bool = False,
+    target_batches: Iterable | None = None,
+    lr_scale: Callable[[int], float] | None = None,
 ) -> list[float]:
-    """Run steps ``start_step .. steps-1`` of ``strategy`` on ``model``; returns the losses."""
+    """Run steps ``start_step .. steps-1`` of ``strategy`` on ``model``; returns the losses.
+
+    ``target_batches``: a second stream (for example unlabelled target images for domain
+    adaptation); each step takes one batch from it and the loss is called as
+    ``strategy.loss(model, x, y, step, target)``. ``lr_scale(step)``: a factor on every parameter
+    group's initial learning rate at that step (remembered in the group as ``base_lr``, so it
+    survives a checkpoint of the optimizer).
+    """
     opt = optimizer or make_optimizer(strategy, model)
+    if lr_scale is not None:
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
     model.train()
     set_batch_norm(model, strategy.batch_norm)
     losses = []
     it: Iterator = iter(batches)
+    second: Iterator | None = iter(target_batches) if target_batches is not None else None
     dev = torch.device(device)
     for step in range(start_step, steps):
+        if lr_scale is not None:
+            scale = lr_scale(step)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
         x, y = next(it)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = strategy.loss(model, x, y, step)
+            if second is None:
+                loss = strategy.loss(model, x, y, step)
+            else:
+                loss = strategy.loss(model, x, y, step, _to(next(second), dev))
         check_finite(loss, what=strategy.name, step=step, lr=opt.param_groups[0]["lr"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

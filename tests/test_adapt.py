@@ -1,0 +1,303 @@
+"""Domain adaptation: gradient reversal, the alignment losses, the selection scores, every adaptation
+strategy (one step, in-episode), and the two-stream Ray Train run (DDP smoke run, resume)."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tl.adapt import (
+    CDANLoss, CORALLoss, DANNLoss, GradientReversal, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
+    grad_reverse, information_maximization, soft_neighborhood_density,
+)
+from tl.data import load_embedded, sample_episodes
+from tl.errors import ConfigError
+from tl.models import build_backbone
+from tl.strategies import REGISTRY, EpisodeTask, make_strategy
+from tl.strategies.adapt import AdaptStrategy, episode_source_labels
+from tl.train.loop import make_optimizer, train_steps
+
+REPO = Path(__file__).resolve().parent.parent
+ADAPT = sorted(n for n, c in REGISTRY.items() if issubclass(c, AdaptStrategy))
+ALIGNING = [n for n in ADAPT if REGISTRY[n].needs_target]
+
+
+# --- gradient reversal -------------------------------------------------------------------------
+
+
+def test_reversal_is_identity_forward_and_minus_lambda_grad_backward():
+    x = torch.randn(5, 7, requires_grad=True)
+    w = torch.randn(5, 7)
+    y = grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * w)
+    x.grad = None
+    layer = GradientReversal(2.0)
+    (layer(x) * w).sum().backward()
+    assert torch.allclose(x.grad, -2.0 * w)
+
+
+def test_lambda_schedule_and_constant_option():
+    assert ganin_lambda(0.0) == 0.0
+    assert ganin_lambda(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert ganin_lambda(0.5) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    vals = [ganin_lambda(p) for p in np.linspace(0, 1, 11)]
+    assert all(a < b for a, b in zip(vals, vals[1:]))
+    assert coefficient("ganin", 0.3, 2.0) == pytest.approx(2 * ganin_lambda(0.3))
+    assert coefficient("constant", 0.3, 0.7) == 0.7
+    with pytest.raises(ConfigError, match="unknown coefficient schedule 'linear'"):
+        coefficient("linear", 0.3)
+
+
+# --- alignment losses --------------------------------------------------------------------------
+
+
+def _chance(loss_module):
+    last = loss_module.discriminator.net[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return loss_module
+
+
+def test_dann_loss_at_a_chance_discriminator_is_log2_and_reverses_feature_gradients():
+    dann = _chance(DANNLoss(16))
+    fs, ft = torch.randn(8, 16), torch.randn(12, 16) + 1
+    assert dann(fs, ft, coeff=1.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    # with a live discriminator: the features get −λ times the gradient the discriminator loss has
+    dann = DANNLoss(16)
+    f = torch.randn(20, 16, requires_grad=True)
+    dann(f[:8], f[8:], coeff=0.4).backward()
+    reversed_grad = f.grad.clone()
+    f.grad = None
+    d = dann.discriminator(f)
+    F.binary_cross_entropy_with_logits(d, torch.cat([torch.ones(8), torch.zeros(12)])).backward()
+    assert torch.allclose(reversed_grad, -0.4 * f.grad, atol=1e-6)
+
+
+def test_cdan_entropy_conditioned_loss_is_log2_at_chance_and_uses_the_multilinear_map():
+    cdan = _chance(CDANLoss(16, 4))
+    fs, ft, ls, lt = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 4), torch.randn(8, 4)
+    assert cdan(fs, ft, ls, lt).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert cdan.discriminator.net[0].in_features == 16 * 4 and not cdan.randomized
+    big = CDANLoss(512, 10, random_dim=64)
+    assert big.randomized and big.discriminator.net[0].in_features == 64
+    assert torch.isfinite(big(torch.randn(4, 512), torch.randn(4, 512), torch.randn(4, 10), torch.randn(4, 10)))
+    with pytest.raises(ConfigError, match="logits"):
+        cdan(fs, ft)
+
+
+def test_mmd_of_a_sample_with_itself_is_zero_and_grows_with_a_shift():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen)
+    y = torch.randn(64, 16, generator=gen)
+    assert float(gaussian_mmd2(x, x)) == pytest.approx(0.0, abs=1e-6)
+    vals = [float(MMDLoss()(x, y + s)) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(vals, vals[1:])), vals
+    assert vals[0] < 0.1 * vals[-1]
+
+
+def test_coral_of_identical_batches_is_zero_and_not_otherwise():
+    x = torch.randn(32, 8)
+    assert float(coral(x, x)) == 0.0
+    assert float(CORALLoss()(x, x.clone(), coeff=5.0)) == 0.0
+    assert float(coral(x, 3 * x)) > 0
+    # the covariance, not the mean: a shift alone costs nothing
+    assert float(coral(x, x + 4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unsupervised_scores_prefer_confident_balanced_clustered_predictions():
+    labels = torch.arange(100) % 10
+    confident = F.one_hot(labels, 10).float() * 10
+    unsure = torch.randn(100, 10) * 0.01
+    collapsed = F.one_hot(torch.zeros(100, dtype=torch.long), 10).float() * 10
+    im = [information_maximization(z) for z in (confident, unsure, collapsed)]
+    assert im[0] > 2.0 and im[1] < 0.1 and im[2] < 0.1
+    # ten tight clusters of ten: each point's soft neighbours are its nine class-mates, SND = log 9
+    assert soft_neighborhood_density(confident) == pytest.approx(math.log(9), abs=1e-3)
+    assert soft_neighborhood_density(unsure) > soft_neighborhood_density(confident)
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+
+def _data(n=16):
+    src = load_embedded("mnist").split("train")
+    tgt = load_embedded("mnistm").split("adapt")
+    bb = build_backbone("digits_cnn")
+    pp = bb.preprocessing
+    return (bb, pp(torch.from_numpy(src.images[:n])), torch.from_numpy(src.labels[:n]),
+            pp(torch.from_numpy(tgt.images[:n])))
+
+
+def test_every_adaptation_strategy_is_registered():
+    assert {"source_only", "dann", "cdan", "mmd", "coral"} <= set(ADAPT)
+    assert not REGISTRY["source_only"].needs_target and all(REGISTRY[n].needs_target for n in ALIGNING)
+
+
+@pytest.mark.parametrize("name", ADAPT)
+@pytest.mark.parametrize("k", [0, 2])
+def test_one_step_finite_loss_and_gradients_reach_the_right_parameters(name, k):
+    bb, xs, ys, xt = _data()
+    s = make_strategy(name, {"frozen": k, "batch_norm": "train", "steps": 10})
+    model = s.prepare(bb, 10)
+    losses = train_steps(model, s, iter([(xs, ys)]), 6, target_batches=iter([xt]), start_step=5)
+    assert np.isfinite(losses[0])
+    frozen = {id(p) for st in model.backbone.stages[:k] for p in st.parameters()}
+    for pname, p in model.named_parameters():
+        if id(p) in frozen:
+            assert p.grad is None, pname
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    n_opt = sum(p.numel() for g in make_optimizer(s, model).param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if name in ("dann", "cdan"):
+        assert any(pn.startswith("alignment.discriminator") for pn, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ADAPT)
+def test_the_target_batch_is_used_exactly_when_the_strategy_needs_it(name):
+    bb, xs, ys, xt = _data()
+    s = make_strategy(name, {"batch_norm": "frozen", "steps": 10, "weight": 1.0, "schedule": "constant"})
+    model = s.prepare(bb, 10)
+    torch.manual_seed(0)
+    a = s.loss(copy.deepcopy(model), xs, ys, 5, xt).item()
+    torch.manual_seed(0)
+    b = s.loss(copy.deepcopy(model), xs, ys, 5, torch.flip(xt, dims=[3]) * 0.5).item()
+    assert (a != pytest.approx(b, abs=1e-7)) == REGISTRY[name].needs_target
+
+
+def test_lr_is_annealed_as_ganin_et_al():
+    bb, xs, ys, xt = _data()
+    s = make_strategy("dann", {"steps": 10, "lr": 0.02, "lr_schedule": "ganin"})
+    model = s.prepare(bb, 10)
+    opt = make_optimizer(s, model)
+    train_steps(model, s, iter([(xs, ys)] * 4), 4, optimizer=opt, target_batches=iter([xt] * 4),
+                lr_scale=s.lr_scale)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02 / (1 + 10 * 3 / 10) ** 0.75)
+    assert {g["name"] for g in opt.param_groups} == {"head", "backbone", "alignment"}
+
+
+def test_bad_adaptation_settings_are_named():
+    with pytest.raises(ConfigError, match="bn_forward"):
+        make_strategy("dann", {"bn_forward": "mixed"})
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        make_strategy("cdan", {"lr_schedule": "cosine"})
+    from tl.adapt.run import AdaptConfig
+
+    with pytest.raises(ConfigError, match="not an adaptation strategy"):
+        AdaptConfig(strategy="finetune")
+    with pytest.raises(ConfigError, match="must not be the test set"):
+        AdaptConfig(target_split="test")
+    with pytest.raises(ConfigError, match="unknown config key 'strategies.dann.wieght'"):
+        AdaptConfig(params={"wieght": 1.0})
+
+
+def _episode_task(shots=2, with_source=True):
+    d = load_embedded("mnistm").split("test")
+    bb = build_backbone("digits_cnn")
+    images = bb.preprocessing(torch.from_numpy(d.images))
+    ep = sample_episodes(d.labels, 5, shots, 3, 1, seed=0)[0]
+    pool = bb.preprocessing(torch.from_numpy(load_embedded("mnistm").split("adapt").images[:200]))
+    task = EpisodeTask(n_way=5, support_y=ep.support_labels, seed=0, support_x=images[ep.support],
+                       query_x=images[ep.query], unlabelled_x=pool, backbone=lambda: copy.deepcopy(bb))
+    if with_source:
+        src = load_embedded("mnist").split("train")
+        task.source_x = bb.preprocessing(torch.from_numpy(src.images[::12]))
+        task.source_y = episode_source_labels(src.labels[::12], src.classes, [d.classes[c] for c in ep.classes])
+    return task, ep
+
+
+def test_source_labels_are_mapped_into_the_episode_by_class_name():
+    got = episode_source_labels(np.array([0, 3, 7, 3, 9]), tuple("0123456789"), ("7", "3", "5"))
+    assert got.tolist() == [-1, 1, 0, 1, -1]
+
+
+@pytest.mark.parametrize("name", ADAPT)
+@pytest.mark.parametrize("with_source", [True, False])
+def test_every_adaptation_strategy_runs_a_few_shot_episode(name, with_source):
+    task, ep = _episode_task(with_source=with_source)
+    pred = make_strategy(name, {"steps": 3}).predict_episode(task)
+    assert pred.shape == (len(ep.query),) and set(pred) <= set(range(5))
+
+
+def test_episode_source_images_train_the_head_where_labelled_and_bad_labels_are_named():
+    task, ep = _episode_task()
+    s = make_strategy("dann", {"steps": 4, "frozen": 2})
+    run = s.start_episode(task)
+    assert run.model.start == 2  # frozen prefix computed once for every stream
+    batch = next(run.second)
+    assert set(batch) == {"target", "source_x", "source_y"} and len(batch["source_x"]) == s.source_batch_size
+    x, y = next(run.batches)
+    run.model.eval()  # running BatchNorm statistics: the two losses differ only by the source term
+    labelled = s.loss(run.model, x, y, 2, batch).item()
+    unlabelled = s.loss(run.model, x, y, 2, dict(batch, source_y=torch.full_like(batch["source_y"], -1))).item()
+    assert np.isfinite(labelled) and labelled > unlabelled + 1e-3
+    run.advance(4)
+    assert run.predict().shape == (len(ep.query),)
+    task.source_y = np.full(len(task.source_x), 5)
+    with pytest.raises(ConfigError, match="source_y"):
+        s.predict_episode(task)
+
+
+# --- Ray Train ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_adaptation_smoke_run_completes_and_checkpoints(ray_local, storage, tmp_path):
+    from tl.adapt.run import AdaptConfig, adapt
+
+    cfg = AdaptConfig(weights="random", target="optdigits", strategy="dann", limit=64, workers=2, checkpoint_every=2,
+                      params={"steps": 4, "batch_size": 16, "target_batch_size": 16})
+    rec = adapt(cfg, storage, tmp_path / "out", log=lambda _: None)
+    assert rec["steps"] == 4 and [h["step"] for h in rec["history"]] == [2, 4]
+    for h in rec["history"]:
+        assert 0 <= h["target_test_accuracy"] <= 1 and math.isfinite(h["target_im"]) and math.isfinite(h["loss"])
+    ckpts = sorted(p for p in (storage / "ray" / cfg.key()).glob("checkpoint_*") if p.is_dir())
+    assert ckpts and (ckpts[-1] / "state.pt").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 4
+    # the same config again: the finished run is resumed from its checkpoint, not retrained
+    again = adapt(cfg, storage, None, log=lambda _: None)
+    assert again["history"] == rec["history"]
+
+
+@pytest.mark.slow
+def test_killed_adaptation_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
+           "--output", str(out), "--set", "weights=random", "--set", "methods=[{strategy: dann}]",
+           "--set", "checkpoint_every=10", "--set", "params.steps=200"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(storage.glob("ray/adapt-*/checkpoint_manager_snapshot.json")):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert not list(out.glob("runs/*.json"))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    assert "resuming from the checkpoint at step" in text, text
+    resumed = int(text.split("resuming from the checkpoint at step", 1)[1].split()[0])
+    assert resumed >= 10
+    logged = [int(ln.split(": step ", 1)[1].split("/")[0]) for ln in text.splitlines() if "[adapt] dann" in ln
+              and ": step " in ln]
+    assert logged and min(logged) > resumed, "steps before the checkpoint were redone"
+    (run,) = out.glob("runs/*.json")
+    steps = [h["step"] for h in json.loads(run.read_text())["history"]]
+    assert steps == list(range(10, 201, 10))
+    assert (out / "summary.md").is_file() and (out / "command.txt").is_file()

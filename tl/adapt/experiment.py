@@ -1,0 +1,233 @@
+"""The unsupervised adaptation benchmark: source-only and each method, on each target, over seeds,
+with three model-selection rules reported side by side (DESIGN section 3).
+
+Each run is one Ray Train run (``tl.adapt.run.adapt``), scored at every checkpoint. Per run, a rule
+picks one checkpoint and the table reports that checkpoint's target test accuracy:
+the last iterate; (a) the highest source validation accuracy; (b) the highest unsupervised score on
+the unlabelled target pool (IM, and SND beside it); (c) the oracle, the highest target test accuracy,
+which uses test labels and is an upper bound, never a result. Finished runs are kept in
+``<output>/runs/`` and skipped when the same experiment runs again; an unfinished run resumes from
+its last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from tl.adapt.run import UDA_RECIPE, AdaptConfig, adapt
+from tl.config import config_hash, to_dict
+from tl.errors import ConfigError, TLError, TrainingError
+from tl.runtime import provenance
+
+RULES = {
+    "last": ("last iterate", None),
+    "source_val": ("(a) source val", "source_val_accuracy"),
+    "im": ("(b) target IM", "target_im"),
+    "snd": ("(b) target SND", "target_snd"),
+    "oracle": ("(c) oracle (test labels)", "target_test_accuracy"),
+}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    strategy: str
+    label: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def name(self) -> str:
+        return self.label or self.strategy
+
+
+def _default_methods() -> tuple[MethodEntry, ...]:
+    return tuple(MethodEntry(s) for s in ("source_only", "dann", "cdan", "mmd", "coral"))
+
+
+@dataclass(frozen=True)
+class AdaptExperimentConfig:
+    """``params``: shared by every method, over ``UDA_RECIPE`` and under each method's own params;
+    ``score``: the unsupervised rule named (b) in the headline (both IM and SND are recorded)."""
+
+    experiment: str = "adapt"
+    backbone: str = "digits_cnn"
+    weights: str = "pretrained"
+    input_size: int | None = None
+    source: str = "mnist"
+    targets: tuple[str, ...] = ("mnistm", "optdigits")
+    methods: tuple[MethodEntry, ...] = field(default_factory=_default_methods)
+    params: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    score: str = "im"
+    limit: int = 0
+    workers: int = 2
+    use_gpu: bool = False
+    checkpoint_every: int = 100
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.targets or not self.methods or not self.seeds:
+            raise ConfigError("config keys 'targets', 'methods' and 'seeds' must not be empty")
+        if self.score not in ("im", "snd"):
+            raise ConfigError(f"config key 'score' must be 'im' or 'snd', got '{self.score}'")
+        labels = [m.name() for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"config key 'methods': two entries share a label ({labels})")
+        for t in self.targets:
+            for m in self.methods:
+                self.run_config(t, m, self.seeds[0])  # every run's config is valid before any work starts
+
+    def run_config(self, target: str, method: MethodEntry, seed: int) -> AdaptConfig:
+        try:
+            return AdaptConfig(backbone=self.backbone, weights=self.weights, input_size=self.input_size,
+                               source=self.source, target=target, strategy=method.strategy,
+                               params={**self.params, **method.params}, limit=self.limit, workers=self.workers,
+                               use_gpu=self.use_gpu, checkpoint_every=self.checkpoint_every, seed=seed,
+                               max_failures=self.max_failures)
+        except ConfigError as exc:
+            raise ConfigError(f"method '{method.name()}': {exc}") from exc
+
+
+def pick(history: list[dict], rule: str) -> dict:
+    """The checkpoint a rule selects from one run's history (ties: the later checkpoint)."""
+    if rule == "last":
+        return history[-1]
+    key = RULES[rule][1]
+    best = max(range(len(history)), key=lambda i: (history[i][key], i))
+    return history[best]
+
+
+def run_rows(record: dict, label: str) -> list[dict]:
+    """One row per checkpoint of a run, with the run's identity and the rule(s) that pick it."""
+    rows = []
+    chosen = {rule: pick(record["history"], rule)["step"] for rule in RULES}
+    for h in record["history"]:
+        rows.append({"target": record["target"], "method": label, "strategy": record["strategy"],
+                     "seed": record["seed"], "source": record["source"], **h,
+                     "selected_by": ",".join(r for r, s in chosen.items() if s == h["step"]),
+                     "run": record["key"], "run_wall_s": record["wall_s"]})
+    return rows
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (target, method): mean and std over seeds of the test accuracy each rule selects."""
+    out = []
+    for (target, method), g in rows.groupby(["target", "method"], sort=False):
+        rec: dict[str, Any] = {"target": target, "method": method, "seeds": g["seed"].nunique()}
+        chosen = g["selected_by"].str.split(",")
+        for rule in RULES:
+            mask = chosen.apply(lambda names, r=rule: r in names)  # one checkpoint per run (seed)
+            per_seed = g[mask].sort_values("seed")["target_test_accuracy"].to_numpy(dtype=float)
+            rec[f"{rule}_mean"] = float(np.mean(per_seed))
+            rec[f"{rule}_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
+            rec[f"{rule}_per_seed"] = ", ".join(f"{v:.3f}" for v in per_seed)
+        rec["source_val_last"] = float(g.sort_values("step").groupby("seed").tail(1)["source_val_accuracy"].mean())
+        rec["minutes_per_run"] = float(g.groupby("seed")["run_wall_s"].first().mean() / 60)
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if np.isfinite(std) else f"{100 * mean:.1f}"
+
+
+def summary_markdown(summary: pd.DataFrame, note: str, score: str) -> str:
+    rules = ["last", "source_val", score, "snd" if score == "im" else "im", "oracle"]
+    lines = [note, "", "Target test accuracy (%), mean ± std over seeds, of the checkpoint each rule selects.", ""]
+    for target, g in summary.groupby("target", sort=False):
+        base = g[g["method"] == "source_only"]
+        lines += [f"### {g.iloc[0]['source']} → {target}", "",
+                  "| method | " + " | ".join(RULES[r][0] for r in rules) + " | Δ vs source-only (last / (b)) "
+                  "| source val (last) | min / run |",
+                  "|---|" + "---|" * (len(rules) + 3)]
+        for _, r in g.iterrows():
+            delta = "—"
+            if not base.empty and r["method"] != "source_only":
+                b = base.iloc[0]
+                delta = (f"{100 * (r['last_mean'] - b['last_mean']):+.1f} / "
+                         f"{100 * (r[f'{score}_mean'] - b[f'{score}_mean']):+.1f}")
+            cells = [_pm(r[f"{rule}_mean"], r[f"{rule}_std"]) for rule in rules]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {delta} | {100 * r['source_val_last']:.1f} "
+                         f"| {r['minutes_per_run']:.1f} |")
+        lines.append("")
+    lines += ["Per-seed values (last iterate; (b); oracle):", ""]
+    for _, r in summary.iterrows():
+        lines.append(f"- {r['target']} {r['method']}: {r['last_per_seed']}; {r[f'{score}_per_seed']}; "
+                     f"{r['oracle_per_seed']}")
+    return "\n".join(lines) + "\n"
+
+
+def describe(cfg: AdaptExperimentConfig, record: dict) -> str:
+    p = {**UDA_RECIPE, **cfg.params}
+    return (f"Unsupervised domain adaptation {cfg.source} → each target: labelled `{cfg.source}` train split "
+            f"({record['sizes']['source']} images), the target's unlabelled `adapt` split as the target stream "
+            f"({record['sizes']['target']} images for {record['target']}), scored on the target's `test` split. "
+            f"Backbone {cfg.backbone} ({cfg.weights}), {p['steps']} steps of {p['batch_size']} source + "
+            f"{p['target_batch_size']} target images, SGD momentum {p['momentum']}, lr {p['lr']} "
+            f"({p['lr_schedule']} annealing), BatchNorm `{p['batch_norm']}` with a `{p['bn_forward']}` forward, "
+            f"{cfg.workers} Ray Train workers, a checkpoint scored every {cfg.checkpoint_every} steps; seeds "
+            f"{list(cfg.seeds)}. Selection rules: last iterate; (a) source validation accuracy; (b) information "
+            f"maximisation (IM) and soft neighbourhood density (SND) of predictions on the unlabelled target pool; "
+            f"(c) oracle = best target test accuracy over checkpoints (uses test labels: an upper bound, not a "
+            f"result). Nothing was chosen on the target test split. Config hash {config_hash(to_dict(cfg))}.")
+
+
+def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every missing run in turn, then write ``runs.csv``, ``summary.csv`` and ``summary.md``."""
+    t0 = time.time()
+    runs_dir = output / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    plan = [(t, m, s) for t in cfg.targets for m in cfg.methods for s in cfg.seeds]
+    keys = {(t, m.name(), s): cfg.run_config(t, m, s).key() for t, m, s in plan}
+    done = sum((runs_dir / f"{k}.json").exists() for k in keys.values())
+    log(f"[adapt] {len(plan)} runs ({len(cfg.targets)} targets x {len(cfg.methods)} methods x {len(cfg.seeds)} "
+        f"seeds); {done} already finished in {runs_dir}")
+    failures, records = [], []
+    for i, (target, method, seed) in enumerate(plan):
+        key = keys[(target, method.name(), seed)]
+        path = runs_dir / f"{key}.json"
+        if path.exists():
+            records.append((method.name(), json.loads(path.read_text())))
+            continue
+        try:
+            record = adapt(cfg.run_config(target, method, seed), storage, log=log)
+        except TLError as exc:
+            failures.append(f"{target} {method.name()} seed {seed}: {exc}")
+            log(f"[adapt] FAILED {failures[-1]}")
+            continue
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        records.append((method.name(), record))
+        last = record["history"][-1]
+        log(f"[adapt] {i + 1}/{len(plan)} {cfg.source}->{target} {method.name()} seed {seed}: target test "
+            f"{100 * last['target_test_accuracy']:.1f}% (last iterate) ({time.time() - t0:.0f} s so far)")
+    if not records:
+        raise TrainingError("no adaptation run finished:\n" + "\n".join(failures))
+    rows = pd.DataFrame([row for label, rec in records for row in run_rows(rec, label)])
+    summary = summarize(rows)
+    summary.insert(0, "source", cfg.source)
+    prov = provenance()
+    rows["git_commit"] = prov["git_commit"]
+    rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
+    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
+    rows["config"] = json.dumps(to_dict(cfg), sort_keys=True)
+    rows.to_csv(output / "runs.csv", index=False)
+    summary.to_csv(output / "summary.csv", index=False)
+    note = describe(cfg, records[0][1])
+    if failures:
+        note += "\n\nFAILED runs:\n" + "\n".join(f"- {f}" for f in failures)
+    wall = time.time() - t0
+    runs_wall = sum(rec["wall_s"] for _, rec in records)
+    note += (f"\n\nWall time: {runs_wall / 60:.1f} min for the {len(records)} runs (the sum of each run's wall time, "
+             f"Ray Train start-up included); this invocation took {wall / 60:.1f} min (finished runs are reused).")
+    (output / "summary.md").write_text(summary_markdown(summary, note, cfg.score))
+    log(f"[adapt] {len(records)} runs; summary in {output / 'summary.md'} ({wall:.0f} s)")
+    return {"runs": len(records), "failures": failures, "output": str(output), "wall_s": wall, "summary": summary}

@@ -1,0 +1,281 @@
+"""Domain-adaptation strategies: a classifier trained on labelled images while an alignment loss
+pulls its features for an unlabelled target stream towards the labelled (source) ones.
+
+Two places run them. Unsupervised domain adaptation on Ray Train (``tl.adapt.run``): the labelled
+stream is the source task, the second stream unlabelled target images. A few-shot episode
+(``predict_episode``): the labelled stream is the K support shots per class, the target side the
+unlabelled target pool (``task.unlabelled_x``), and, when the episode carries labelled source
+images (``task.source_x``; ``task.source_y`` in the episode's label space, −1 for a source class the
+episode does not have: see ``episode_source_labels``), those are the source side of the alignment
+and, where labelled, extra examples for the one classifier head (semi-supervised domain
+adaptation, Saito et al. 2019, where DANN is a standard baseline). Without source images the
+support shots are the source side.
+
+The defaults are the cheap in-episode ones; ``workflows.adapt`` sets the unsupervised recipe
+(Ganin et al. 2016: SGD momentum 0.9, μ_p = μ0 / (1 + 10 p)^0.75, λ_p = 2 / (1 + e^(−10 p)) − 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl.adapt import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
+from tl.errors import ConfigError
+from tl.models import Backbone
+from tl.strategies.base import EpisodeTask, TrainedStrategy, _support_batches
+
+LR_SCHEDULES = ("ganin", "constant")
+
+
+@dataclass(frozen=True)
+class AdaptStrategy(TrainedStrategy):
+    """Base of the adaptation strategies (besides the fine-tuning fields):
+
+    ``target_batch_size``: unlabelled target images per step; ``source_batch_size``/``max_source``:
+    labelled source images per step, and at most how many are used, in an episode that has them;
+    ``bn_forward``: ``concat`` (all streams in one backbone batch, so training-mode BatchNorm sees
+    both domains) or ``separate``; ``weight``: the alignment trade-off (the largest coefficient);
+    ``schedule``: ``ganin`` (coefficient ``weight * λ_p``) or ``constant`` (``weight``);
+    ``gamma``: γ of λ_p; ``lr_schedule``: ``ganin`` (μ0 / (1 + 10 p)^0.75) or ``constant``;
+    ``hidden``/``dropout``: the discriminator's hidden layers and dropout (adversarial strategies).
+
+    Without a target stream (a plain labelled loop) the labelled batch stands in as the target
+    side: the two sides are one distribution, so the alignment term pushes nowhere and the
+    strategy reduces to its classification loss, while every parameter still takes part.
+    """
+
+    family: ClassVar[str] = "adapt"
+    needs_target: ClassVar[bool] = True
+    lr: float = 0.01
+    batch_size: int = 64
+    target_batch_size: int = 32
+    source_batch_size: int = 32
+    max_source: int = 1000
+    bn_forward: str = "concat"
+    weight: float = 1.0
+    schedule: str = "ganin"
+    gamma: float = 10.0
+    lr_schedule: str = "constant"
+    hidden: tuple[int, ...] = (256, 256)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [("bn_forward", BN_FORWARDS), ("schedule", SCHEDULES), ("lr_schedule", LR_SCHEDULES)]
+        for key, allowed in checks:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"strategy '{self.name}': {key} must be one of {allowed}, got '{getattr(self, key)}'")
+        if min(self.target_batch_size, self.source_batch_size, self.max_source) < 1 or self.weight < 0:
+            raise ConfigError(f"strategy '{self.name}': target_batch_size, source_batch_size and max_source must be "
+                              f"at least 1 and weight >= 0")
+
+    # --- what each strategy adds --------------------------------------------------------------
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment | None:
+        return None
+
+    # --- the small methods of a trained strategy ---------------------------------------------
+    def prepare(self, backbone: Backbone, n_classes: int) -> AdaptModel:
+        """The backbone (first k stages frozen), a new head and the alignment module."""
+        bb = backbone.freeze_first(self.frozen)
+        return AdaptModel(bb, n_classes, self.make_alignment(bb.feature_dim, n_classes), self.bn_forward)
+
+    def param_groups(self, model: AdaptModel) -> list[dict]:
+        """The fine-tuning groups, then the alignment module's parameters at ``lr``."""
+        groups = super().param_groups(model)
+        params = [p for p in model.alignment.parameters() if p.requires_grad] if model.alignment is not None else []
+        if params:
+            groups.append({"params": params, "lr": self.lr, "name": "alignment"})
+        return groups
+
+    def coefficient(self, step: int) -> float:
+        """The alignment coefficient at ``step`` of ``steps`` (the GRL's λ for the adversarial losses)."""
+        return coefficient(self.schedule, step / self.steps, self.weight, self.gamma)
+
+    def lr_scale(self, step: int) -> float:
+        """Ganin et al.'s annealing μ_p / μ0 = (1 + 10 p)^−0.75, or 1."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        return float((1.0 + 10.0 * step / self.steps) ** -0.75)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, target=None) -> torch.Tensor:
+        """Cross-entropy on the labelled batch + the alignment loss (+ cross-entropy on the labelled
+        source images of an episode, those whose ``source_y`` is not −1). ``target``: a tensor of
+        unlabelled target images, or a dict with ``target`` (or None), ``source_x`` and ``source_y``."""
+        xt, xs, ys = _unpack(target)
+        if xt is None and self.needs_target:
+            xt = x
+        if not self.needs_target:
+            xt = None
+        if xt is None and xs is None:
+            return F.cross_entropy(model(x), y)
+        logits, align, src_logits = model(x, xt, coeff=self.coefficient(step), source=xs)
+        loss = F.cross_entropy(logits, y) + align
+        if src_logits is not None and ys is not None and bool((ys >= 0).any()):
+            keep = ys >= 0
+            loss = loss + F.cross_entropy(src_logits[keep], ys[keep])
+        return loss
+
+    # --- one episode, in-process ---------------------------------------------------------------
+    def start_episode(self, task: EpisodeTask) -> "AdaptEpisodeRun":
+        """K labelled shots, the unlabelled pool as target side, labelled source images when the
+        episode has them; advanced step by step like every trained strategy's episode."""
+        return AdaptEpisodeRun(self, task)
+
+
+class AdaptEpisodeRun:
+    """One few-shot episode of an adaptation strategy, with ``advance(steps)``/``predict()`` as
+    ``tl.strategies.base.EpisodeRun``: the support batches are the labelled stream, and a second
+    stream draws unlabelled pool images and (when given, at most ``max_source``) source images
+    with their episode labels, every step, from the episode's seed."""
+
+    def __init__(self, strategy: AdaptStrategy, task: EpisodeTask):
+        from tl.train.loop import make_optimizer
+
+        if task.backbone is None or task.support_x is None or task.query_x is None:
+            raise ConfigError(f"strategy '{strategy.name}' needs images and a backbone")
+        self.strategy, self.step = strategy, 0
+        torch.manual_seed(task.seed)
+        gen = torch.Generator().manual_seed(task.seed + 2)
+        xs = ys = None
+        if task.source_x is not None:
+            sy = None if task.source_y is None else np.asarray(task.source_y)
+            if sy is None or len(sy) != len(task.source_x) or sy.min() < -1 or sy.max() >= task.n_way:
+                raise ConfigError(f"strategy '{strategy.name}': the episode's source_y must give each source_x "
+                                  f"image a label in 0..{task.n_way - 1}, or -1 (a class the episode does not have)")
+            keep = torch.randperm(len(task.source_x), generator=gen)[: strategy.max_source]
+            xs, ys = task.source_x[keep], torch.as_tensor(sy, dtype=torch.long)[keep]
+        pool = task.unlabelled_x if strategy.needs_target else None
+        model = strategy.prepare(task.backbone(), task.n_way)
+        x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
+        k = model.backbone.frozen_stages
+        if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
+            # frozen stages in eval mode are a fixed function: run them once for every stream
+            model.backbone.eval()
+            with torch.no_grad():
+                x, q = model.backbone.run_stages(x, 0, k), model.backbone.run_stages(q, 0, k)
+                pool = model.backbone.run_stages(pool, 0, k) if pool is not None else None
+                xs = model.backbone.run_stages(xs, 0, k) if xs is not None else None
+            model.start = k
+        strategy.on_start(model, x, y)
+        self.model, self.query = model, q
+        self.optimizer = make_optimizer(strategy, model)
+        self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment)
+        self.second = _episode_stream(pool, xs, ys, strategy.target_batch_size, strategy.source_batch_size, gen)
+
+    def advance(self, steps: int) -> None:
+        from tl.train.loop import train_steps
+
+        if steps > self.step:
+            train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer,
+                        start_step=self.step, target_batches=self.second, lr_scale=self.strategy.lr_scale)
+            self.step = steps
+
+    def predict(self) -> np.ndarray:
+        from tl.train.loop import predict
+
+        return predict(self.model, self.query)
+
+
+def episode_source_labels(source_labels: np.ndarray, source_classes: Sequence[str],
+                          episode_classes: Sequence[str]) -> np.ndarray:
+    """Source labels in an episode's label space: the index of the episode class of the same name,
+    or −1 where the episode has no such class (those images still serve as the source domain)."""
+    where = {name: i for i, name in enumerate(episode_classes)}
+    remap = np.array([where.get(name, -1) for name in source_classes], dtype=np.int64)
+    return remap[np.asarray(source_labels)]
+
+
+def _unpack(target) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    if target is None or isinstance(target, torch.Tensor):
+        return target, None, None
+    return target.get("target"), target.get("source_x"), target.get("source_y")
+
+
+def _episode_stream(pool, xs, ys, target_batch: int, source_batch: int, gen: torch.Generator):
+    """Endless random batches of the pool and of the labelled source (None when absent)."""
+    if pool is None and xs is None:
+        return None
+
+    def stream():
+        while True:
+            out: dict = {"target": None}
+            if pool is not None:
+                out["target"] = pool[torch.randint(len(pool), (min(target_batch, len(pool)),), generator=gen)]
+            if xs is not None:
+                idx = torch.randint(len(xs), (min(source_batch, len(xs)),), generator=gen)
+                out["source_x"], out["source_y"] = xs[idx], ys[idx]
+            yield out
+
+    return stream()
+
+
+@dataclass(frozen=True)
+class SourceOnly(AdaptStrategy):
+    """The baseline every adaptation table needs: the same network, optimiser, schedule and steps,
+    trained on the labelled stream alone (no target image is seen, not even by BatchNorm)."""
+
+    name = "source_only"
+    needs_target = False
+
+
+@dataclass(frozen=True)
+class DANN(AdaptStrategy):
+    """Domain-adversarial training (Ganin et al. 2016, "Domain-Adversarial Training of Neural
+    Networks", JMLR): a domain discriminator behind gradient reversal on the features."""
+
+    name = "dann"
+
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment:
+        return DANNLoss(feature_dim, self.hidden, self.dropout)
+
+
+@dataclass(frozen=True)
+class CDAN(AdaptStrategy):
+    """Conditional adversarial adaptation with entropy conditioning, CDAN+E (Long et al. 2018,
+    "Conditional Adversarial Domain Adaptation", NeurIPS); ``entropy: false`` gives plain CDAN."""
+
+    name = "cdan"
+    entropy: bool = True
+
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment:
+        return CDANLoss(feature_dim, num_classes, self.hidden, entropy=self.entropy, dropout=self.dropout)
+
+
+@dataclass(frozen=True)
+class MMD(AdaptStrategy):
+    """Deep adaptation by multi-kernel Gaussian MMD between source and target features (DAN, Long
+    et al. 2015, "Learning Transferable Features with Deep Adaptation Networks", ICML).
+    ``kernels``: bandwidths as multiples of the batch's mean squared distance."""
+
+    name = "mmd"
+    schedule: str = "constant"
+    kernels: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment:
+        return MMDLoss(self.kernels)
+
+
+@dataclass(frozen=True)
+class CORAL(AdaptStrategy):
+    """Deep CORAL (Sun & Saenko 2016, "Deep CORAL: Correlation Alignment for Deep Domain
+    Adaptation", ECCV workshops): match the second-order statistics of the features. The
+    distance is divided by 4 d², so its ``weight`` is large: the paper sets it so that the losses
+    are of one size; between source and target batches of the digits CNN's 256-d features the
+    distance is about 1e-3 (within the source alone about 5e-4), so 1000 makes the term about 1,
+    the size of DANN's domain loss and DAN's MMD (a choice made without any label)."""
+
+    name = "coral"
+    schedule: str = "constant"
+    weight: float = 1000.0
+
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment:
+        return CORALLoss()
+
+
+ADAPT_STRATEGIES = (SourceOnly, DANN, CDAN, MMD, CORAL)
