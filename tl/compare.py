@@ -357,13 +357,16 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
 
     p = plan(cfg, cells_dir)
     parts = [pd.read_parquet(cells_dir / (c["name"] + ".parquet")) for c in p["done"]]
-    failures = []
+    failures, unfinished = [], []
     for c in p["failed"] + p["todo"]:
         f = cells_dir / (c["name"] + ".failed.json")
-        why = json.loads(f.read_text())["error"] if f.exists() else "did not finish (trial error or interrupted)"
-        failures.append(f"{c['target']} {c['shots']}-shot seed {c['seed']} {c['label']}: {why}")
+        what = f"{c['target']} {c['shots']}-shot seed {c['seed']} {c['label']}"
+        if f.exists():
+            failures.append(f"{what}: {json.loads(f.read_text())['error']}")
+        else:  # interrupted, or its trial died without a message: not a result, not a failure
+            unfinished.append(what)
     if not parts:
-        raise TrainingError("no cell finished:\n" + "\n".join(failures))
+        raise TrainingError("no cell finished:\n" + "\n".join(failures + unfinished))
     rows = pd.concat(parts, ignore_index=True)
     prov = provenance()
     rows["config"] = json.dumps(p["plain"], sort_keys=True)
@@ -391,6 +394,10 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
                  + ", ".join(f"{c}: {n}" for c, n in counts.items()) + f" (others: {cfg.queries}).")
     if failures:
         note += "\n\nFAILED cells:\n" + "\n".join(f"- {f}" for f in failures)
+    if unfinished:
+        note = (f"**INCOMPLETE: {len(unfinished)} of {len(p['todo']) + len(p['done']) + len(p['failed'])} cells have "
+                f"not finished** (rerun the same command, or with --resume, to finish them; finished cells are kept): "
+                + ", ".join(unfinished) + ".\n\n" + note)
     summary = write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} test episodes x {len(cfg.seeds)} "
                             f"seed(s), {cfg.queries} queries/class")
     best = {}
@@ -409,6 +416,8 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
         f.write("\n" + per_class)
     doc = {"experiment": cfg.experiment, "backbone": cfg.backbone, "weights": weights or cfg.weights,
            "note": "winner per target and shots by mean test accuracy over the shared episodes", "best": best}
+    if unfinished:
+        doc["incomplete"] = unfinished  # the winners above are among the finished cells only
     tmp = output / "best.yaml.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, output / "best.yaml")
@@ -416,7 +425,9 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
     log(f"[compare] {len(rows)} rows; summary in {output / 'summary.md'}; best in {output / 'best.yaml'} ({wall:.0f} s)")
     if failures:
         log("[compare] FAILED cells (rerun with --retry-failed after fixing them):\n" + "\n".join(f"  {f}" for f in failures))
-    return {"rows": len(rows), "failures": failures, "output": str(output), "wall_s": wall, "cells_dir": str(cells_dir)}
+    if unfinished:
+        log(f"[compare] INCOMPLETE: {len(unfinished)} cells did not finish; run the same command again (or --resume)")
+    return {"rows": len(rows), "failures": failures + unfinished, "unfinished": unfinished, "output": str(output), "wall_s": wall, "cells_dir": str(cells_dir)}
 
 
 _TARGETS: dict[str, dict] = {}
