@@ -58,8 +58,9 @@ def test_dry_run_runs_no_trial(tmp_path):
                         "--output", str(tmp_path / "out"), "--set", "targets=[optdigits]", "--set", "shots=[1,5]"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[dry-run] 12 trials to run of 12 cells" in r.stdout and "estimated wall time" in r.stdout
-    assert "120 test episodes" in r.stdout and "40 validation episodes" in r.stdout
+    # the 7 default strategies (dann included) x 2 shot counts
+    assert "[dry-run] 14 trials to run of 14 cells" in r.stdout and "estimated wall time" in r.stdout
+    assert "140 test episodes" in r.stdout and "40 validation episodes" in r.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
 
