@@ -181,6 +181,7 @@ def test_bad_input_is_one_clear_error(case, ray_local, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, r.stderr[-3000:]
     assert expected in errors[0], errors[0]
+    print(f"\n| {case.__name__[6:]} | `{errors[0][:200]}` |")  # the catalogue's table (pytest -s)
     assert "Traceback" not in r.stderr
     for f in ("rows.parquet", "summary.md", "best.yaml", "trials.csv"):
         assert not (out / f).exists(), f"a failed run left {f}"
