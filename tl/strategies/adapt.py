@@ -28,7 +28,7 @@ from torch import nn
 from tl.adapt import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
 from tl.errors import ConfigError
 from tl.models import Backbone
-from tl.strategies.base import EpisodeTask, TrainedStrategy, _support_batches
+from tl.strategies.base import EpisodeRun, EpisodeTask, TrainedStrategy
 
 LR_SCHEDULES = ("ganin", "constant")
 
@@ -128,19 +128,13 @@ class AdaptStrategy(TrainedStrategy):
         return AdaptEpisodeRun(self, task)
 
 
-class AdaptEpisodeRun:
-    """One few-shot episode of an adaptation strategy, with ``advance(steps)``/``predict()`` as
-    ``tl.strategies.base.EpisodeRun``: the support batches are the labelled stream, and a second
-    stream draws unlabelled pool images and (when given, at most ``max_source``) source images
+class AdaptEpisodeRun(EpisodeRun):
+    """One few-shot episode of an adaptation strategy, advanced like every trained strategy's
+    episode (``tl.strategies.base.EpisodeRun``): the support batches are the labelled stream, and a
+    second stream draws unlabelled pool images and (when given, at most ``max_source``) source images
     with their episode labels, every step, from the episode's seed."""
 
     def __init__(self, strategy: AdaptStrategy, task: EpisodeTask):
-        from tl.train.loop import make_optimizer
-
-        if task.backbone is None or task.support_x is None or task.query_x is None:
-            raise ConfigError(f"strategy '{strategy.name}' needs images and a backbone")
-        self.strategy, self.step = strategy, 0
-        torch.manual_seed(task.seed)
         gen = torch.Generator().manual_seed(task.seed + 2)
         xs = ys = None
         if task.source_x is not None:
@@ -151,35 +145,10 @@ class AdaptEpisodeRun:
             keep = torch.randperm(len(task.source_x), generator=gen)[: strategy.max_source]
             xs, ys = task.source_x[keep], torch.as_tensor(sy, dtype=torch.long)[keep]
         pool = task.unlabelled_x if strategy.needs_target else None
-        model = strategy.prepare(task.backbone(), task.n_way)
-        x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
-        k = model.backbone.frozen_stages
-        if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
-            # frozen stages in eval mode are a fixed function: run them once for every stream
-            model.backbone.eval()
-            with torch.no_grad():
-                x, q = model.backbone.run_stages(x, 0, k), model.backbone.run_stages(q, 0, k)
-                pool = model.backbone.run_stages(pool, 0, k) if pool is not None else None
-                xs = model.backbone.run_stages(xs, 0, k) if xs is not None else None
-            model.start = k
-        strategy.on_start(model, x, y)
-        self.model, self.query = model, q
-        self.optimizer = make_optimizer(strategy, model)
-        self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment)
-        self.second = _episode_stream(pool, xs, ys, strategy.target_batch_size, strategy.source_batch_size, gen)
-
-    def advance(self, steps: int) -> None:
-        from tl.train.loop import train_steps
-
-        if steps > self.step:
-            train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer,
-                        start_step=self.step, target_batches=self.second, lr_scale=self.strategy.lr_scale)
-            self.step = steps
-
-    def predict(self) -> np.ndarray:
-        from tl.train.loop import predict
-
-        return predict(self.model, self.query)
+        super().__init__(strategy, task, {"pool": pool, "source": xs})
+        self.second = _episode_stream(self.extra["pool"], self.extra["source"], ys, strategy.target_batch_size,
+                                      strategy.source_batch_size, gen)
+        self.lr_scale = strategy.lr_scale
 
 
 def episode_source_labels(source_labels: np.ndarray, source_classes: Sequence[str],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -149,24 +149,31 @@ class EpisodeRun:
     with the same optimizer and batch stream, so a run stopped at 20 steps and continued to 60 is the
     run of 60 steps. This is what lets ASHA spend its budget in training steps."""
 
-    def __init__(self, strategy: TrainedStrategy, task: EpisodeTask):
+    def __init__(self, strategy: TrainedStrategy, task: EpisodeTask,
+                 extra: dict[str, torch.Tensor | None] | None = None):
+        """``extra``: more image tensors a subclass trains on (for example an unlabelled pool);
+        they pass through the frozen prefix with the support set and are kept in ``self.extra``."""
         from tl.train.loop import make_optimizer
 
         if task.backbone is None or task.support_x is None or task.query_x is None:
             raise ConfigError(f"strategy '{strategy.name}' needs images and a backbone")
         self.strategy, self.step = strategy, 0
+        self.second: Iterator | None = None  # a second batch stream (tl.train.loop.train_steps)
+        self.lr_scale: Callable[[int], float] | None = None
         torch.manual_seed(task.seed)
         model = strategy.prepare(task.backbone(), task.n_way)
         x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
+        extra = dict(extra or {})
         k = model.backbone.frozen_stages
         if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
             # frozen stages in eval mode are a fixed function: run them once, train the rest
             model.backbone.eval()
             with torch.no_grad():
                 x, q = model.backbone.run_stages(x, 0, k), model.backbone.run_stages(q, 0, k)
+                extra = {name: None if t is None else model.backbone.run_stages(t, 0, k) for name, t in extra.items()}
             model.start = k
         strategy.on_start(model, x, y)
-        self.model, self.query = model, q
+        self.model, self.query, self.extra = model, q, extra
         self.optimizer = make_optimizer(strategy, model)
         self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment)
 
@@ -174,7 +181,8 @@ class EpisodeRun:
         from tl.train.loop import train_steps
 
         if steps > self.step:
-            train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer, start_step=self.step)
+            train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer, start_step=self.step,
+                        target_batches=self.second, lr_scale=self.lr_scale)
             self.step = steps
 
     def predict(self) -> np.ndarray:
