@@ -21,7 +21,7 @@ from tl.errors import ConfigError, DataError, WeightsError
 from tl.export import MANIFEST, MODEL_FILE, ExportConfig, embed, export, load_model, read_best, scores
 from tl.models import Classifier, build_backbone, save_weights
 from tl.predict import predict
-from tl.strategies import REGISTRY, make_strategy
+from tl.strategies import make_strategy
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = lambda _: None  # noqa: E731
@@ -245,7 +245,6 @@ def test_best_yaml_choices_and_config_errors(models, tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.skipif("dann" not in REGISTRY, reason="the adaptation strategies are not registered")
 def test_adaptation_strategy_exports_its_classifier(tmp_path):
     """DANN trains with the training images as its unlabelled pool; the model keeps backbone + head
     (the discriminator is training-only)."""
