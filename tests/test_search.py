@@ -10,7 +10,7 @@ from tl.data import load_embedded
 from tl.errors import ConfigError
 from tl.evaluate import run_episodes, staged_accuracy
 from tl.models import make_backbone
-from tl.search import SearchConfig, check_space, report_steps, run_search, tune_space
+from tl.search import GRID_KEY, SearchConfig, candidate, check_space, report_steps, run_search, tune_space
 from tl.strategies import make_strategy
 
 
@@ -34,6 +34,21 @@ def test_optuna_refuses_grid_keys_and_spaces_become_tune_domains():
     dom = tune_space({"frozen": {"grid": [1, 2]}, "lr": {"loguniform": [1e-3, 1e-1]}, "m": [0.5, 0.9]})
     assert dom["frozen"] == {"grid_search": [1, 2]}
     assert 1e-3 <= dom["lr"].sample() <= 1e-1 and dom["m"].sample() in (0.5, 0.9)
+
+
+def test_shuffled_grid_holds_every_point_once_in_a_seeded_order():
+    space = {"frozen": {"grid": [0, 1, 2, 3, 4]}, "lr": {"grid": [0.003, 0.01, 0.03, 0.1]}, "m": [0.5, 0.9]}
+    points = tune_space(space, 0)[GRID_KEY]["grid_search"]
+    assert sorted((p["frozen"], p["lr"]) for p in points) == [(k, lr) for k in range(5) for lr in space["lr"]["grid"]]
+    assert points == tune_space(space, 0)[GRID_KEY]["grid_search"]
+    assert points != tune_space(space, 1)[GRID_KEY]["grid_search"]
+    # the given order is lr-ascending within each depth; a shuffled one is not
+    assert [(p["frozen"], p["lr"]) for p in points] != sorted((p["frozen"], p["lr"]) for p in points)
+    assert "frozen" not in tune_space(space, 0) and tune_space(space)["frozen"] == {"grid_search": [0, 1, 2, 3, 4]}
+    assert candidate({GRID_KEY: points[0], "m": 0.9}, ["frozen", "lr", "m"]) == {**points[0], "m": 0.9}
+    assert candidate({"frozen": 2, "lr": 0.1}, ["frozen", "lr"]) == {"frozen": 2, "lr": 0.1}
+    with pytest.raises(ConfigError, match="'grid_order'"):
+        SearchConfig(grid_order="random")
 
 
 def test_report_steps_are_asha_rungs():
