@@ -32,6 +32,11 @@ def shlex_args() -> list[str]:
     return [shlex.quote(a) for a in sys.argv[1:]]
 
 
+def local_cpus() -> int:
+    """Logical CPUs of the local Ray this module starts: more than cores (DESIGN section 5)."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` or start a local Ray with more logical CPUs than cores (DESIGN section 5)."""
     import ray
@@ -48,7 +53,7 @@ def init_ray(address: str | None) -> None:
         except Exception as exc:
             raise ConfigError(f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0]})") from exc
     else:
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), logging_config=quiet)
+        ray.init(num_cpus=local_cpus(), logging_config=quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -58,8 +58,10 @@ def main() -> int:
     cores = os.cpu_count() or 1
     rows: list[dict] = []
 
+    run = " ".join(["python -m workflows.bench_compare", *_cli.shlex_args()]) + f" ({time.strftime('%Y-%m-%d %H:%M')})"
+
     def record(part: str, measure: str, value, unit: str, note: str = "") -> None:
-        rows.append({"part": part, "measure": measure, "value": value, "unit": unit, "note": note})
+        rows.append({"part": part, "measure": measure, "value": value, "unit": unit, "note": note, "run": run})
         print(f"[bench] {part} | {measure}: {value} {unit} {note}")
 
     t_ray = time.time()
@@ -84,6 +86,20 @@ def main() -> int:
 
             from tl.compare import compute_cell
 
+            # how well one cell uses torch's threads bounds what one single-threaded process per core can gain
+            one = pl["todo"][-1]
+            per = {}
+            for threads in (1, cores):
+                torch.set_num_threads(threads)
+                t0 = time.time()
+                compute_cell(one, data, embeddings, weights, fixed)
+                per[threads] = time.time() - t0
+            scaling = per[1] / per[cores]
+            record("a", f"one cell with {cores} threads vs 1 thread", round(scaling, 2), "x",
+                   f"{per[1]:.1f} s vs {per[cores]:.1f} s ({one['target']} {one['shots']}-shot {one['label']})")
+            record("a", "ceiling of one single-threaded process per core over the sequential loop",
+                   round(cores / scaling, 2), "x", f"{cores} cores / the thread speed-up above")
+
             torch.set_num_threads(cores)
             t0 = time.time()
             seq = [compute_cell(c, data, embeddings, weights, fixed) for c in pl["todo"]]
@@ -99,24 +115,30 @@ def main() -> int:
             record("a", f"multiprocessing pool ({cores} single-threaded processes)", round(t_pool, 1), "s",
                    "pool start included")
 
-            for cpus in (1.0,):
-                home = scratch / f"home-{cpus}"
+            logical = float(__import__("ray").cluster_resources().get("CPU", 1))
+            # Ray's default here (more logical CPUs than cores, DESIGN section 5), then one trial per core
+            for cpus, limit in ((1.0, 0), (1.0, cores)):
+                tag = f"cpus_per_trial={cpus:g}, max_concurrent={limit or 'none'}"
+                home = scratch / f"home-{limit}"
                 t0 = time.time()
-                run_compare(load_config(CompareConfig, base={**base, "cpus_per_trial": cpus}), resolve_storage(home),
-                            scratch / f"out-{cpus}", lambda s: None)
+                run_compare(load_config(CompareConfig, base={**base, "cpus_per_trial": cpus, "max_concurrent": limit}),
+                            resolve_storage(home), scratch / f"out-{limit}", lambda s: None)
                 t_tune = time.time() - t0
-                concurrent = int(float(__import__("ray").cluster_resources().get("CPU", 1)) // cpus)
-                record("a", f"comparison workflow, cpus_per_trial={cpus:g} ({concurrent} trials at once)",
+                concurrent = min(int(logical // cpus), limit or n)
+                record("a", f"comparison workflow, {tag} ({concurrent} trials at once)",
                        round(t_tune, 1), "s", "Tune set-up, trial start-up and report writing included")
-                record("a", f"ratio comparison(cpus_per_trial={cpus:g}) / pool", round(t_tune / t_pool, 2), "x",
-                       "target <= 1.15")
-                record("a", f"speed-up of comparison(cpus_per_trial={cpus:g}) over sequential",
-                       round(t_seq / t_tune, 2), "x", "target >= 1.3")
-                tune_rows = pd.read_parquet(scratch / f"out-{cpus}" / "rows.parquet")
-                same = tune_rows.sort_values(["target", "shots", "strategy", "episode"])["accuracy"].to_numpy()
-                ref = pd.concat(seq).sort_values(["target", "shots", "strategy", "episode"])["accuracy"].to_numpy()
-                record("a", f"same accuracies as the sequential loop (cpus_per_trial={cpus:g})",
-                       bool((abs(same - ref) < 1e-9).all()), "bool")
+                record("a", f"ratio comparison({tag}) / pool", round(t_tune / t_pool, 2), "x", "target <= 1.15")
+                record("a", f"speed-up of comparison({tag}) over sequential", round(t_seq / t_tune, 2), "x",
+                       "target >= 1.3")
+                keys = ["target", "shots", "strategy", "episode"]
+                tuned = pd.read_parquet(scratch / f"out-{limit}" / "rows.parquet").sort_values(keys)["accuracy"].to_numpy()
+                for what_ref, ref_rows in (("the pool (1 thread per process, as each trial)", pooled),
+                                           (f"the sequential loop ({cores} threads)", seq)):
+                    ref = pd.concat(ref_rows).sort_values(keys)["accuracy"].to_numpy()
+                    diff = abs(tuned - ref)
+                    record("a", f"episodes with the same accuracy as {what_ref}",
+                           f"{int((diff < 1e-9).sum())}/{len(diff)}", "",
+                           f"mean abs Δ {100 * diff.mean():.2f} points, mean Δ {100 * (tuned - ref).mean():+.2f}")
             record("a", "pool ratio over sequential", round(t_seq / t_pool, 2), "x", "")
             record("a", "local Ray start (not in the figures above)", round(ray_start, 1), "s", "")
             assert len(pooled) == n
@@ -158,12 +180,12 @@ def main() -> int:
     if args.part != "all" and (out_dir / f"{stem}.csv").is_file():
         old = pd.read_csv(out_dir / f"{stem}.csv", keep_default_na=False)
         table = pd.concat([old[old["part"] != args.part], table]).sort_values("part", kind="stable")
+    table["run"] = table["run"].fillna("") if "run" in table else ""
     table.to_csv(out_dir / f"{stem}.csv", index=False)
-    cmd = "python -m workflows.bench_compare" + (" --smoke-test" if args.smoke_test else "")
-    if args.part != "all":
-        cmd += f" (part {args.part} rerun with --part {args.part}; the other part from the previous run)"
-    md = ["# Comparison benchmark", "", f"Command: `{cmd}` on {cores} CPU cores, {time.strftime('%Y-%m-%d')}.", "",
-          "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
+    runs = [f"- part {part}: `{r.split(' (')[0]}` ({r.split(' (')[-1]}" if r else f"- part {part}: an earlier run"
+            for part, r in table[["part", "run"]].drop_duplicates().itertuples(index=False)]
+    md = ["# Comparison benchmark", "", f"On {cores} CPU cores. Commands (a `--part` run replaces that part's rows):",
+          *runs, "", "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
     md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"table: {out_dir / (stem + '.md')}")
