@@ -133,6 +133,56 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def curves(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of the target test accuracy and the target IM score at each checkpoint, per
+    (target, method): how a method moves during training. A diagnostic that uses test labels: it
+    explains a result (a method that peaks early and then declines), it never selects one."""
+    g = rows.groupby(["target", "method", "step"], sort=False)[["target_test_accuracy", "target_im"]].mean()
+    return g.reset_index()
+
+
+def curves_markdown(c: pd.DataFrame) -> list[str]:
+    lines = ["Training curves (diagnostic, uses test labels): mean target test accuracy (%) over seeds at each "
+             "checkpoint, and the target IM score beside it in brackets.", ""]
+    for target, g in c.groupby("target", sort=False):
+        steps = sorted(g["step"].unique())
+        lines += [f"#### {target}", "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for method, m in g.groupby("method", sort=False):
+            m = m.set_index("step")
+            lines.append(f"| {method} | " + " | ".join(
+                f"{100 * m.loc[s, 'target_test_accuracy']:.1f} ({m.loc[s, 'target_im']:.2f})" if s in m.index else ""
+                for s in steps) + " |")
+        lines.append("")
+    return lines
+
+
+def plot_curves(c: pd.DataFrame, path: Path, source: str) -> Path:
+    """One panel per target, a line per method: mean target test accuracy against training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(c["target"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for method, m in c[c["target"] == target].groupby("method", sort=False):
+            ax.plot(m["step"], 100 * m["target_test_accuracy"], marker="o", label=method)
+        ax.set_title(f"{source} → {target}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("target test accuracy % (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Domain adaptation training curves (diagnostic: uses test labels, selects nothing)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if np.isfinite(std) else f"{100 * mean:.1f}"
 
@@ -180,7 +230,8 @@ def describe(cfg: AdaptExperimentConfig, record: dict) -> str:
 
 def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every missing run in turn, then write ``runs.csv``, ``summary.csv`` and ``summary.md``."""
+    """Run every missing run in turn, then write ``runs.csv``, ``summary.csv``, ``summary.md`` and
+    ``curves.png`` (target accuracy over training steps: a diagnostic)."""
     t0 = time.time()
     runs_dir = output / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +279,10 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
     runs_wall = sum(rec["wall_s"] for _, rec in records)
     note += (f"\n\nWall time: {runs_wall / 60:.1f} min for the {len(records)} runs (the sum of each run's wall time, "
              f"Ray Train start-up included); this invocation took {wall / 60:.1f} min (finished runs are reused).")
-    (output / "summary.md").write_text(summary_markdown(summary, note, cfg.score))
+    curve = curves(rows)
+    plot_curves(curve, output / "curves.png", cfg.source)
+    text = summary_markdown(summary, note, cfg.score) + "\n" + "\n".join(curves_markdown(curve)) + \
+        "\n![training curves](curves.png)\n"
+    (output / "summary.md").write_text(text)
     log(f"[adapt] {len(records)} runs; summary in {output / 'summary.md'} ({wall:.0f} s)")
     return {"runs": len(records), "failures": failures, "output": str(output), "wall_s": wall, "summary": summary}
