@@ -33,9 +33,9 @@ def main() -> int:
         base["cpus_per_trial"] = _cli.local_cpus() / (os.cpu_count() or 1)
     if args.smoke_test:
         base |= {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3,
-                "val_episodes": 2,
-                "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
-                               {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
+                 "val_episodes": 2,
+                 "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
+                                {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
     output = Path(args.output or f"results/{cfg.experiment}")
