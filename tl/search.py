@@ -101,9 +101,14 @@ def tune_space(space: Mapping[str, Any], shuffle_seed: int | None = None) -> dic
     return out
 
 
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's config with a shuffled grid's ``grid_point`` spread back into its keys."""
+    return {k: v for k, v in {**config, **(config.get(GRID_KEY) or {})}.items() if k != GRID_KEY}
+
+
 def candidate(config: Mapping[str, Any], keys) -> dict[str, Any]:
     """A trial's values of the search keys, whether its grid was shuffled into ``grid_point`` or not."""
-    flat = {**config, **(config.get(GRID_KEY) or {})}
+    flat = flat_config(config)
     return {k: flat.get(k) for k in keys}
 
 
@@ -227,9 +232,7 @@ class TrialProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result or {}
-        c = trial.config
-        flat = {k: v for k, v in {**c, **(c.get(GRID_KEY) or {})}.items() if k != GRID_KEY}
-        line = r.get("progress_line") or ", ".join(f"{k}={v}" for k, v in sorted(flat.items()))
+        line = r.get("progress_line") or ", ".join(f"{k}={v}" for k, v in sorted(flat_config(trial.config).items()))
         if "val_accuracy" in r and "progress_line" not in r:
             line += f": validation {100 * r['val_accuracy']:.1f}% at {r.get('steps')} steps"
         self._log(line)
