@@ -27,7 +27,8 @@ import pandas as pd
 
 from tl.config import config_hash, to_dict
 from tl.errors import ConfigError, TLError, TrainingError
-from tl.models.backbones import num_stages
+from tl.data.targets import DataSource, check_target, load_target
+from tl.models import num_stages
 from tl.strategies import TrainedStrategy, make_strategy
 
 
@@ -53,22 +54,6 @@ class CompareEntry:
             return [dict(self.params)]
         keys = sorted(self.search)
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.search[k] for k in keys))]
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """A user's target data: exactly one of ``folder`` (one subfolder per class), ``csv`` (a manifest
-    ``path,label``) or ``parquet`` (image bytes + label), brought to ``size``. ``split: halves`` splits
-    it stratified into ``adapt`` (validation episodes) and ``test``; ``split: none`` keeps every image
-    for test episodes (small data: no search is possible then, since nothing is left to validate on)."""
-
-    folder: str | None = None
-    csv: str | None = None
-    parquet: str | None = None
-    size: tuple[int, int] = (28, 28)
-    classes: tuple[str, ...] | None = None
-    split: str = "none"
-    seed: int = 0
 
 
 def _default_entries() -> tuple[CompareEntry, ...]:
@@ -122,10 +107,7 @@ class CompareConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"config key 'strategies': two entries share a label ({labels})")
         for name, src in self.data.items():
-            if sum(bool(v) for v in (src.folder, src.csv, src.parquet)) != 1:
-                raise ConfigError(f"config key 'data.{name}': give exactly one of folder, csv or parquet")
-            if src.split not in ("none", "halves"):
-                raise ConfigError(f"config key 'data.{name}.split': '{src.split}' is not one of none, halves")
+            src.check(f"data.{name}")
             if src.split == "none":
                 searched = [e.name() for e in self.strategies if e.search]
                 if name in self.targets and searched:
@@ -291,7 +273,7 @@ def dry_run(cfg: CompareConfig, storage: Path, log: Callable[[str], None] = prin
     cells_dir = storage / "runs" / cfg.experiment / "cells"
     p = plan(cfg, cells_dir, retry_failed)
     for t in cfg.targets:
-        check_target(cfg, t)
+        check_target(target_data(cfg, t), t, max(cfg.shots))
     est = estimate(cfg, p["todo"], p["entries"])
     log(f"[dry-run] {len(p['todo'])} trials to run of {len(p['todo']) + len(p['done']) + len(p['failed'])} cells "
         f"({len(p['done'])} finished, {len(p['failed'])} failed before); {est['test_episodes']} test episodes and "
@@ -315,7 +297,7 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
     p = plan(cfg, cells_dir, retry_failed)
     todo, entries, plain = p["todo"], p["entries"], p["plain"]
     for t in cfg.targets:
-        check_target(cfg, t)  # bad data stops here, before any pretraining or trial
+        check_target(target_data(cfg, t), t, max(cfg.shots))  # bad data stops here, before any pretraining or trial
     cells_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
@@ -411,7 +393,7 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
             "accuracy": round(float(top["mean"]), 4), "ci95": round(float(top["ci95"]), 4),
             "episodes": int(top["episodes"]), "chosen_on_validation": json.loads(first["chosen"]),
         }
-    per_class = per_class_report(rows, best, {t: target_classes(cfg, t) for t in best}, output)
+    per_class = per_class_report(rows, best, {t: target_data(cfg, t)["test"].classes for t in best}, output)
     with open(output / "summary.md", "a") as f:
         f.write("\n" + per_class)
     doc = {"experiment": cfg.experiment, "backbone": cfg.backbone, "weights": weights or cfg.weights,
@@ -430,51 +412,8 @@ def write_outputs(cfg: CompareConfig, cells_dir: Path, output: Path, weights: st
     return {"rows": len(rows), "failures": failures + unfinished, "unfinished": unfinished, "output": str(output), "wall_s": wall, "cells_dir": str(cells_dir)}
 
 
-_TARGETS: dict[str, dict] = {}
-
-
 def target_data(cfg: CompareConfig, target: str) -> dict:
-    """``{"test": ImageSet, "val": ImageSet | None}`` for an embedded target or a user's ``data`` entry."""
-    from tl.data import load_embedded, load_source
-
-    src = cfg.data.get(target)
-    key = json.dumps([target, to_dict(src) if src else None, cfg.test_split, cfg.val_split], sort_keys=True)
-    if key not in _TARGETS:
-        if src is None:
-            full = load_embedded(target)
-            out = {"test": full.split(cfg.test_split), "val": full.split(cfg.val_split)}
-        else:
-            from tl.data.suite import _stratified_halves
-
-            full = load_source(folder=src.folder, csv=src.csv, parquet=src.parquet, size=tuple(src.size),
-                               classes=src.classes)
-            full.name = target
-            if src.split == "halves":
-                full.splits = _stratified_halves(full.labels, src.seed)
-                out = {"test": full.split("test"), "val": full.split("adapt")}
-            else:
-                out = {"test": full, "val": None}
-        _TARGETS[key] = out
-    return _TARGETS[key]
-
-
-def check_target(cfg: CompareConfig, target: str) -> None:
-    """Every class of the target has enough images for the largest shot count (one query at least)."""
-    from tl.errors import DataError
-
-    parts = target_data(cfg, target)
-    k = max(cfg.shots)
-    for split, data in parts.items():
-        if data is None:
-            continue
-        for name, n in data.class_counts().items():
-            if n < k + 1:
-                raise DataError(f"target '{target}' ({split} images): class '{name}' has {n} images, fewer than "
-                                f"shots + one query = {k} + 1")
-
-
-def target_classes(cfg: CompareConfig, target: str) -> tuple[str, ...]:
-    return target_data(cfg, target)["test"].classes
+    return load_target(target, cfg.data.get(target), cfg.test_split, cfg.val_split)
 
 
 def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path) -> str:

@@ -21,7 +21,7 @@ from tl.config import config_hash, to_dict
 from tl.data import load_embedded
 from tl.errors import ConfigError, TrainingError
 from tl.evaluate import run_episodes, summarize, summary_markdown
-from tl.models.backbones import num_stages
+from tl.models import num_stages
 from tl.report import plot_accuracy_vs_shots
 from tl.runtime import provenance
 from tl.strategies import TrainedStrategy, make_strategy

@@ -28,7 +28,7 @@ from ray import tune
 
 from tl.config import config_hash, to_dict
 from tl.errors import ConfigError, TLError
-from tl.models.backbones import num_stages
+from tl.models import num_stages
 from tl.strategies import TrainedStrategy, make_strategy
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -40,7 +40,7 @@ def _grey_to_rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[:, None, :, :], 3, axis=1).astype(np.float32)
 
 
-def _stratified_halves(labels: np.ndarray, seed: int) -> np.ndarray:
+def stratified_halves(labels: np.ndarray, seed: int) -> np.ndarray:
     """'adapt' / 'test' split marks, stratified by class, from a fixed seed."""
     idx = np.arange(len(labels))
     adapt, _ = train_test_split(idx, test_size=0.5, stratify=labels, random_state=seed)
@@ -85,7 +85,7 @@ def load_optdigits() -> ImageSet:
     y = bunch.target.astype(np.int64)
     return ImageSet(
         name="optdigits", images=_grey_to_rgb(x), labels=y, classes=DIGITS, domain="optdigits",
-        splits=_stratified_halves(y, SPLIT_SEED),
+        splits=stratified_halves(y, SPLIT_SEED),
         ids=np.array([f"optdigits-{i:04d}" for i in range(len(y))], dtype=object),
     )
 
@@ -119,7 +119,7 @@ def load_mnistm() -> ImageSet:
     y = src.labels[held]
     return ImageSet(
         name="mnistm", images=out, labels=y, classes=DIGITS, domain="mnistm",
-        splits=_stratified_halves(y, SPLIT_SEED),
+        splits=stratified_halves(y, SPLIT_SEED),
         ids=np.array([f"mnistm-{sid}" for sid in src.ids[held]], dtype=object),
     )
 

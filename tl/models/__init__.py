@@ -3,7 +3,7 @@
 from torch import nn
 
 from tl.models.backbones import (
-    Backbone, BackboneSpec, Preprocessing, build_backbone, count_trainable, get_spec, register, registered,
+    Backbone, BackboneSpec, Preprocessing, build_backbone, count_trainable, get_spec, num_stages, register, registered,
 )
 from tl.models.weights import load_weights, save_weights, weights_digest
 
@@ -41,5 +41,5 @@ def make_backbone(name: str, weights: str | None = None, input_size: int | None 
 
 __all__ = [
     "Backbone", "BackboneSpec", "Classifier", "Preprocessing", "build_backbone", "count_trainable",
-    "get_spec", "load_weights", "make_backbone", "register", "registered", "save_weights", "weights_digest",
+    "get_spec", "load_weights", "num_stages", "make_backbone", "register", "registered", "save_weights", "weights_digest",
 ]
