@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,7 +288,8 @@ def test_killed_adaptation_resumes_from_its_checkpoint(ray_local, storage, tmp_p
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
-    assert not list(out.glob("runs/*.json"))
+    cells = storage / "runs" / "adapt-smoke" / "cells"
+    assert not list(cells.glob("*.parquet")), "a killed run is not a finished cell"
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     text = done.stdout + done.stderr
     assert done.returncode == 0, text
@@ -297,7 +299,6 @@ def test_killed_adaptation_resumes_from_its_checkpoint(ray_local, storage, tmp_p
     logged = [int(ln.split(": step ", 1)[1].split("/")[0]) for ln in text.splitlines() if "[adapt] dann" in ln
               and ": step " in ln]
     assert logged and min(logged) > resumed, "steps before the checkpoint were redone"
-    (run,) = out.glob("runs/*.json")
-    steps = [h["step"] for h in json.loads(run.read_text())["history"]]
-    assert steps == list(range(10, 201, 10))
+    (run,) = cells.glob("*.parquet")
+    assert pd.read_parquet(run)["step"].tolist() == list(range(10, 201, 10))
     assert (out / "summary.md").is_file() and (out / "command.txt").is_file()

@@ -194,6 +194,23 @@ def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
           f"{rows.groupby('node')['strategy'].nunique().to_dict()}")
 
 
+@pytest.mark.slow
+def test_adaptation_runs_overlap_on_the_cluster(cluster, pretrained, tmp_path):
+    """The adaptation benchmark's runs are grid cells: two Ray Train runs go at once on 3 nodes."""
+    storage = Path(cluster["storage"]) / "adapt"
+    out = storage / "out"
+    argv = ["python", "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
+            "--output", str(out), "--set", f"weights={pretrained}", "--set", "params.steps=20",
+            "--set", "checkpoint_every=10"]
+    r = _submit_cli(cluster, argv, cluster["token_file"], tmp_path)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    runs = pd.read_csv(out / "runs.csv").groupby("run").first()
+    assert len(runs) == 2 and set(runs["method"]) == {"source_only", "dann"}
+    assert runs["started_at"].max() < runs["finished_at"].min(), runs[["method", "started_at", "finished_at"]]
+    print(f"adaptation runs overlapped for {runs['finished_at'].min() - runs['started_at'].max():.1f} s on "
+          f"nodes {sorted(set(runs['node']))}")
+
+
 def _trial_running_on(local, node: dict) -> bool:
     """A Tune trial executing on ``node`` (its worker retitles itself "ray::ImplicitFunc.train")."""
     return any(local._cmdline(p).startswith("ray::ImplicitFunc.train") for p in local.node_processes(node))
@@ -248,8 +265,8 @@ def _retried_cells(tune_dir: Path) -> set[tuple[int, str]]:
     for state in tune_dir.glob("compare-kill-*/experiment_state-*.json"):
         for trial_json, run_metadata in json.loads(state.read_text())["trial_data"]:
             if json.loads(run_metadata).get("num_failures", 0) > 0:
-                cell = json.loads(trial_json)["config"]["cell"]
-                out.add((cell["shots"], cell["label"]))
+                spec = json.loads(trial_json)["config"]["cell"]["spec"]
+                out.add((spec["shots"], spec["label"]))
     return out
 
 

@@ -31,7 +31,8 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     for f in ("rows.parquet", "summary.md", "accuracy_vs_shots.png", "best.yaml"):
         assert (tmp_path / "out" / f).is_file(), f
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
-    assert len(rows) == out["rows"] == 2 * 3 * 3 and not rows.duplicated(KEYS).any()
+    assert len(rows) == out.rows == 2 * 3 * 3 and not rows.duplicated(KEYS).any()
+    assert (out.grid.ran, out.grid.skipped, out.grid.failed, out.grid.unfinished) == (6, 0, [], [])
     assert {"config", "git_commit", "versions", "hardware", "node", "chosen", "val_accuracy"} <= set(rows.columns)
     ft = rows[rows["strategy"] == "finetune"]
     assert ft["chosen"].isin(['{"frozen": 3}', '{"frozen": 4}']).all() and ft["val_accuracy"].notna().all()
@@ -45,9 +46,8 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
 
     tune_dir = tmp_path / "home" / "tune"
     before = sorted(os.listdir(tune_dir))
-    logs.clear()
-    run_compare(cfg, tmp_path / "home", tmp_path / "out", logs.append)
-    assert "6 finished" in logs[0] and "0 to run" in logs[0]
+    again = run_compare(cfg, tmp_path / "home", tmp_path / "out", logs.append)
+    assert (again.grid.ran, again.grid.skipped) == (0, 6)
     assert sorted(os.listdir(tune_dir)) == before, "no Tune experiment may start when nothing is left"
     rows2 = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     pd.testing.assert_frame_equal(rows[KEYS + ["accuracy"]], rows2[KEYS + ["accuracy"]])
@@ -60,8 +60,9 @@ def test_failing_cell_is_listed_and_the_rest_complete(ray_local, pretrained, tmp
                                                                   "clip_grad": 0.0}}]}
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=base)
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
-    assert out["rows"] == 3 and len(out["failures"]) == 1
-    assert "absurd_lr" in out["failures"][0] and "non-finite loss" in out["failures"][0]
+    assert out.rows == 3 and len(out.failures) == 1 and out.grid.ran == 2
+    (cell, msg), = out.grid.failed
+    assert cell.spec["label"] == "absurd_lr" and "non-finite loss" in msg
     assert "FAILED cells" in (tmp_path / "out" / "summary.md").read_text()
 
 
@@ -87,11 +88,13 @@ def test_killed_comparison_resumes_to_exactly_the_full_rows(ray_local, pretraine
     finished = len(list(cells.glob("*.parquet")))
     assert 1 <= finished < 6, f"the kill should land mid-run ({finished} of 6 cells finished)"
     assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
+    kept = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet")}
 
     done = subprocess.run(_compare_cmd(pretrained, home, out, "--resume"), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{finished} finished" in done.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet") if f.name in kept} == kept, \
+        "cells finished before the kill are kept, not run again"
     rows = pd.read_parquet(out / "rows.parquet")
     assert len(rows) == 6 * 3 and not rows.duplicated(KEYS).any()
     assert set(map(tuple, rows[["shots", "strategy"]].drop_duplicates().to_numpy())) == \

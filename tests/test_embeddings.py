@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tl.data import load_embedded
-from tl.embeddings import MANIFEST, MODEL_RUNS, EmbedConfig, cache_key, extract
+from tl.embeddings import MANIFEST, EmbedConfig, cache_key, extract
 from tl.evaluate import ci95, paired_difference, run_episodes, summarize
 from tl.models import build_backbone, save_weights
 from tl.strategies import make_strategy, registered
@@ -46,10 +46,10 @@ def test_extraction_hits_and_misses(ray_local, tmp_path):
     assert not first.hit and first.vectors.shape == (64, 256)
     assert list(first.ids) == list(data.ids) and np.array_equal(first.labels, data.labels)
 
-    runs = MODEL_RUNS["extractions"]
+    written = _mtimes(first.path)
     again = extract(data, EmbedConfig(weights=str(w1)), cache, quiet)
     assert again.hit and again.key == first.key and np.array_equal(again.vectors, first.vectors)
-    assert MODEL_RUNS["extractions"] == runs, "a cache hit must run no model"
+    assert _mtimes(again.path) == written, "a cache hit must run no model and write nothing"
 
     variants = {
         "weights": (data, EmbedConfig(weights=str(w2))),
@@ -65,15 +65,18 @@ def test_extraction_hits_and_misses(ray_local, tmp_path):
     assert extract(data, EmbedConfig(weights=str(w1), stage=2), cache, quiet).vectors.shape == (64, 64)
 
 
+def _mtimes(folder: str) -> dict[str, int]:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(folder) for f in fs}
+
+
 def test_folder_without_manifest_is_rebuilt(ray_local, tmp_path):
     cache = str(tmp_path / "cache")
     w = tmp_path / "w.safetensors"
     save_weights(build_backbone("digits_cnn"), w)
     first = extract(small(32), EmbedConfig(weights=str(w)), cache, quiet)
     os.remove(os.path.join(first.path, MANIFEST))
-    runs = MODEL_RUNS["extractions"]
     again = extract(small(32), EmbedConfig(weights=str(w)), cache, quiet)
-    assert not again.hit and MODEL_RUNS["extractions"] == runs + 1
+    assert not again.hit and again.path == first.path
     assert np.allclose(again.vectors, first.vectors, atol=1e-6)
     assert os.path.exists(os.path.join(again.path, MANIFEST))
 

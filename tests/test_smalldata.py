@@ -40,7 +40,7 @@ def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretraine
         "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}}]})
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
-    assert out["rows"] == len(rows) == 2 * 3
+    assert out.rows == len(rows) == 2 * 3
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Small-data mode, mine 5-shot" in text and "digit_0: 2" in text and "digit_9: 2" in text
     assert (tmp_path / "out" / "confusion_mine_5shot.png").is_file()

@@ -21,6 +21,26 @@ from tl.errors import ConfigError
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneFields:
+    """The field group every config that builds a backbone shares: its registered name, where its
+    weights come from (``pretrained``: the tl home's pretrained backbone, made if missing;
+    ``random``; a weights file or folder; ``torchvision:<name>``) and an optional input size."""
+
+    backbone: str = "digits_cnn"
+    weights: str = "pretrained"
+    input_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeFields:
+    """The field group of few-shot episodes: ``n_way`` classes (all of the target's when None)
+    and ``queries`` per class."""
+
+    n_way: int | None = None
+    queries: int = 15
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 

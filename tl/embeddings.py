@@ -28,7 +28,6 @@ from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder
 
 MANIFEST = "manifest.json"
-MODEL_RUNS = {"extractions": 0}  # counts extraction jobs launched from this process (a hit launches none)
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,6 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
     if fs.get_file_info(folder).type != pafs.FileType.NotFound:
         log(f"[embed] {folder} has no manifest (an interrupted write): rebuilding it")
         fs.delete_dir(folder)
-    MODEL_RUNS["extractions"] += 1
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
     ds = data.to_ray(("row", "image", "label", "id")).map_batches(

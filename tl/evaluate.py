@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 
 from tl.data import ImageSet, sample_episodes
+from tl.errors import TrainingError
 from tl.models import Backbone
-from tl.strategies import EpisodeTask, Strategy
+from tl.strategies import EpisodeTask, Strategy, StrategyEntry
 
 Z95 = 1.96
 
@@ -177,17 +178,10 @@ def staged_accuracy(
 
     Every episode's model is advanced to the next milestone, then all are evaluated: a search
     (ASHA) can stop the candidate between milestones, and the budget it spent is the steps reached.
-    A feature strategy has no steps: one report at the last milestone.
+    A feature strategy has no steps: it fits once and reports the same accuracy at each milestone.
     """
     eps = _Episodes([strategy], data, shots, queries, episodes, seed, n_way, backbone, embeddings, unlabelled)
     out: list[tuple[int, float]] = []
-    if not hasattr(strategy, "start_episode"):
-        acc = [float(np.mean(strategy.predict_episode(eps.task(strategy, ep)) == ep.query_labels))
-               for ep in eps.episodes]
-        out.append((int(report_steps[-1]), float(np.mean(acc))))
-        if on_report is not None:
-            on_report(*out[-1])
-        return out
     runs = [strategy.start_episode(eps.task(strategy, ep)) for ep in eps.episodes]
     for steps in report_steps:
         acc = []
@@ -222,3 +216,84 @@ def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "") 
                          f"| {delta} | {r['seconds_per_episode']:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixed: dict) -> tuple[pd.DataFrame, str]:
+    """The work of one few-shot cell, wherever it runs (a Tune trial, a plain loop): the inner search
+    on validation episodes when the entry has one, then the test episodes. ``spec``: target, shots,
+    seed, label and the strategy entry; returns the rows and a short line for the progress output."""
+    from tl.models import make_backbone
+
+    target, shots, seed, label = spec["target"], spec["shots"], spec["seed"], spec["label"]
+    entry = StrategyEntry(**spec["entry"])
+    emb = embeddings.get(target) or {}
+    cands = [entry.build(p) for p in entry.candidates()]
+    backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
+    # an adaptation strategy's unlabelled target pool: the validation half (DESIGN section 2), never a test image
+    pool = data[target]["val"] if cands[0].needs_target else None
+    sel = None
+    if len(cands) > 1:
+        sel = select_on_validation(
+            cands, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
+            seed=seed, n_way=fixed["n_way"], backbone=backbone, embeddings=emb.get("val"), unlabelled=pool,
+            rule=fixed.get("val_rule", "full"))
+    strat = cands[sel.best if sel else 0]
+    rows = run_episodes({label: strat}, data[target]["test"], shots=shots, queries=fixed["queries"],
+                        episodes=fixed["episodes"], seed=seed, n_way=fixed["n_way"], backbone=backbone,
+                        embeddings=emb.get("test"), target=target, unlabelled=pool)
+    df = pd.DataFrame(rows)
+    chosen = json.dumps({k: strat.params()[k] for k in entry.search}, sort_keys=True)
+    df["chosen"] = chosen
+    df["val_accuracy"] = sel.scores[sel.best] if sel else float("nan")
+    df["val_scores"] = json.dumps([[{k: c.params()[k] for k in entry.search}, a, n] for c, a, n in
+                                   zip(cands, sel.scores, sel.steps)] if sel else [])
+    extra = f" (chose {chosen} on validation)" if chosen != "{}" else ""
+    return df, f"{100 * df['accuracy'].mean():.1f}%{extra}"
+
+
+VAL_RULES = ("full", "halving")
+
+
+@dataclass
+class Selection:
+    """Validation scores of a cell's candidates: ``scores[i]`` at ``steps[i]`` training steps;
+    ``best`` is the highest score among the candidates trained to their full budget."""
+
+    scores: list[float]
+    steps: list[int]
+    best: int
+
+
+def select_on_validation(cands: list[Strategy], data: ImageSet, *, shots: int, queries: int, episodes: int,
+                         seed: int, n_way: int | None, backbone: Backbone | None, embeddings: np.ndarray | None,
+                         unlabelled: ImageSet | None, rule: str = "full", eta: int = 3) -> Selection:
+    """Score every candidate on the same validation episodes (-inf for one that diverges).
+
+    ``full`` trains every candidate to its full budget. ``halving`` is successive halving (Jamieson
+    and Talwalkar 2016; the rule inside ASHA, Li et al. 2020): every candidate trains a third of its
+    steps, the best ``ceil(n / eta)`` go on to the full budget, and the choice is made among those."""
+    eps = _Episodes(cands, data, shots, queries, episodes, seed, n_way, backbone, embeddings, unlabelled)
+    budgets = [int(getattr(s, s.budget_key)) if s.budget_key else 1 for s in cands]
+    rungs = [[b] if rule == "full" else sorted({max(1, b // eta), b}) for b in budgets]
+    runs: dict[int, list] = {}
+    scores, steps = [float("-inf")] * len(cands), [0] * len(cands)
+    alive = list(range(len(cands)))
+    levels = max(len(r) for r in rungs)
+    for level in range(levels):
+        for i in alive:
+            steps[i] = rungs[i][min(level, len(rungs[i]) - 1)]
+            try:
+                if i not in runs:
+                    runs[i] = [cands[i].start_episode(eps.task(cands[i], ep)) for ep in eps.episodes]
+                acc = []
+                for run, ep in zip(runs[i], eps.episodes):
+                    run.advance(steps[i])
+                    acc.append(float(np.mean(run.predict() == ep.query_labels)))
+                scores[i] = float(np.mean(acc))
+            except TrainingError:
+                scores[i] = float("-inf")  # a candidate that diverges loses the search; the others go on
+        if level + 1 < levels:
+            alive = sorted(alive, key=lambda i: (-scores[i], i))[:max(1, math.ceil(len(alive) / eta))]
+            runs = {i: r for i, r in runs.items() if i in alive}  # free the eliminated candidates' models
+    best = max(alive, key=lambda i: (scores[i], -i))
+    return Selection(scores, steps, best)

@@ -14,9 +14,7 @@ A search space is YAML: ``key: {grid: [...]}``, ``{choice: [...]}``, ``{uniform:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +24,12 @@ import numpy as np
 import pandas as pd
 from ray import tune
 
-from tl.config import config_hash, to_dict
+from tl.config import BackboneFields, EpisodeFields, config_hash, to_dict
 from tl.errors import ConfigError, TLError
+from tl.grid import TrialProgress
 from tl.models import num_stages
-from tl.strategies import TrainedStrategy, make_strategy
+from tl.report import describe, write_best, write_reports
+from tl.strategies import make_strategy
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -62,10 +62,7 @@ def check_space(space: Mapping[str, Any], strategy: str, params: Mapping[str, An
         kind, arg = _space_spec(key, spec)
         values = arg if kind in ("grid", "choice") else arg[:1]
         for v in values:
-            s = make_strategy(strategy, {**params, key: v})
-            if isinstance(s, TrainedStrategy) and not 0 <= s.frozen <= stages:
-                raise ConfigError(f"search space key 'space.{key}': frozen depth {s.frozen} is out of range for "
-                                  f"backbone '{backbone}' (0..{stages})")
+            make_strategy(strategy, {**params, key: v}).check_depth(stages, f"search space key 'space.{key}'")
 
 
 GRID_KEY = "grid_point"
@@ -126,20 +123,15 @@ def _default_space() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(BackboneFields, EpisodeFields):
     """``scheduler``: ``asha`` (early stopping, budget in training steps) or ``none`` (full grid);
     ``search_alg``: ``grid`` (Tune's variant generator: grid and random sampling) or ``optuna``
     (needs the ``optuna`` extra and no ``grid`` keys); ``grid_order``: ``shuffled`` (the grid's points
     in an order seeded by ``seed``: ASHA wastes less on it, see :func:`tune_space`) or ``given``."""
 
     experiment: str = "search"
-    backbone: str = "digits_cnn"
-    weights: str = "pretrained"
-    input_size: int | None = None
     target: str = "mnistm"
     shots: int = 5
-    n_way: int | None = None
-    queries: int = 15
     val_split: str = "adapt"
     test_split: str = "test"
     val_episodes: int = 10
@@ -197,8 +189,8 @@ def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> No
     torch.set_num_threads(1)
     params = {**fixed["params"], **candidate(config, fixed["keys"])}
     strat = make_strategy(fixed["strategy"], params)
-    if isinstance(strat, TrainedStrategy):
-        strat = make_strategy(fixed["strategy"], {**params, "steps": fixed["max_steps"]})
+    if strat.budget_key:
+        strat = make_strategy(fixed["strategy"], {**params, strat.budget_key: fixed["max_steps"]})
     backbone = None if strat.uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
     episodes = fixed["val_episodes"]
 
@@ -214,61 +206,21 @@ def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> No
         tune.report({"val_accuracy": 0.0, "steps": fixed["max_steps"], "trial_steps": 0, "failed": str(exc)})
 
 
-_LOGGERS: dict[int, Callable[[str], None]] = {}
-
-
-class TrialProgress(tune.Callback):
-    """One line per finished trial. Tune pickles its run config, so this holds a key to the logger,
-    not the logger itself (the class is module-level, so it is pickled by reference)."""
-
-    def __init__(self, log: Callable[[str], None], total: int | None, what: str):
-        _LOGGERS[id(log)] = log
-        self.key, self.total, self.what, self.done, self.t0 = id(log), total, what, 0, time.time()
-
-    def _log(self, line: str) -> None:
-        _LOGGERS.get(self.key, print)(f"[{self.what}] {self.done}/{self.total or '?'} {line} "
-                                      f"({time.time() - self.t0:.0f} s)")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        r = trial.last_result or {}
-        line = r.get("progress_line") or ", ".join(f"{k}={v}" for k, v in sorted(flat_config(trial.config).items()))
-        if "val_accuracy" in r and "progress_line" not in r:
-            line += f": validation {100 * r['val_accuracy']:.1f}% at {r.get('steps')} steps"
-        self._log(line)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        cell = trial.config.get("cell")
-        what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}" if cell else trial.config
-        self._log(f"trial {trial.trial_id} ERROR ({what}), no retries left")
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        cell = trial.config.get("cell")
-        what = f"{cell['target']} {cell['shots']}-shot seed {cell['seed']} {cell['label']}" if cell else trial.config
-        _LOGGERS.get(self.key, print)(f"[{self.what}] trial {trial.trial_id} lost ({what}); Tune retries it")
-
-
-def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
+def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> "SearchResult":
     """Search on validation episodes, then evaluate the chosen candidate on test episodes.
 
     Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
     ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
     """
-    import ray
-    import yaml
-
-    from tl.data import load_embedded
+    from tl.data.targets import load_target
     from tl.embeddings import EmbedConfig, extract
-    from tl.fewshot import _run_cell, describe, write_reports
     from tl.pretrain import resolve_weights
-    from tl.runtime import provenance
 
     t0 = time.time()
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
-    target = load_embedded(cfg.target)
-    val, test = target.split(cfg.val_split), target.split(cfg.test_split)
+    target = load_target(cfg.target, None, cfg.test_split, cfg.val_split)
+    val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
     val_emb = test_emb = None
     if strat0.uses_embeddings:
@@ -276,7 +228,7 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
                            cpus_per_actor=min(1.0, cfg.cpus_per_trial))
         val_emb = extract(val, ecfg, str(storage / "cache"), log).vectors
         test_emb = extract(test, ecfg, str(storage / "cache"), log).vectors
-    trained = isinstance(strat0, TrainedStrategy)
+    trained = bool(strat0.budget_key)
     milestones = cfg.milestones() if trained else [cfg.max_steps]
     fixed = {"strategy": cfg.strategy, "params": dict(cfg.params), "keys": sorted(cfg.space), "backbone": cfg.backbone,
              "input_size": cfg.input_size, "shots": cfg.shots, "queries": cfg.queries, "n_way": cfg.n_way,
@@ -306,11 +258,12 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
         f"validation episodes ({cfg.val_split} split), milestones {milestones} steps, scheduler {cfg.scheduler}, "
         f"search {cfg.search_alg}")
     run_config = tune.RunConfig(name=name, storage_path=str(storage / "tune"), verbose=0,
-                                callbacks=[TrialProgress(log, total, "search")])
-    tuner = None
+                                callbacks=[TrialProgress(log, total, "search", _describe)])
+    tuner, resumed = None, False
     if tune.Tuner.can_restore(str(path)):
         try:
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+            resumed = True
             log(f"[search] resuming the search in {path} (finished candidates are kept)")
         except Exception as exc:  # a state file cut short by a crash: keep it aside, start afresh
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
@@ -342,35 +295,73 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
     table = pd.DataFrame(trials)
     params = {**cfg.params, **chosen}
     if trained:
-        params["steps"] = cfg.max_steps
+        params[strat0.budget_key] = cfg.max_steps
     table = table.sort_values(["val_accuracy"], ascending=False)
     table.to_csv(output / "trials.csv", index=False)
     log(f"[search] chosen on validation episodes: {chosen} (validation accuracy {100 * best_row['val_accuracy']:.1f}%, "
         f"compute {int(table['trial_steps'].sum())} episode-steps); evaluating on {cfg.test_episodes} test episodes")
-    plain = to_dict(cfg)
-    cell_cfg = {"backbone": cfg.backbone, "input_size": cfg.input_size, "split": cfg.test_split, "queries": cfg.queries,
-                "episodes": cfg.test_episodes, "n_way": cfg.n_way}
-    label = cfg.strategy if cfg.strategy != "finetune" else f"finetune_k{params.get('frozen', 0)}"
-    task = ray.remote(_run_cell).options(num_cpus=min(1.0, cfg.cpus_per_trial))
-    rows = pd.DataFrame(ray.get(task.remote(cell_cfg, cfg.target, cfg.shots, cfg.seed, label,
-                                            {"strategy": cfg.strategy, "params": params}, weights, test_emb)))
-    prov = provenance()
-    rows["config"] = json.dumps(plain, sort_keys=True)
-    rows["git_commit"], rows["versions"] = prov["git_commit"], json.dumps(prov["versions"], sort_keys=True)
-    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
-    note = describe({**cell_cfg, "weights": cfg.weights}, rows, weights).replace(
-        "Hyper-parameters are the strategies' defaults: nothing here was chosen on these test episodes.",
-        f"Hyper-parameters ({', '.join(cfg.space)}) were chosen by a Ray Tune search on {cfg.val_episodes} validation "
-        f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes.")
-    write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
+    rows = _test_phase(cfg, params, weights, {"test": test, "val": val}, test_emb, storage, log)
+    note = describe(to_dict(cfg), cfg.test_split, rows, weights,
+                    f", except {', '.join(cfg.space)}, chosen by a Ray Tune search on {cfg.val_episodes} validation "
+                    f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes")
+    summary = write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
     test_acc = float(rows["accuracy"].mean())
-    best = {"target": cfg.target, "shots": cfg.shots, "strategy": cfg.strategy, "params": params,
-            "val_accuracy": float(best_row["val_accuracy"]), "test_accuracy": test_acc,
-            "test_episodes": cfg.test_episodes, "chosen_on": f"{cfg.val_episodes} validation episodes, split {cfg.val_split}",
-            "trial_steps": int(table["trial_steps"].sum()), "experiment": str(path)}
-    tmp = output / "best.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(best, sort_keys=False))
-    os.replace(tmp, output / "best.yaml")
+    top = summary.iloc[0]
+    entry = {"label": rows["strategy"].iloc[0], "strategy": cfg.strategy, "params": params,
+             "accuracy": round(test_acc, 4), "ci95": round(float(top["ci95"]), 4), "episodes": int(top["episodes"]),
+             "chosen_on_validation": chosen, "val_accuracy": round(float(best_row["val_accuracy"]), 4)}
+    write_best(output / "best.yaml", cfg, weights, {cfg.target: {cfg.shots: entry}},
+               f"chosen by a Ray Tune search on {cfg.val_episodes} validation episodes of the `{cfg.val_split}` split",
+               search={"trial_steps": int(table["trial_steps"].sum()), "experiment": str(path)})
     log(f"[search] test accuracy {100 * test_acc:.1f}% over {cfg.test_episodes} episodes; {output / 'best.yaml'} "
         f"({time.time() - t0:.0f} s)")
-    return {**best, "trials": table, "wall_s": time.time() - t0, "output": str(output)}
+    return SearchResult(params=params, chosen=chosen, val_accuracy=float(best_row["val_accuracy"]),
+                        test_accuracy=test_acc, trial_steps=int(table["trial_steps"].sum()), trials=table,
+                        wall_s=time.time() - t0, output=output, resumed=resumed)
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(flat_config(config).items()))
+
+
+def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict, test_emb, storage: Path,
+                log: Callable[[str], None]) -> pd.DataFrame:
+    """The chosen candidate on the test episodes: one cell of the grid engine (kept, so a rerun
+    of the same search reuses it)."""
+    from tl.evaluate import run_cell
+    from tl.grid import Cell, CellStore, run_cells, stamp
+    from tl.strategies import StrategyEntry
+
+    entry = StrategyEntry(cfg.strategy, params=params)
+    label = entry.name()
+    identity = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
+                "test_split": cfg.test_split, "n_way": cfg.n_way, "queries": cfg.queries,
+                "episodes": cfg.test_episodes, "strategy": cfg.strategy, "params": params}
+    cell = Cell.make((cfg.target, f"{cfg.shots}shot", f"seed{cfg.seed}", label), identity,
+                     f"{cfg.target} {cfg.shots}-shot seed {cfg.seed} {label} (test episodes)",
+                     {"target": cfg.target, "shots": cfg.shots, "seed": cfg.seed, "label": label, "entry": entry.plain()},
+                     cpu=min(1.0, cfg.cpus_per_trial))
+    store = CellStore(storage / "runs" / cfg.experiment / "cells")
+    shared = {"data": {cfg.target: data}, "embeddings": {cfg.target: {"test": test_emb}}, "weights": weights,
+              "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
+                        "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes}}
+    res = run_cells([cell], store, run_cell, shared=shared, what="search", storage=storage, log=log)
+    if res.failed or res.unfinished:
+        raise TLError(f"the test episodes of the chosen candidate did not finish: "
+                      f"{res.failed[0][1] if res.failed else 'interrupted'}")
+    return stamp(res.rows(store), to_dict(cfg))
+
+
+@dataclass
+class SearchResult:
+    """The search's choice and what it cost; ``trials``: every candidate (also in trials.csv)."""
+
+    params: dict
+    chosen: dict
+    val_accuracy: float
+    test_accuracy: float
+    trial_steps: int
+    trials: pd.DataFrame
+    wall_s: float
+    output: Path
+    resumed: bool = False

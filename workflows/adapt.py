@@ -18,7 +18,7 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     args = p.parse_args()
 
-    from tl.adapt.experiment import AdaptExperimentConfig, run_experiment
+    from tl.adapt_bench import AdaptExperimentConfig, run_experiment
     from tl.config import load_config
     from tl.runtime import resolve_storage
 
@@ -38,7 +38,7 @@ def main() -> int:
     out = run_experiment(cfg, storage, output)
     (output / "command.txt").write_text("python -m workflows.adapt " + " ".join(_cli.shlex_args()) + "\n")
     print(f"runs: {output / 'runs.csv'}\nsummary: {output / 'summary.md'}")
-    return 2 if out["failures"] else 0
+    return 2 if out.failures else 0
 
 
 if __name__ == "__main__":

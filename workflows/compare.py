@@ -1,6 +1,6 @@
 """The main job: compare transfer strategies on the same seeded episodes, each cell a Ray Tune trial.
 
-    python -m workflows.compare                       # the embedded digits suite (about ten minutes)
+    python -m workflows.compare                       # the embedded digits suite (about six minutes)
     python -m workflows.compare --set 'shots=[1,5]' --set episodes=100
     python -m workflows.compare --address ray://head:10001 --storage /shared/tl --output /shared/results/x
 """
@@ -12,9 +12,14 @@ from pathlib import Path
 
 from workflows import _cli
 
+SMOKE = {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3, "val_episodes": 2,
+         "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
+                        {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
 
-def main() -> int:
-    p = _cli.parser("compare", "Compare transfer strategies (feature extraction, fine-tuning, ...) with honest CIs.")
+
+def main(prog: str = "compare", description: str = "Compare transfer strategies (feature extraction, "
+         "fine-tuning, ...) with honest CIs.", preset: dict | None = None, smoke: dict = SMOKE) -> int:
+    p = _cli.parser(prog, description)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (the same as running the same command again)")
     p.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
@@ -26,16 +31,13 @@ def main() -> int:
     from tl.config import load_config
     from tl.runtime import resolve_storage
 
-    base: dict = {}
+    base: dict = dict(preset or {})
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         # the local Ray has more logical CPUs than cores; one trained cell per core is faster than
         # two single-threaded cells sharing one (results/bench/compare.md: 168.8 s against 180.8 s)
         base["cpus_per_trial"] = _cli.local_cpus() / (os.cpu_count() or 1)
     if args.smoke_test:
-        base |= {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3,
-                 "val_episodes": 2,
-                 "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
-                                {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
+        base |= smoke
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
     output = Path(args.output or f"results/{cfg.experiment}")
@@ -44,10 +46,10 @@ def main() -> int:
         return 0
     _cli.init_ray(args.address)
     out = run_compare(cfg, storage, output, retry_failed=args.retry_failed)
-    (output / "command.txt").write_text("python -m workflows.compare " + " ".join(_cli.shlex_args()) + "\n")
+    (output / "command.txt").write_text(f"python -m workflows.{prog} " + " ".join(_cli.shlex_args()) + "\n")
     print(f"rows: {output / 'rows.parquet'}\nsummary: {output / 'summary.md'}\nbest: {output / 'best.yaml'}\n"
           f"plot: {output / 'accuracy_vs_shots.png'}")
-    return 2 if out["failures"] else 0
+    return 2 if out.failures else 0
 
 
 if __name__ == "__main__":

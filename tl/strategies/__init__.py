@@ -1,30 +1,8 @@
-"""Strategy registry: one small file per strategy, one line here to register it."""
+"""Transfer strategies: one small file per strategy, registered by name (``registry.py``)."""
 
-from __future__ import annotations
-
-from typing import Any
-
-from tl.config import from_dict
-from tl.errors import ConfigError
 from tl.strategies.base import EpisodeTask, FeatureStrategy, Strategy, TrainedStrategy
-from tl.strategies.adapt import ADAPT_STRATEGIES
-from tl.strategies.feature import LinearProbe, Logistic, Prototype
-from tl.strategies.finetune import Finetune, LPFT, Scratch
+from tl.strategies.entry import StrategyEntry, check_labels
+from tl.strategies.registry import REGISTRY, make_strategy, registered
 
-REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, Finetune, LPFT, Scratch, *ADAPT_STRATEGIES)
-}
-
-
-def registered(family: str | None = None) -> list[str]:
-    return [n for n, c in REGISTRY.items() if family is None or c.family == family]
-
-
-def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
-    """A strategy by name with hyper-parameters; unknown names and keys are errors naming them."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown strategy '{name}' (registered: {', '.join(REGISTRY)})")
-    return from_dict(REGISTRY[name], dict(params or {}), prefix=f"strategies.{name}")
-
-
-__all__ = ["EpisodeTask", "FeatureStrategy", "Strategy", "TrainedStrategy", "REGISTRY", "make_strategy", "registered"]
+__all__ = ["EpisodeTask", "FeatureStrategy", "Strategy", "StrategyEntry", "TrainedStrategy", "check_labels",
+           "REGISTRY", "make_strategy", "registered"]

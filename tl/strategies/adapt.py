@@ -97,6 +97,11 @@ class AdaptStrategy(TrainedStrategy):
         """The alignment coefficient at ``step`` of ``steps`` (the GRL's λ for the adversarial losses)."""
         return coefficient(self.schedule, step / self.steps, self.weight, self.gamma)
 
+    def episode_cost(self, shots: int) -> float:
+        """Every step also trains on a target batch and a source batch, whatever the shots."""
+        return float(self.steps) * (min(shots * 10, self.batch_size) + self.target_batch_size
+                                    + self.source_batch_size) / 100
+
     def lr_scale(self, step: int) -> float:
         """Ganin et al.'s annealing μ_p / μ0 = (1 + 10 p)^−0.75, or 1."""
         if self.lr_schedule == "constant":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,13 +51,46 @@ class Strategy:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     uses_embeddings: ClassVar[bool] = False
+    needs_target: ClassVar[bool] = False  # trains on an unlabelled target pool (adaptation)
+    budget_key: ClassVar[str | None] = None  # the hyper-parameter that counts training steps (a search's budget)
 
     def predict_episode(self, task: EpisodeTask) -> np.ndarray:
         """Predicted labels for the episode's queries."""
         raise NotImplementedError
 
+    def start_episode(self, task: EpisodeTask) -> "EpisodeRun | FittedEpisode":
+        """An episode that ``advance(steps)`` trains and ``predict()`` scores; a strategy without
+        training steps fits at once (so a search reports it once, at any milestone)."""
+        return FittedEpisode(self, task)
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def display_label(self, searched: Iterable[str] = ()) -> str:
+        """The strategy's name in tables; ``searched``: hyper-parameters chosen per cell."""
+        return self.name
+
+    def check_depth(self, stages: int, where: str) -> None:
+        """Raise when this strategy cannot run on a backbone with ``stages`` stages."""
+
+    def episode_cost(self, shots: int) -> float:
+        """A relative cost of one episode, to start long cells first (no idle cores at the tail)."""
+        return 0.01
+
+
+class FittedEpisode:
+    """An episode of a strategy without training steps: predictions are fixed at the start."""
+
+    def __init__(self, strategy: Strategy, task: EpisodeTask):
+        self.strategy, self.task, self._pred = strategy, task, None
+
+    def advance(self, steps: int) -> None:
+        """Nothing to train."""
+
+    def predict(self) -> np.ndarray:
+        if self._pred is None:
+            self._pred = self.strategy.predict_episode(self.task)
+        return self._pred
 
 
 @dataclass(frozen=True)
@@ -90,6 +123,7 @@ class TrainedStrategy(Strategy):
     """
 
     family: ClassVar[str] = "finetune"
+    budget_key: ClassVar[str | None] = "steps"
     frozen: int = 0
     lr: float = 0.01
     backbone_lr_mult: float = 1.0
@@ -100,6 +134,14 @@ class TrainedStrategy(Strategy):
     batch_norm: str = "frozen"
     clip_grad: float = 1.0
     augment: str = "none"
+
+    def check_depth(self, stages: int, where: str) -> None:
+        if not 0 <= self.frozen <= stages:
+            raise ConfigError(f"{where}: frozen depth {self.frozen} is out of range for a backbone of {stages} "
+                              f"stages (0..{stages})")
+
+    def episode_cost(self, shots: int) -> float:
+        return float(self.steps) * max(1, min(shots * 10, self.batch_size)) / 100
 
     def __post_init__(self) -> None:
         from tl.train.augment import AUGMENTATIONS

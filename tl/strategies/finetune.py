@@ -19,6 +19,10 @@ class Finetune(TrainedStrategy):
 
     name = "finetune"
 
+    def display_label(self, searched=()) -> str:
+        """``finetune_k<frozen>`` unless the frozen depth is chosen per cell."""
+        return self.name if "frozen" in searched else f"finetune_k{self.frozen}"
+
 
 @dataclass(frozen=True)
 class LPFT(TrainedStrategy):

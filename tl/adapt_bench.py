@@ -1,18 +1,19 @@
 """The unsupervised adaptation benchmark: source-only and each method, on each target, over seeds,
 with three model-selection rules reported side by side (DESIGN section 3).
 
-Each run is one Ray Train run (``tl.adapt.run.adapt``), scored at every checkpoint. Per run, a rule
+Each run is one Ray Train run, scored at every checkpoint, and one cell of ``tl.grid``: a Tune trial
+that builds and fits its ``TorchTrainer`` (Train V2's Tune-around-function pattern), so a cluster
+runs several at once. Per run, a rule
 picks one checkpoint and the table reports that checkpoint's target test accuracy:
 the last iterate; (a) the highest source validation accuracy; (b) the highest unsupervised score on
 the unlabelled target pool (IM, and SND beside it); (c) the oracle, the highest target test accuracy,
-which uses test labels and is an upper bound, never a result. Finished runs are kept in
-``<output>/runs/`` and skipped when the same experiment runs again; an unfinished run resumes from
-its last Ray Train checkpoint.
+which uses test labels and is an upper bound, never a result. Finished runs are kept in the cell
+store ``<storage>/runs/<experiment>/cells`` and skipped when the same experiment runs again; an
+unfinished run resumes from its last Ray Train checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from tl.adapt.run import UDA_RECIPE, AdaptConfig, adapt
-from tl.config import config_hash, to_dict
-from tl.errors import ConfigError, TLError, TrainingError
-from tl.runtime import provenance
+from tl.config import BackboneFields, config_hash, to_dict
+from tl.errors import ConfigError, TrainingError
+from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
+from tl.strategies import StrategyEntry, check_labels
 
 RULES = {
     "last": ("last iterate", None),
@@ -36,32 +38,20 @@ RULES = {
 }
 
 
-@dataclass(frozen=True)
-class MethodEntry:
-    strategy: str
-    label: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def name(self) -> str:
-        return self.label or self.strategy
-
-
-def _default_methods() -> tuple[MethodEntry, ...]:
-    return tuple(MethodEntry(s) for s in ("source_only", "dann", "cdan", "mmd", "coral"))
+def _default_methods() -> tuple[StrategyEntry, ...]:
+    return tuple(StrategyEntry(s) for s in ("source_only", "dann", "cdan", "mmd", "coral"))
 
 
 @dataclass(frozen=True)
-class AdaptExperimentConfig:
+class AdaptExperimentConfig(BackboneFields):
     """``params``: shared by every method, over ``UDA_RECIPE`` and under each method's own params;
-    ``score``: the unsupervised rule named (b) in the headline (both IM and SND are recorded)."""
+    ``score``: the unsupervised rule named (b) in the headline (both IM and SND are recorded);
+    ``max_concurrent``: runs at once (0: as many as the cluster's CPUs hold, ``workers`` each)."""
 
     experiment: str = "adapt"
-    backbone: str = "digits_cnn"
-    weights: str = "pretrained"
-    input_size: int | None = None
     source: str = "mnist"
     targets: tuple[str, ...] = ("mnistm", "optdigits")
-    methods: tuple[MethodEntry, ...] = field(default_factory=_default_methods)
+    methods: tuple[StrategyEntry, ...] = field(default_factory=_default_methods)
     params: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
     score: str = "im"
@@ -70,20 +60,19 @@ class AdaptExperimentConfig:
     use_gpu: bool = False
     checkpoint_every: int = 100
     max_failures: int = 2
+    max_concurrent: int = 0
 
     def __post_init__(self) -> None:
         if not self.targets or not self.methods or not self.seeds:
             raise ConfigError("config keys 'targets', 'methods' and 'seeds' must not be empty")
         if self.score not in ("im", "snd"):
             raise ConfigError(f"config key 'score' must be 'im' or 'snd', got '{self.score}'")
-        labels = [m.name() for m in self.methods]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"config key 'methods': two entries share a label ({labels})")
+        check_labels(self.methods, "methods")
         for t in self.targets:
             for m in self.methods:
                 self.run_config(t, m, self.seeds[0])  # every run's config is valid before any work starts
 
-    def run_config(self, target: str, method: MethodEntry, seed: int) -> AdaptConfig:
+    def run_config(self, target: str, method: StrategyEntry, seed: int) -> AdaptConfig:
         try:
             return AdaptConfig(backbone=self.backbone, weights=self.weights, input_size=self.input_size,
                                source=self.source, target=target, strategy=method.strategy,
@@ -111,8 +100,37 @@ def run_rows(record: dict, label: str) -> list[dict]:
         rows.append({"target": record["target"], "method": label, "strategy": record["strategy"],
                      "seed": record["seed"], "source": record["source"], **h,
                      "selected_by": ",".join(r for r, s in chosen.items() if s == h["step"]),
-                     "run": record["key"], "run_wall_s": record["wall_s"]})
+                     "run": record["key"], "run_wall_s": record["wall_s"],
+                     "source_images": record["sizes"]["source"], "target_images": record["sizes"]["target"]})
     return rows
+
+
+TRIAL_CPU = 0.05  # an adaptation trial only drives its trainer, whose workers hold the CPUs
+
+
+def _run_cell(spec: dict, storage: str) -> tuple[pd.DataFrame, str]:
+    """One adaptation run inside a Tune trial: its TorchTrainer is built and fitted here."""
+    from tl.config import from_dict
+
+    cfg = from_dict(AdaptConfig, spec["run"])
+    started = time.time()
+    record = adapt(cfg, Path(storage), log=lambda line: print(line, flush=True))
+    rows = pd.DataFrame(run_rows(record, spec["label"]))
+    rows["started_at"], rows["finished_at"] = started, time.time()
+    last = record["history"][-1]
+    return rows, f"target test {100 * last['target_test_accuracy']:.1f}% (last iterate), {record['wall_s']:.0f} s"
+
+
+def cells(cfg: AdaptExperimentConfig) -> list[Cell]:
+    """One cell per (target, method, seed); its identity is the run's own key."""
+    out = []
+    for t in cfg.targets:
+        for m in cfg.methods:
+            for s in cfg.seeds:
+                run = cfg.run_config(t, m, s)
+                out.append(Cell((t, m.name(), f"seed{s}"), run.key(), f"{cfg.source}->{t} {m.name()} seed {s}",
+                                {"label": m.name(), "run": to_dict(run)}, cpu=TRIAL_CPU))
+    return out
 
 
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
@@ -213,11 +231,12 @@ def summary_markdown(summary: pd.DataFrame, note: str, score: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(cfg: AdaptExperimentConfig, record: dict) -> str:
+def describe(cfg: AdaptExperimentConfig, rows: pd.DataFrame) -> str:
     p = {**UDA_RECIPE, **cfg.params}
+    first = rows.iloc[0]
     return (f"Unsupervised domain adaptation {cfg.source} → each target: labelled `{cfg.source}` train split "
-            f"({record['sizes']['source']} images), the target's unlabelled `adapt` split as the target stream "
-            f"({record['sizes']['target']} images for {record['target']}), scored on the target's `test` split. "
+            f"({first['source_images']} images), the target's unlabelled `adapt` split as the target stream "
+            f"({first['target_images']} images for {first['target']}), scored on the target's `test` split. "
             f"Backbone {cfg.backbone} ({cfg.weights}), {p['steps']} steps of {p['batch_size']} source + "
             f"{p['target_batch_size']} target images, SGD momentum {p['momentum']}, lr {p['lr']} "
             f"({p['lr_schedule']} annealing), BatchNorm `{p['batch_norm']}` with a `{p['bn_forward']}` forward, "
@@ -228,61 +247,67 @@ def describe(cfg: AdaptExperimentConfig, record: dict) -> str:
             f"result). Nothing was chosen on the target test split. Config hash {config_hash(to_dict(cfg))}.")
 
 
+def _concurrent(cfg: AdaptExperimentConfig) -> int:
+    """Runs at once: as many trainers as the cluster's CPUs hold, ``workers`` each, with room for
+    the Ray Data tasks that feed them (DESIGN section 5: starvation hangs)."""
+    import ray
+
+    from tl.runtime import cpus_per_worker
+
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(total // (cfg.workers * cpus_per_worker(cfg.workers) + 0.5)))
+
+
 def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every missing run in turn, then write ``runs.csv``, ``summary.csv``, ``summary.md`` and
-    ``curves.png`` (target accuracy over training steps: a diagnostic)."""
+                   log: Callable[[str], None] = print, retry_failed: bool = False) -> "AdaptResult":
+    """Run every missing run as a Tune trial (several at once where the cluster has room), then
+    write ``runs.csv``, ``summary.csv``, ``summary.md`` and ``curves.png`` (target accuracy over
+    training steps: a diagnostic)."""
+    from tl.pretrain import resolve_weights
+
     t0 = time.time()
-    runs_dir = output / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(t, m, s) for t in cfg.targets for m in cfg.methods for s in cfg.seeds]
-    keys = {(t, m.name(), s): cfg.run_config(t, m, s).key() for t, m, s in plan}
-    done = sum((runs_dir / f"{k}.json").exists() for k in keys.values())
-    log(f"[adapt] {len(plan)} runs ({len(cfg.targets)} targets x {len(cfg.methods)} methods x {len(cfg.seeds)} "
-        f"seeds); {done} already finished in {runs_dir}")
-    failures, records = [], []
-    for i, (target, method, seed) in enumerate(plan):
-        key = keys[(target, method.name(), seed)]
-        path = runs_dir / f"{key}.json"
-        if path.exists():
-            records.append((method.name(), json.loads(path.read_text())))
-            continue
-        try:
-            record = adapt(cfg.run_config(target, method, seed), storage, log=log)
-        except TLError as exc:
-            failures.append(f"{target} {method.name()} seed {seed}: {exc}")
-            log(f"[adapt] FAILED {failures[-1]}")
-            continue
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
-        records.append((method.name(), record))
-        last = record["history"][-1]
-        log(f"[adapt] {i + 1}/{len(plan)} {cfg.source}->{target} {method.name()} seed {seed}: target test "
-            f"{100 * last['target_test_accuracy']:.1f}% (last iterate) ({time.time() - t0:.0f} s so far)")
-    if not records:
+    output.mkdir(parents=True, exist_ok=True)
+    resolve_weights(cfg.weights, cfg.backbone, storage, log)  # pretrain once here, never inside a trial
+    store = CellStore(storage / "runs" / cfg.experiment / "cells")
+    grid = cells(cfg)
+    concurrent = _concurrent(cfg)
+    log(f"[adapt] {len(grid)} runs ({len(cfg.targets)} targets x {len(cfg.methods)} methods x {len(cfg.seeds)} "
+        f"seeds), up to {concurrent} at once; finished runs are kept in {store.root}")
+    result = run_cells(grid, store, _run_cell, shared={"storage": str(storage)}, what="adapt", storage=storage,
+                       log=log, retry_failed=retry_failed, max_concurrent=concurrent, max_failures=cfg.max_failures)
+    failures = [f"{c.what}: {msg}" for c, msg in result.failed] + [f"{c.what}: unfinished" for c in result.unfinished]
+    rows = result.rows(store)
+    if rows.empty:
         raise TrainingError("no adaptation run finished:\n" + "\n".join(failures))
-    rows = pd.DataFrame([row for label, rec in records for row in run_rows(rec, label)])
     summary = summarize(rows)
     summary.insert(0, "source", cfg.source)
-    prov = provenance()
-    rows["git_commit"] = prov["git_commit"]
-    rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
-    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
-    rows["config"] = json.dumps(to_dict(cfg), sort_keys=True)
+    rows = stamp(rows, to_dict(cfg))
     rows.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "summary.csv", index=False)
-    note = describe(cfg, records[0][1])
+    note = describe(cfg, rows)
     if failures:
         note += "\n\nFAILED runs:\n" + "\n".join(f"- {f}" for f in failures)
     wall = time.time() - t0
-    runs_wall = sum(rec["wall_s"] for _, rec in records)
-    note += (f"\n\nWall time: {runs_wall / 60:.1f} min for the {len(records)} runs (the sum of each run's wall time, "
-             f"Ray Train start-up included); this invocation took {wall / 60:.1f} min (finished runs are reused).")
+    runs = rows.groupby("run").first()
+    span = runs["finished_at"].max() - runs["started_at"].min()
+    note += (f"\n\nWall time: {runs['run_wall_s'].sum() / 60:.1f} min for the {len(runs)} runs (the sum of each "
+             f"run's wall time, Ray Train start-up included), {span / 60:.1f} min from the first start to the last end "
+             f"(up to {concurrent} at once); this invocation took {wall / 60:.1f} min (finished runs are reused).")
     curve = curves(rows)
     plot_curves(curve, output / "curves.png", cfg.source)
     text = summary_markdown(summary, note, cfg.score) + "\n" + "\n".join(curves_markdown(curve)) + \
         "\n![training curves](curves.png)\n"
     (output / "summary.md").write_text(text)
-    log(f"[adapt] {len(records)} runs; summary in {output / 'summary.md'} ({wall:.0f} s)")
-    return {"runs": len(records), "failures": failures, "output": str(output), "wall_s": wall, "summary": summary}
+    log(f"[adapt] {len(runs)} runs; summary in {output / 'summary.md'} ({wall:.0f} s)")
+    return AdaptResult(grid=result, failures=failures, output=output, wall_s=wall, summary=summary)
+
+
+@dataclass
+class AdaptResult:
+    grid: GridResult
+    failures: list[str]
+    output: Path
+    wall_s: float
+    summary: pd.DataFrame

@@ -1,0 +1,230 @@
+"""The one engine for every grid of cells: comparison cells, a search's test phase, the
+fixed-hyper-parameter tables and the adaptation benchmark's runs.
+
+A cell has an identity (its file name: readable parts and a hash of everything else that changes
+its rows) and the resources its trial asks for. The cell store keeps each finished cell as one
+Parquet file and each failed one as a ``.failed.json`` with its message, written atomically, so a
+run that is interrupted loses only unfinished cells and running the same grid again *is*
+resuming. The todo cells run as Ray Tune trials (one trial per cell, longest first, so no core
+idles at the tail); a trial that crashes with an error that is not a ``TLError`` is retried by
+Tune, then recorded as failed with its exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from ray import tune
+
+from tl.config import config_hash
+from tl.errors import TLError
+
+CellFn = Callable[..., "tuple[pd.DataFrame, str]"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """``parts``: the readable identity (target, shots, ...); ``ident``: hashes everything else;
+    ``spec``: what the cell function needs (JSON); ``cost``: relative, to start long cells first."""
+
+    parts: tuple[str, ...]
+    ident: str
+    what: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    cpu: float = 1.0
+    gpu: float = 0.0
+    cost: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "__".join(p.replace(":", "_").replace("/", "_") for p in self.parts) + "__" + self.ident
+
+    @staticmethod
+    def from_plain(d: dict) -> "Cell":
+        return Cell(**{**d, "parts": tuple(d["parts"])})
+
+    @staticmethod
+    def make(parts: tuple[str, ...], identity: dict, what: str, spec: dict, **kw) -> "Cell":
+        return Cell(tuple(parts), config_hash(identity, 10), what, spec, **kw)
+
+
+class CellStore:
+    """Finished and failed cells under one folder (shared storage on a cluster)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _path(self, cell: Cell, suffix: str) -> Path:
+        return self.root / (cell.name + suffix)
+
+    def status(self, cell: Cell) -> str:
+        if self._path(cell, ".parquet").exists():
+            return "done"
+        return "failed" if self._path(cell, ".failed.json").exists() else "todo"
+
+    def save(self, cell: Cell, rows: pd.DataFrame) -> None:
+        import io
+
+        buf = io.BytesIO()
+        rows.to_parquet(buf)
+        _atomic_write(self._path(cell, ".parquet"), buf.getvalue())
+        self._path(cell, ".failed.json").unlink(missing_ok=True)
+
+    def fail(self, cell: Cell, message: str) -> None:
+        _atomic_write(self._path(cell, ".failed.json"),
+                      json.dumps({"cell": list(cell.parts), "what": cell.what, "error": message}).encode())
+
+    def load(self, cell: Cell) -> pd.DataFrame:
+        return pd.read_parquet(self._path(cell, ".parquet"))
+
+    def error(self, cell: Cell) -> str:
+        return json.loads(self._path(cell, ".failed.json").read_text())["error"]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class GridResult:
+    """What one pass over a grid did: ``ran`` trials started now, ``skipped`` cells finished before,
+    ``failed`` (cell, message) pairs (this time or before), ``unfinished`` cells (interrupted)."""
+
+    cells: list[Cell]
+    done: list[Cell]
+    failed: list[tuple[Cell, str]]
+    unfinished: list[Cell]
+    ran: int = 0
+    skipped: int = 0
+
+    def rows(self, store: CellStore) -> pd.DataFrame:
+        parts = [store.load(c) for c in self.done]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def plan(cells: list[Cell], store: CellStore, retry_failed: bool = False) -> dict[str, list[Cell]]:
+    """Which cells are finished, failed before (kept unless ``retry_failed``) or still to run."""
+    out: dict[str, list[Cell]] = {"done": [], "failed": [], "todo": []}
+    for c in cells:
+        s = store.status(c)
+        out["todo" if s == "failed" and retry_failed else s].append(c)
+    out["todo"].sort(key=lambda c: c.cost, reverse=True)
+    return out
+
+
+def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
+    """One cell as a Tune trial: its rows reach the store before the trial reports."""
+    import ray
+    import torch
+
+    torch.set_num_threads(1)  # one core per trial: trials are the parallel axis
+    cell = Cell.from_plain(config["cell"])
+    store = CellStore(root)
+    t0 = time.time()
+    try:
+        rows, line = fn(cell.spec, **shared)
+    except TLError as exc:  # a diverging cell is a recorded result, not a crash for Tune to retry
+        msg = f"{type(exc).__name__}: {exc}"
+        store.fail(cell, msg)
+        tune.report({"failed": msg, "progress_line": f"{cell.what}: FAILED {msg}"})
+        return
+    rows["cell_seconds"] = time.time() - t0
+    rows["node"], rows["host"] = ray.get_runtime_context().get_node_id(), platform.node()
+    store.save(cell, rows)
+    tune.report({"failed": "", "progress_line": f"{cell.what}: {line}"})
+
+
+def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, what: str, storage: Path,
+              log: Callable[[str], None] = print, retry_failed: bool = False, max_concurrent: int = 0,
+              max_failures: int = 2) -> GridResult:
+    """Run the todo cells of ``cells`` as Tune trials (``fn(spec, **shared) -> (rows, line)``);
+    return what is finished, failed and unfinished afterwards."""
+    p = plan(cells, store, retry_failed)
+    todo = p["todo"]
+    if todo:
+        by_name = {c.name: c for c in todo}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, fn=fn, root=str(store.root), shared=shared),
+            lambda config: {"cpu": config["cell"]["cpu"], "gpu": config["cell"]["gpu"]})
+        tuner = tune.Tuner(
+            trainable, param_space={"cell": tune.grid_search([_plain(c) for c in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"{what}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage / "tune"),
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures),
+                                      callbacks=[TrialProgress(log, len(todo), what)]))
+        for res in tuner.fit():
+            if res.error is not None:  # a crash (a bug, out of memory) after Tune's retries: keep its exception
+                cell = by_name[Cell.from_plain(res.config["cell"]).name]
+                lines = [ln for ln in str(res.error).splitlines() if ln.strip()]
+                store.fail(cell, f"crashed: {type(res.error).__name__}: {lines[-1] if lines else ''}")
+    after = plan(cells, store)
+    return GridResult(cells=list(cells), done=after["done"],
+                      failed=[(c, store.error(c)) for c in after["failed"]], unfinished=after["todo"],
+                      ran=len(todo), skipped=len(p["done"]))
+
+
+def _plain(cell: Cell) -> dict:
+    d = asdict(cell)
+    d["parts"] = list(cell.parts)
+    return d
+
+
+_LOGGERS: dict[int, Callable[[str], None]] = {}
+
+
+class TrialProgress(tune.Callback):
+    """One line per finished trial (``done/total``, its ``progress_line``, seconds so far). Tune
+    pickles its run config, so this holds a key to the logger, not the logger itself."""
+
+    def __init__(self, log: Callable[[str], None], total: int | None, what: str,
+                 describe: Callable[[dict], str] | None = None):
+        _LOGGERS[id(log)] = log
+        self.key, self.total, self.what, self.done, self.t0 = id(log), total, what, 0, time.time()
+        self.describe = describe
+
+    def _say(self, line: str) -> None:
+        _LOGGERS.get(self.key, print)(f"[{self.what}] {line}")
+
+    def _name(self, trial) -> str:
+        cell = trial.config.get("cell")
+        if cell:
+            return cell["what"]
+        return self.describe(trial.config) if self.describe else str(trial.config)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        line = r.get("progress_line") or self._name(trial)
+        if "val_accuracy" in r and "progress_line" not in r:
+            line += f": validation {100 * r['val_accuracy']:.1f}% at {r.get('steps')} steps"
+        self._say(f"{self.done}/{self.total or '?'} {line} ({time.time() - self.t0:.0f} s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._say(f"{self.done}/{self.total or '?'} trial {trial.trial_id} ERROR ({self._name(trial)}), no retries "
+                  f"left ({time.time() - self.t0:.0f} s)")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._say(f"trial {trial.trial_id} lost ({self._name(trial)}); Tune retries it")
+
+
+def stamp(rows: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """Provenance on every row: the resolved config, git commit, package versions, hardware."""
+    from tl.runtime import provenance
+
+    prov = provenance()
+    rows["config"] = json.dumps(config, sort_keys=True)
+    rows["git_commit"] = prov["git_commit"]
+    rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
+    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
+    return rows

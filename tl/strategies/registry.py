@@ -1,0 +1,27 @@
+"""Strategy registry: one small file per strategy, one line here to register it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tl.config import from_dict
+from tl.errors import ConfigError
+from tl.strategies.adapt import ADAPT_STRATEGIES
+from tl.strategies.base import Strategy
+from tl.strategies.feature import LinearProbe, Logistic, Prototype
+from tl.strategies.finetune import Finetune, LPFT, Scratch
+
+REGISTRY: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, Finetune, LPFT, Scratch, *ADAPT_STRATEGIES)
+}
+
+
+def registered(family: str | None = None) -> list[str]:
+    return [n for n, c in REGISTRY.items() if family is None or c.family == family]
+
+
+def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
+    """A strategy by name with hyper-parameters; unknown names and keys are errors naming them."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown strategy '{name}' (registered: {', '.join(REGISTRY)})")
+    return from_dict(REGISTRY[name], dict(params or {}), prefix=f"strategies.{name}")
