@@ -2,6 +2,7 @@
 Ray Data batch inference, loads in a fresh process from the folder alone, names corrupt images and
 predicts the rest, and refuses partial folders and weights of another architecture."""
 
+import ast
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ from PIL import Image
 
 from tl.data import load_embedded
 from tl.errors import ConfigError, DataError, WeightsError
-from tl.export import MANIFEST, MODEL_FILE, ExportConfig, embed, export, load_model, read_best, scores
+from tl.export import ExportConfig, embed, export, read_best
+from tl.model_file import MANIFEST, MODEL_FILE, load_model, scores
 from tl.models import Classifier, build_backbone, save_weights
 from tl.predict import predict
 from tl.strategies import make_strategy
@@ -116,7 +118,7 @@ def test_model_folder_loads_in_a_fresh_process_without_the_training_config(pretr
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
     code = ("import json, numpy as np\n"
             "from tl.data import load_embedded\n"
-            "from tl.export import load_model, scores\n"
+            "from tl.model_file import load_model, scores\n"
             f"model, classes, manifest = load_model({str(moved)!r})\n"
             "test = load_embedded('mnistm').split('test')\n"
             "acc = float((scores(model, test.images).argmax(1) == test.labels).mean())\n"
@@ -129,14 +131,38 @@ def test_model_folder_loads_in_a_fresh_process_without_the_training_config(pretr
     assert m["comparison"]["entry"]["strategy"] == "prototype" and m["head"]["scale"] == 10.0
 
 
-def _png_folder(root: Path, n: int = 20) -> Path:
+def _png_folder(root: Path, n: int = 20, step: int = 1) -> Path:
+    """The first ``n`` mnistm test images, every ``step``-th (the split is ordered by class), as PNGs."""
     test = load_embedded("mnistm").split("test")
-    for i in range(n):
+    for i in range(0, n * step, step):
         d = root / test.classes[test.labels[i]]
         d.mkdir(parents=True, exist_ok=True)
         img = (test.images[i].transpose(1, 2, 0) * 255).round().astype(np.uint8)
         Image.fromarray(img).save(d / f"img{i:03d}.png")
     return root
+
+
+def test_export_from_a_users_folder_and_from_a_comparison_on_it(ray_local, tmp_path):
+    """A user's images train with every image, given as ``data`` or named by the comparison whose
+    best.yaml is exported (its ``split: halves`` is for episodes; export trains on all)."""
+    folder = _png_folder(tmp_path / "mine", 30, step=16)
+    classes = sorted(p.name for p in folder.iterdir())
+    m = export(ExportConfig(strategy="prototype", data=str(folder), test_data=str(folder), weights="random"),
+               tmp_path / "home", tmp_path / "direct", QUIET)
+    assert m["classes"] == classes and m["decode_size"] == [28, 28]
+    assert m["training"]["data"] == str(folder) and m["training"]["images"] == 30
+    assert m["evaluation"]["data"] == str(folder) and m["evaluation"]["images"] == 30
+    (tmp_path / "cmp").mkdir()
+    best = write_best(tmp_path / "cmp" / "best.yaml", "random", "prototype", {})
+    best.write_text(best.read_text().replace("mnistm", "mine"))
+    config = {"input_size": None, "data": {"mine": {"folder": str(folder), "csv": None, "parquet": None,
+                                                    "size": [28, 28], "classes": None, "split": "halves", "seed": 0}}}
+    pd.DataFrame({"config": [json.dumps(config)]}).to_parquet(tmp_path / "cmp" / "rows.parquet")
+    m = export(ExportConfig(best=str(best), shots=5), tmp_path / "home", tmp_path / "from-best", QUIET)
+    assert m["comparison"]["data"]["folder"] == str(folder) and m["training"]["data"] == str(folder)
+    assert m["training"]["images"] == 30 and m["training"]["split"] == "all" and m["evaluation"] is None
+    model, loaded, _ = load_model(tmp_path / "from-best")
+    assert loaded == classes and scores(model, load_embedded("mnistm").split("test").images[:4]).shape == (4, len(classes))
 
 
 def test_predict_folder_names_the_corrupt_image_and_predicts_the_rest(ray_local, models, tmp_path):
@@ -190,6 +216,20 @@ def test_nothing_predicted_is_an_error(ray_local, models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no image files"):
         predict(root / "logistic", str(tmp_path / "empty"), tmp_path / "out2", log=QUIET)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return ({n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names})
+
+
+def test_predict_needs_the_model_format_not_the_exporter():
+    """Reading a model folder must not pull in training: predict imports the format module only, and
+    the format imports neither side."""
+    assert "tl.model_file" in _imports(REPO / "tl" / "predict.py")
+    assert "tl.export" not in _imports(REPO / "tl" / "predict.py")
+    assert not {"tl.export", "tl.predict"} & _imports(REPO / "tl" / "model_file.py")
 
 
 def test_partial_model_folder_is_refused(models, tmp_path):

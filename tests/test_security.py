@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*REPO.glob("tl/**/*.py"), *REPO.glob("workflows/**/*.py")])
+SOURCES = sorted([*REPO.glob("tl/**/*.py"), *REPO.glob("workflows/**/*.py"), *REPO.glob("benchmarks/**/*.py")])
 
 
 def _calls(path: Path):

@@ -136,7 +136,8 @@ def test_unknown_timm_model_is_named():
 
 
 def test_a_timm_model_exports_and_loads(tmp_path):
-    from tl.export import ExportConfig, export, load_model, scores
+    from tl.export import ExportConfig, export
+    from tl.model_file import load_model, scores
 
     m = export(ExportConfig(strategy="prototype", target="optdigits", backbone=CNN, input_size=32, weights="random",
                             train_on="shots", shots=2), tmp_path, tmp_path / "model", lambda _: None)

@@ -1,24 +1,20 @@
-"""Train the winning strategy on all of a target's labelled images and write a self-contained model folder.
+"""Train the winning strategy on all of a target's labelled images and write a model folder.
 
-The strategy and its hyper-parameters come from a comparison's ``best.yaml`` (a target and a shot
-count pick the entry) or are given directly. Training uses every labelled image of the target's
-training split (``train_on: all``, the default: for the embedded suite, every image of the
-``adapt`` split) or K images per class of it (``train_on: shots``), with the same code the
-comparison's episodes run: a trained strategy trains a backbone and a linear head with the one
-training loop; a feature strategy fits its head (prototypes, logistic or standardised linear
-weights) on the backbone's embeddings.
+The strategy and its hyper-parameters come from a ``best.yaml`` (a target and a shot count pick the
+entry) or are given directly. Training uses every labelled image of the target's training split
+(``train_on: all``, the default: for the embedded suite, every image of the ``adapt`` split) or K
+images per class of it (``train_on: shots``), with the same code the comparison's episodes run: a
+trained strategy trains a backbone and a linear head with the one training loop; a feature strategy
+fits its head (prototypes, logistic or standardised linear weights) on the backbone's embeddings.
 
-The folder holds ``model.safetensors`` (backbone and head) and ``model.json`` (backbone name and
-stages, input size and preprocessing, class names, the head, strategy, parameters and config, the
-comparison entry it came from, the accuracy evaluated on the target's test split, provenance). It
-is written as a temporary folder renamed at the end, with ``model.json`` written last: a folder
-without it is not a model. ``load_model`` needs only the folder.
+The folder's format is ``tl.model_file``'s; here it is written as a temporary folder renamed at the
+end, with the manifest written last, after the accuracy on the target's test split is measured on
+the weights read back from the file.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -29,186 +25,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tl.config import to_dict
-from tl.errors import ConfigError, DataError, WeightsError
+from tl.data.targets import DataSource, load_target
+from tl.errors import ConfigError, DataError
+from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
+                           model_from_parts, scores, torch_head, write_manifest, write_weights)
 
-MODEL_FILE = "model.safetensors"
-MANIFEST = "model.json"
-FORMAT = "tl-model"
-FORMAT_VERSION = 1
 TRAIN_ON = ("all", "shots")
 
-
-# --- the exported module ------------------------------------------------------------------------
-
-class LinearFeatureHead(nn.Module):
-    """The torch form of ``tl.strategies.feature.FeatureHead``: ``scores = T(f) @ weight + bias`` with
-    ``T`` standardising (``mean``, ``std``) and/or L2-normalising; ``weight`` is features x classes."""
-
-    def __init__(self, in_features: int, classes: int, *, normalize: bool, standardize: bool, bias: bool,
-                 scale: float = 1.0):
-        super().__init__()
-        self.normalize, self.standardize, self.scale = normalize, standardize, scale
-        self.weight = nn.Parameter(torch.zeros(in_features, classes))
-        self.bias = nn.Parameter(torch.zeros(classes)) if bias else None
-        if standardize:
-            self.register_buffer("mean", torch.zeros(in_features))
-            self.register_buffer("std", torch.ones(in_features))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        if self.standardize:
-            f = (f - self.mean) / self.std
-        if self.normalize:
-            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        s = f @ self.weight
-        return s if self.bias is None else s + self.bias
-
-
-class ExportedModel(nn.Module):
-    """Backbone and head as one module: images N x 3 x H x W in [0, 1] -> class scores (the
-    backbone's preprocessing runs inside, so a caller needs nothing but the model)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, scale: float = 1.0):
-        super().__init__()
-        self.backbone, self.head, self.scale = backbone, head, scale
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.backbone.preprocessing(images)))
-
-    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        """Class probabilities from scores: softmax(scale x scores); the predicted class is the argmax
-        of the scores either way."""
-        return F.softmax(scores.float() * self.scale, dim=1)
-
-
-def head_spec(head: nn.Module) -> dict:
-    """What ``model.json`` says about a head, enough to rebuild it."""
-    if isinstance(head, nn.Linear):
-        return {"kind": "linear", "in_features": head.in_features, "classes": head.out_features, "scale": 1.0}
-    return {"kind": "feature_linear", "in_features": head.weight.shape[0], "classes": head.weight.shape[1],
-            "normalize": head.normalize, "standardize": head.standardize, "bias": head.bias is not None,
-            "scale": head.scale}
-
-
-def torch_head(fitted) -> LinearFeatureHead:
-    """A fitted NumPy ``FeatureHead`` as a torch module (float32)."""
-    d, n = fitted.weight.shape
-    head = LinearFeatureHead(d, n, normalize=fitted.normalize, standardize=fitted.mean is not None,
-                             bias=fitted.bias is not None, scale=fitted.scale)
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(np.asarray(fitted.weight), dtype=torch.float32))
-        if fitted.bias is not None:
-            head.bias.copy_(torch.as_tensor(np.asarray(fitted.bias), dtype=torch.float32))
-        if fitted.mean is not None:
-            head.mean.copy_(torch.as_tensor(fitted.mean, dtype=torch.float32))
-            head.std.copy_(torch.as_tensor(fitted.std, dtype=torch.float32))
-    return head
-
-
-def _build(manifest: dict, where: str) -> ExportedModel:
-    """The architecture a manifest describes, randomly initialised (weights are loaded next)."""
-    from tl.models import build_backbone
-
-    try:
-        bb, h = manifest["backbone"], manifest["head"]
-        with torch.random.fork_rng(devices=[]):
-            backbone = build_backbone(bb["name"], tuple(manifest["preprocessing"]["size"]))
-        if h["kind"] == "linear":
-            head: nn.Module = nn.Linear(h["in_features"], h["classes"])
-        elif h["kind"] == "feature_linear":
-            head = LinearFeatureHead(h["in_features"], h["classes"], normalize=h["normalize"],
-                                     standardize=h["standardize"], bias=h["bias"], scale=h["scale"])
-        else:
-            raise WeightsError(f"model '{where}': unknown head kind '{h['kind']}' in {MANIFEST}")
-    except KeyError as exc:
-        raise WeightsError(f"model '{where}': {MANIFEST} lacks the key {exc}") from exc
-    except ConfigError as exc:
-        raise WeightsError(f"model '{where}': its backbone cannot be built here: {exc}") from exc
-    from tl.models.backbones import Preprocessing
-
-    pp = manifest["preprocessing"]
-    backbone.preprocessing = Preprocessing(tuple(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))
-    return ExportedModel(backbone, head, float(h.get("scale", 1.0)))
-
-
-def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load strictly; a state dict of another architecture is an error naming the keys."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = [f"missing keys: {show(missing)}"] if missing else []
-        parts += [f"unexpected keys: {show(unexpected)}"] if unexpected else []
-        if shapes:
-            parts.append("wrong shapes: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
-        raise WeightsError(f"weights '{where}' do not fit the model that {MANIFEST} describes: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
-def model_from_parts(manifest: dict, state: dict[str, torch.Tensor], where: str = "model") -> ExportedModel:
-    """The model from a manifest and its state dict (how Ray actors get it without the folder)."""
-    model = _build(manifest, where)
-    _fit_state(model, state, where)
-    return model.eval()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """``model.json`` of a model folder; a folder without it is refused (an interrupted export)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise WeightsError(f"model folder '{folder}' does not exist or is not a folder")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise WeightsError(f"'{folder}' is not a complete tl model folder: it has no {MANIFEST} (the export writes it "
-                           f"last, so an interrupted export leaves none); export the model again")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"'{path}' is not readable JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise WeightsError(f"'{path}' is not a tl model manifest (no \"format\": \"{FORMAT}\")")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise WeightsError(f"'{path}' has format version {manifest['format_version']}; this tl reads up to "
-                           f"{FORMAT_VERSION}: upgrade tl")
-    return manifest
-
-
-def load_model(folder: str | Path) -> tuple[ExportedModel, list[str], dict]:
-    """(model in eval mode, class names, manifest) from a model folder alone: no training config,
-    comparison or pretrained weights are needed. The weights must fit the described architecture
-    and match the digest recorded at export."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    weights = folder / MODEL_FILE
-    if not weights.is_file():
-        raise WeightsError(f"model folder '{folder}' has no {MODEL_FILE}")
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:
-        raise WeightsError(f"'{weights}' is not a safetensors file: {exc}") from exc
-    model = model_from_parts(manifest, state, str(weights))
-    expected = manifest.get("files", {}).get(MODEL_FILE, {}).get("sha256")
-    if expected and _sha256(weights) != expected:
-        raise WeightsError(f"'{weights}' was changed after export: its sha256 differs from {MANIFEST}")
-    return model, list(manifest["classes"]), manifest
-
-
-# --- training ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -316,34 +142,33 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
 
 def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], best: dict | None):
     """Training images, evaluation images (or None), what they are, and the size files were decoded
-    to (None for the embedded suite's arrays)."""
-    from tl.data import load_embedded, load_source
-
+    to (None for the embedded suite's arrays). A user's data trains with every image."""
     src = (best or {}).get("data") if not cfg.data else None
     if cfg.data or src:
         if cfg.data:
-            train, where = _load_user(cfg.data, size, None), cfg.data
-        else:  # the user's data entry of the comparison best.yaml came from: every image trains
-            size = tuple(src.get("size") or size)
-            train = load_source(folder=src.get("folder"), csv=src.get("csv"), parquet=src.get("parquet"), size=size,
-                                classes=src.get("classes"))
-            where = src.get("folder") or src.get("csv") or src.get("parquet")
-        test = _load_user(cfg.test_data, size, train.classes) if cfg.test_data else None
+            source = _path_source(cfg.data, size, None)
+        else:  # the user's data entry of the comparison best.yaml came from
+            source = DataSource(folder=src.get("folder"), csv=src.get("csv"), parquet=src.get("parquet"),
+                                size=tuple(src.get("size") or size),
+                                classes=tuple(src["classes"]) if src.get("classes") else None)
+        where = source.folder or source.csv or source.parquet
+        train = load_target(where, source)["test"]
+        test = load_target(cfg.test_data, _path_source(cfg.test_data, source.size, train.classes))["test"] \
+            if cfg.test_data else None
         return (train, test, {"data": where, "split": "all"}, ({"data": cfg.test_data, "split": "all"} if test else None),
-                size)
+                source.size)
     if not target:
         raise ConfigError("config key 'target' (an embedded target such as mnistm) or 'data' (your images) is required")
-    full = load_embedded(target)
-    return (full.split(cfg.train_split), full.split(cfg.test_split), {"data": target, "split": cfg.train_split},
+    parts = load_target(target, None, test_split=cfg.test_split, val_split=cfg.train_split)
+    return (parts["val"], parts["test"], {"data": target, "split": cfg.train_split},
             {"data": target, "split": cfg.test_split}, None)
 
 
-def _load_user(path: str, size: tuple[int, int], classes):
-    from tl.data import load_source
-
+def _path_source(path: str, size: tuple[int, int], classes) -> DataSource:
+    """A ``data``/``test_data`` path as a ``DataSource`` (its suffix says the kind), split: none."""
     p = Path(path)
     kind = "csv" if p.suffix == ".csv" else "parquet" if p.suffix == ".parquet" else "folder"
-    return load_source(**{kind: str(p)}, size=size, classes=classes)
+    return DataSource(**{kind: path}, size=tuple(size), classes=tuple(classes) if classes else None)
 
 
 def _take_shots(data, shots: int, seed: int):
@@ -361,12 +186,7 @@ def _take_shots(data, shots: int, seed: int):
 def embed(backbone: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Last-stage embeddings of raw images (as the embedding cache computes them)."""
     backbone.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-            out.append(backbone(backbone.preprocessing(x)).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, backbone.feature_dim), np.float32)
+    return batched(lambda x: backbone(backbone.preprocessing(x)), images, backbone.feature_dim, batch_size)
 
 
 def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
@@ -391,16 +211,6 @@ def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_cl
     model = run.model
     model.start = 0  # the frozen prefix was cached during training; the exported model starts from images
     return ExportedModel(model.backbone, model.head).eval()
-
-
-def scores(model: ExportedModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class scores of raw images (N x 3 x H x W in [0, 1])."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head_spec(model.head)["classes"]), np.float32)
 
 
 def _evaluate(model: ExportedModel, data, batch_size: int) -> dict:
@@ -439,7 +249,7 @@ def _write_folder(output: Path, write: Callable[[Path], None]) -> None:
 
 def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
     """Train, evaluate and write the model folder; returns its manifest."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from tl.models import make_backbone
     from tl.models.backbones import get_spec
@@ -493,15 +303,12 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     }
 
     def write(folder: Path) -> None:
-        weights_file = folder / MODEL_FILE
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(weights_file),
-                  metadata={"format": FORMAT})
-        os.chmod(weights_file, 0o644)  # safetensors writes owner-only; a model folder is meant to be shared
-        manifest["files"] = {MODEL_FILE: {"sha256": _sha256(weights_file), "bytes": weights_file.stat().st_size}}
+        manifest["files"] = write_weights(model, folder)
         if test is not None:  # evaluate what was written, read back from the file
+            weights_file = folder / MODEL_FILE
             saved = model_from_parts(manifest, load_file(str(weights_file)), str(weights_file))
             manifest["evaluation"] = {**test_info, **_evaluate(saved, test, cfg.batch_size)}
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_plain))
+        write_manifest(folder, manifest)
 
     _write_folder(Path(output), write)
     ev = manifest["evaluation"]
@@ -510,10 +317,3 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     log(f"[export] wrote {output} in {time.time() - t0:.1f} s{acc}")
     return manifest
 
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, (np.ndarray, tuple)):
-        return list(v)
-    return str(v)

@@ -59,7 +59,7 @@ class Predictor:
         import torch
         from safetensors.torch import load as load_bytes
 
-        from tl.export import model_from_parts
+        from tl.model_file import model_from_parts
 
         if threads:
             torch.set_num_threads(threads)
@@ -189,7 +189,7 @@ def predict(model_dir: str | Path, source: str, output: Path, cfg: PredictConfig
     import ray
     import ray.data
 
-    from tl.export import MODEL_FILE, load_model
+    from tl.model_file import MODEL_FILE, load_model
 
     t0 = time.time()
     _, classes, manifest = load_model(model_dir)  # checks the folder here, before any actor starts

@@ -11,8 +11,8 @@ from typing import Callable
 DESCRIPTION_TAIL = "Settings come from defaults, then --config FILE, then each --set key=value."
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m workflows.{prog}", description=f"{description} {DESCRIPTION_TAIL}")
+def parser(prog: str, description: str, package: str = "workflows") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {package}.{prog}", description=f"{description} {DESCRIPTION_TAIL}")
     p.add_argument("--config", metavar="FILE", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (dotted, repeatable), e.g. --set epochs=5")

@@ -2,7 +2,7 @@
 
 Each strategy fits a ``FeatureHead`` (``fit_head``), a linear map on transformed embeddings, and
 classifies with it (``fit_predict``): one code path for the few-shot episodes and for the exported
-model, whose head holds the same arrays (``tl.export``).
+model, whose head holds the same arrays (``tl.model_file``).
 """
 
 from __future__ import annotations

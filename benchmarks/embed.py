@@ -2,8 +2,8 @@
 threads); (b) evaluating the three feature strategies over 600 episodes from a warm embedding cache
 against recomputing the embeddings of each episode. Writes results/bench/embed.md and embed.csv.
 
-    python -m workflows.bench_embed            # the full benchmark (several minutes on 2 cores)
-    python -m workflows.bench_embed --smoke-test
+    python -m benchmarks.embed                # the full benchmark (several minutes on 2 cores)
+    python -m benchmarks.embed --smoke-test
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import _table
 from workflows import _cli
 
 
 def main() -> int:
-    p = _cli.parser("bench_embed", "Benchmark Ray Data extraction and the warm embedding cache.")
+    p = _cli.parser("embed", "Benchmark Ray Data extraction and the warm embedding cache.", package="benchmarks")
     p.add_argument("--size", type=int, default=128, help="input size for part (a) (default 128: the plain loop runs over a minute)")
     p.add_argument("--eval-size", type=int, default=96, help="input size for part (b) (default 96)")
     p.add_argument("--episodes", type=int, default=600)
@@ -124,19 +125,13 @@ def main() -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "embed-smoke" if args.smoke_test else "embed"
-    table = pd.DataFrame(rows)
-    if args.part != "all" and (out_dir / f"{stem}.csv").is_file():
-        old = pd.read_csv(out_dir / f"{stem}.csv", keep_default_na=False)
-        table = pd.concat([old[old["part"] != args.part], table]).sort_values("part", kind="stable")
+    table = _table.merged(rows, out_dir / f"{stem}.csv", args.part)
     table.to_csv(out_dir / f"{stem}.csv", index=False)
-    cmd = "python -m workflows.bench_embed" + (" --smoke-test" if args.smoke_test else "")
+    cmd = p.prog + (" --smoke-test" if args.smoke_test else "")
     if args.part != "all":
         cmd += f" (part {args.part} rerun with --part {args.part}; the other part from the previous run)"
-    md = ["# Embedding benchmark", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
-          f"{time.strftime('%Y-%m-%d')}.", "", "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
-    md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]
-    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print(f"table: {out_dir / (stem + '.md')}")
+    _table.write_markdown(table, out_dir / f"{stem}.md", ["# Embedding benchmark", "", f"Command: `{cmd}` on "
+                          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}."])
     return 0
 
 

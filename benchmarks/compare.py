@@ -4,9 +4,9 @@ single-threaded process per core); (b) ASHA against the full grid on the same se
 compute used (episode-steps) and the best validation accuracy each finds. Writes
 results/bench/compare.md and compare.csv.
 
-    python -m workflows.bench_compare               # both parts (about 15 minutes on 2 quiet cores)
-    python -m workflows.bench_compare --part b
-    python -m workflows.bench_compare --smoke-test
+    python -m benchmarks.compare                  # both parts (about 15 minutes on 2 quiet cores)
+    python -m benchmarks.compare --part b
+    python -m benchmarks.compare --smoke-test
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import _table
 from workflows import _cli
 
 _POOL_STATE: dict = {}
@@ -37,7 +38,8 @@ def _pool_cell(cell: dict):
 
 
 def main() -> int:
-    p = _cli.parser("bench_compare", "Benchmark the comparison's scheduling and ASHA against the full grid.")
+    p = _cli.parser("compare", "Benchmark the comparison's scheduling and ASHA against the full grid.",
+                    package="benchmarks")
     p.add_argument("--part", choices=["a", "b", "all"], default="all",
                    help="run one part; its rows replace that part's rows in the existing table")
     args = p.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     cores = os.cpu_count() or 1
     rows: list[dict] = []
 
-    run = " ".join(["python -m workflows.bench_compare", *_cli.shlex_args()]) + f" ({time.strftime('%Y-%m-%d %H:%M')})"
+    run = " ".join([p.prog, *_cli.shlex_args()]) + f" ({time.strftime('%Y-%m-%d %H:%M')})"
 
     def record(part: str, measure: str, value, unit: str, note: str = "") -> None:
         rows.append({"part": part, "measure": measure, "value": value, "unit": unit, "note": note, "run": run})
@@ -176,19 +178,13 @@ def main() -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare-smoke" if args.smoke_test else "compare"
-    table = pd.DataFrame(rows)
-    if args.part != "all" and (out_dir / f"{stem}.csv").is_file():
-        old = pd.read_csv(out_dir / f"{stem}.csv", keep_default_na=False)
-        table = pd.concat([old[old["part"] != args.part], table]).sort_values("part", kind="stable")
+    table = _table.merged(rows, out_dir / f"{stem}.csv", args.part)
     table["run"] = table["run"].fillna("") if "run" in table else ""
     table.to_csv(out_dir / f"{stem}.csv", index=False)
     runs = [f"- part {part}: `{r.split(' (')[0]}` ({r.split(' (')[-1]}" if r else f"- part {part}: an earlier run"
             for part, r in table[["part", "run"]].drop_duplicates().itertuples(index=False)]
-    md = ["# Comparison benchmark", "", f"On {cores} CPU cores. Commands (a `--part` run replaces that part's rows):",
-          *runs, "", "| part | measure | value | unit | note |", "|---|---|---|---|---|"]
-    md += [f"| {r.part} | {r.measure} | {r.value} | {r.unit} | {r.note} |" for r in table.itertuples()]
-    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print(f"table: {out_dir / (stem + '.md')}")
+    _table.write_markdown(table, out_dir / f"{stem}.md", ["# Comparison benchmark", "", f"On {cores} CPU cores. "
+                          "Commands (a `--part` run replaces that part's rows):", *runs])
     return 0
 
 
