@@ -30,11 +30,11 @@ def _pool_init(state: dict) -> None:
     _POOL_STATE.update(state)
 
 
-def _pool_cell(cell: dict):
-    from tl.compare import compute_cell
+def _pool_cell(spec: dict):
+    from tl.evaluate import run_cell
 
     s = _POOL_STATE
-    return compute_cell(cell, s["data"], s["embeddings"], s["weights"], s["fixed"])
+    return run_cell(spec, s["data"], s["embeddings"], s["weights"], s["fixed"])[0]
 
 
 def main() -> int:
@@ -49,8 +49,9 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from tl.compare import CompareConfig, plan, prepare, run_compare
+    from tl.compare import CompareConfig, cells, prepare, run_compare
     from tl.config import load_config
+    from tl.evaluate import run_cell
     from tl.pretrain import resolve_weights
     from tl.runtime import resolve_storage
     from tl.search import SearchConfig, run_search
@@ -79,22 +80,19 @@ def main() -> int:
                     "strategies": [{"strategy": "finetune", "label": f"ft{k}", "params": {"frozen": k}}
                                    for k in (1, 2)]}
             cfg = load_config(CompareConfig, base=base)
-            cells_dir = scratch / "cells-plan"
-            cells_dir.mkdir()
-            pl = plan(cfg, cells_dir)
-            data, embeddings, fixed = prepare(cfg, pl["todo"], pl["entries"], weights, storage, cells_dir)
-            n = len(pl["todo"])
+            todo = [c.spec for c in sorted(cells(cfg), key=lambda c: c.cost, reverse=True)]
+            shared = prepare(cfg, cells(cfg), weights, storage)
+            data, embeddings, fixed = shared["data"], shared["embeddings"], shared["fixed"]
+            n = len(todo)
             what = f"{n} cells: finetune k=1,2 x optdigits, mnistm x 5, 10 shots, {episodes} episodes each"
 
-            from tl.compare import compute_cell
-
             # how well one cell uses torch's threads bounds what one single-threaded process per core can gain
-            one = pl["todo"][-1]
+            one = todo[-1]
             per = {}
             for threads in (1, cores):
                 torch.set_num_threads(threads)
                 t0 = time.time()
-                compute_cell(one, data, embeddings, weights, fixed)
+                run_cell(one, data, embeddings, weights, fixed)
                 per[threads] = time.time() - t0
             scaling = per[1] / per[cores]
             record("a", f"one cell with {cores} threads vs 1 thread", round(scaling, 2), "x",
@@ -104,7 +102,7 @@ def main() -> int:
 
             torch.set_num_threads(cores)
             t0 = time.time()
-            seq = [compute_cell(c, data, embeddings, weights, fixed) for c in pl["todo"]]
+            seq = [run_cell(c, data, embeddings, weights, fixed)[0] for c in todo]
             t_seq = time.time() - t0
             record("a", "sequential loop (torch default threads)", round(t_seq, 1), "s", f"{what}; {cores} threads")
 
@@ -112,7 +110,7 @@ def main() -> int:
             t0 = time.time()
             with ctx.Pool(cores, initializer=_pool_init, initargs=({"data": data, "embeddings": embeddings,
                                                                        "weights": weights, "fixed": fixed},)) as pool:
-                pooled = pool.map(_pool_cell, pl["todo"], chunksize=1)
+                pooled = pool.map(_pool_cell, todo, chunksize=1)
             t_pool = time.time() - t0
             record("a", f"multiprocessing pool ({cores} single-threaded processes)", round(t_pool, 1), "s",
                    "pool start included")
@@ -160,18 +158,18 @@ def main() -> int:
                 wall = time.time() - t0
                 found[sched] = res
                 label = "full grid" if sched == "none" else "ASHA"
-                record("b", f"{label}: compute", int(res["trial_steps"]), "episode-steps",
+                record("b", f"{label}: compute", int(res.trial_steps), "episode-steps",
                        f"20 candidates x {base['val_episodes']} validation episodes, up to {base['max_steps']} steps; "
                        f"ASHA rungs {load_config(SearchConfig, base=base).milestones()} (reduction factor 4)")
-                record("b", f"{label}: best validation accuracy", round(100 * res["val_accuracy"], 1), "%",
-                       f"chose {({k: res['params'][k] for k in space})}")
-                record("b", f"{label}: test accuracy of its choice", round(100 * res["test_accuracy"], 1), "%",
+                record("b", f"{label}: best validation accuracy", round(100 * res.val_accuracy, 1), "%",
+                       f"chose {({k: res.params[k] for k in space})}")
+                record("b", f"{label}: test accuracy of its choice", round(100 * res.test_accuracy, 1), "%",
                        f"{base['test_episodes']} test episodes")
                 record("b", f"{label}: wall time", round(wall, 1), "s", "")
-            record("b", "ASHA compute / full grid", round(found["asha"]["trial_steps"] / found["none"]["trial_steps"], 3),
+            record("b", "ASHA compute / full grid", round(found["asha"].trial_steps / found["none"].trial_steps, 3),
                    "x", "target <= 0.40")
             record("b", "full grid best - ASHA best (validation)",
-                   round(100 * (found["none"]["val_accuracy"] - found["asha"]["val_accuracy"]), 1), "points",
+                   round(100 * (found["none"].val_accuracy - found["asha"].val_accuracy), 1), "points",
                    "target <= 1")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
