@@ -93,9 +93,20 @@ def test_asha_search_on_validation_then_test(ray_local, pretrained, tmp_path):
     # the same search again restores the finished experiment: no candidate runs twice
     again = run_search(cfg, tmp_path / "home", tmp_path / "out", logs.append)
     assert again.resumed and again.trial_steps == out.trial_steps and again.params == out.params
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "trials.csv"), trials)
+    keys = ["frozen", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "trials.csv").sort_values(keys).reset_index(drop=True),
+                                  trials.sort_values(keys).reset_index(drop=True))
     rows2 = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert rows2["cell_seconds"].equals(rows["cell_seconds"]), "the test cell is reused, not run again"
+
+    # search -> export: the export reads the search's best.yaml as it reads a comparison's
+    from tl.export import ExportConfig, export
+
+    m = export(ExportConfig(best=str(tmp_path / "out" / "best.yaml")), tmp_path / "home", tmp_path / "model",
+               lambda s: None)
+    assert m["comparison"]["target"] == "optdigits" and m["comparison"]["shots"] == 1
+    assert m["strategy"]["name"] == "finetune" and m["strategy"]["params"]["frozen"] == best["params"]["frozen"]
+    assert m["backbone"]["frozen_stages"] == best["params"]["frozen"] and (tmp_path / "model" / "model.json").is_file()
 
 
 def test_optuna_search_of_a_feature_strategy_uses_fractional_cpus(ray_local, pretrained, tmp_path):

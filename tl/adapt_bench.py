@@ -14,7 +14,6 @@ unfinished run resumes from its last Ray Train checkpoint.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,11 +176,9 @@ def curves_markdown(c: pd.DataFrame) -> list[str]:
 
 def plot_curves(c: pd.DataFrame, path: Path, source: str) -> Path:
     """One panel per target, a line per method: mean target test accuracy against training step."""
-    import matplotlib
+    from tl.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     targets = list(dict.fromkeys(c["target"]))
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
     for ax, target in zip(axes[0], targets):
@@ -193,12 +190,7 @@ def plot_curves(c: pd.DataFrame, path: Path, source: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Domain adaptation training curves (diagnostic: uses test labels, selects nothing)", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _pm(mean: float, std: float) -> str:

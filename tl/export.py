@@ -93,33 +93,33 @@ def needs_ray(cfg: ExportConfig) -> bool:
     return (cfg.weights or "pretrained") == "pretrained"
 
 
+def _pick(options: dict, key, ambiguous: str, missing: str):
+    """``key``, or the only key of ``options`` when it is None; errors say which to choose."""
+    if key is None:
+        if len(options) != 1:
+            raise ConfigError(ambiguous)
+        key = next(iter(options))
+    if key not in options:
+        raise ConfigError(missing)
+    return key
+
+
 def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
     """The best.yaml entry for a target and shot count (either may be left out when there is one)."""
-    import yaml
+    from tl.config import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config key 'best': file '{p}' does not exist")
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"'{p}' is not valid YAML: {exc}") from exc
-    best = doc.get("best") if isinstance(doc, dict) else None
+    doc = read_yaml(p)
+    best = doc.get("best")
     if not isinstance(best, dict) or not best:
         raise ConfigError(f"'{p}' has no 'best' entries (is it a comparison's best.yaml?)")
-    if target is None:
-        if len(best) != 1:
-            raise ConfigError(f"'{p}' has targets {sorted(best)}: choose one with --set target=NAME")
-        target = next(iter(best))
-    if target not in best:
-        raise ConfigError(f"'{p}' has no target '{target}' (it has {sorted(best)})")
+    target = _pick(best, target, f"'{p}' has targets {sorted(best)}: choose one with --set target=NAME",
+                   f"'{p}' has no target '{target}' (it has {sorted(best)})")
     by_shots = {int(k): v for k, v in best[target].items()}
-    if shots is None:
-        if len(by_shots) != 1:
-            raise ConfigError(f"'{p}' has {sorted(by_shots)} shots for '{target}': choose with --set shots=K")
-        shots = next(iter(by_shots))
-    if shots not in by_shots:
-        raise ConfigError(f"'{p}' has no {shots}-shot entry for '{target}' (it has {sorted(by_shots)})")
+    shots = _pick(by_shots, shots, f"'{p}' has {sorted(by_shots)} shots for '{target}': choose with --set shots=K",
+                  f"'{p}' has no {shots}-shot entry for '{target}' (it has {sorted(by_shots)})")
     entry = by_shots[shots]
     for key in ("strategy", "params"):
         if key not in entry:

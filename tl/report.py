@@ -91,11 +91,7 @@ def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path
 
 def plot_accuracy_vs_shots(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """One panel per target, a line per strategy, the 95% CI as a band (from ``evaluate.summarize``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     targets = sorted(summary["target"].unique())
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False, sharey=True)
     strategies = sorted(summary["strategy"].unique())
@@ -117,21 +113,14 @@ def plot_accuracy_vs_shots(summary: pd.DataFrame, path: str | Path, title: str =
     axes[0][-1].legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_confusion(matrix, classes, path: str | Path, title: str = "") -> Path:
     """A row-normalised confusion matrix (true class down, predicted across), counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     m = np.asarray(matrix, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(classes)
@@ -148,8 +137,25 @@ def plot_confusion(matrix, classes, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("true")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no screen on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a PNG atomically (a killed run leaves no half-written plot) and close the figure."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    pyplot().close(fig)
+    os.replace(tmp, path)
     return path
