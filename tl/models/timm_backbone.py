@@ -16,50 +16,24 @@ prefix can be computed once and cached like any backbone's. Otherwise (ViTs: the
 and class token sit between modules) the stages are parameter groups only: freezing is exact, but
 the frozen prefix is recomputed each step (``run_stages(x, 0, k)`` passes ``x`` through).
 
-Pretrained weights are read only from the user's caches (Hugging Face hub cache, torch hub cache)
-with ``weights="timm:NAME[.TAG]"``, or from any local file of timm-named weights; nothing is ever
-downloaded. timm is imported only when a ``timm:`` backbone is asked for.
+Pretrained weights (``weights="timm:NAME[.TAG]"``, from the user's caches only, or any local file of
+timm-named weights) are a weights source like the others, in ``tl.models.weights``; this provider maps
+timm's state-dict names onto the stages. timm is imported only when a ``timm:`` backbone is asked for.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from tl.errors import ConfigError, WeightsError
+from tl.errors import ConfigError
 from tl.models.backbones import Backbone, BackboneSpec, Preprocessing
-
-PREFIX = "timm:"
-
-
-def is_timm(name: str) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError as exc:
-        raise ConfigError("timm backbones need the optional extra: pip install 'tl[timm]' (or pip install timm)") from exc
-    return timm
-
-
-def _arch(name: str) -> str:
-    """``timm:resnet18.a1_in1k`` -> ``resnet18.a1_in1k``, checked against timm's registry."""
-    arch = name[len(PREFIX):] if is_timm(name) else name
-    timm = _timm()
-    if not arch or not timm.is_model(arch):
-        raise ConfigError(f"unknown timm model '{arch}' in backbone '{name}' (timm {timm.__version__}; "
-                          f"see timm.list_models())")
-    return arch
-
+from tl.models.timm_extra import timm_arch, timm_module
 
 def _size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if input_size is None:
@@ -69,8 +43,8 @@ def _size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 def _create(name: str, size: tuple[int, int] | None) -> nn.Module:
     """A randomly initialised timm model without its classifier (never downloads anything)."""
-    timm = _timm()
-    arch = _arch(name)
+    timm = timm_module()
+    arch = timm_arch(name)
     try:
         if size is not None:
             try:  # transformers fix their position embedding to the image size at creation
@@ -348,56 +322,6 @@ def _make_spec(name: str) -> BackboneSpec:
     kind = "stages run in sequence" if plan.sequential else "stages are parameter groups"
     return BackboneSpec(
         name=name, builder=lambda: list(build_timm(name).stages), feature_dim=plan.feature_dim, preprocessing=pp,
-        description=f"timm {_arch(name)}: {len(plan.bodies)} stages ending at {', '.join(plan.ends)} ({kind})",
+        description=f"timm {timm_arch(name)}: {len(plan.bodies)} stages ending at {', '.join(plan.ends)} ({kind})",
         key_map=_key_map(name, plan),
     )
-
-
-def _hf_cache_dir() -> str | None:
-    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if env:
-        return env
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
-def cached_weights_file(name: str) -> Path:
-    """Where the user's caches hold the pretrained weights of ``name`` (``resnet18`` or
-    ``resnet18.a1_in1k``): the Hugging Face hub cache, then the torch hub cache. Never downloads."""
-    timm = _timm()
-    arch = _arch(name)
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None:
-        raise WeightsError(f"timm model '{arch}' has no pretrained weights release")
-    looked = []
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for f in files:
-            hit = try_to_load_from_cache(cfg.hf_hub_id, f, cache_dir=_hf_cache_dir())
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return Path(hit)
-            looked.append(f"hf://{cfg.hf_hub_id}/{f}")
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if path.is_file():
-            return path
-        looked.append(str(path))
-    raise WeightsError(f"timm weights '{arch}' ({cfg.tag or 'default'}) are not in the local caches (looked for "
-                       f"{', '.join(looked) or 'nothing: no source is known'}); tl never downloads weights. Put the "
-                       f"file there or pass a local weights file")
-
-
-def read_timm_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict (timm names) and metadata for ``timm:NAME[.TAG]``, from the cache only: timm itself
-    loads the file (applying its checkpoint conversions), with ``weights_only`` torch loading."""
-    timm = _timm()
-    arch = _arch(source)
-    path = cached_weights_file(arch)
-    try:
-        net = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
-    except Exception as exc:
-        raise WeightsError(f"timm weights '{arch}' in '{path}' could not be loaded: {exc}") from exc
-    return net.state_dict(), {"source": source, "file": str(path)}
