@@ -127,7 +127,7 @@ def _build(manifest: dict, where: str) -> ExportedModel:
         raise WeightsError(f"model '{where}': {MANIFEST} lacks the key {exc}") from exc
     except ConfigError as exc:
         raise WeightsError(f"model '{where}': its backbone cannot be built here: {exc}") from exc
-    from tl.models.backbones import Preprocessing
+    from tl.models import Preprocessing
 
     pp = manifest["preprocessing"]
     backbone.preprocessing = Preprocessing(tuple(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))
@@ -441,8 +441,7 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file, save_file
 
-    from tl.models import make_backbone
-    from tl.models.backbones import get_spec
+    from tl.models import get_spec, make_backbone
     from tl.pretrain import resolve_weights
     from tl.runtime import provenance
     from tl.strategies import make_strategy

@@ -25,20 +25,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from tl.errors import ConfigError
-from tl.models.backbones import Backbone, BackboneSpec, Preprocessing
-from tl.models.timm_extra import timm_arch, timm_module
-
-def _size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if input_size is None:
-        return None
-    return (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+from tl.models.backbone import IMAGENET, Backbone, BackboneSpec, Preprocessing, image_size
+from tl.models.registry import register_prefix
+from tl.models.timm_extra import PREFIX, timm_arch, timm_module
 
 
 def _create(name: str, size: tuple[int, int] | None) -> nn.Module:
@@ -64,8 +60,8 @@ def _preprocessing(net: nn.Module, size: tuple[int, int] | None) -> Preprocessin
         v = tuple(float(x) for x in (v or default))
         return v * 3 if len(v) == 1 else v[:3]
 
-    return Preprocessing(size or (int(h), int(w)), three(cfg.get("mean"), (0.485, 0.456, 0.406)),
-                         three(cfg.get("std"), (0.229, 0.224, 0.225)))
+    return Preprocessing(size or (int(h), int(w)), three(cfg.get("mean"), IMAGENET[0]),
+                         three(cfg.get("std"), IMAGENET[1]))
 
 
 def _safe(name: str) -> str:
@@ -194,7 +190,7 @@ class TimmBackbone(Backbone):
         modules = dict(_flatten(net, plan.ends, any_container=not plan.sequential))
         stages = [_Stage([(n, modules[n]) for n in body]) for body in plan.bodies]
         stages[-1] = _Stage([(n, modules[n]) for n in plan.bodies[-1]], [(n, modules[n]) for n in plan.head])
-        super().__init__(name, stages, plan.feature_dim, preprocessing)
+        super().__init__(name, stages, plan.feature_dim, preprocessing, partial(_timm_key, name))
         self.__dict__["net"] = net  # not a registered child: its modules are registered once, in the stages
         self.sequential = plan.sequential
         self._loose_buffers: list[tuple[nn.Module, str, nn.Module, str]] = []
@@ -280,7 +276,7 @@ class TimmBackbone(Backbone):
 
 def build_timm(name: str, input_size: int | Sequence[int] | None = None) -> TimmBackbone:
     """A randomly initialised timm backbone (``input_size`` overrides the pretrained config's size)."""
-    size = _size(input_size)
+    size = image_size(input_size)
     if size is not None and size == timm_spec(name).preprocessing.size:
         size = None
     plan = _plan(name, size)
@@ -325,3 +321,11 @@ def _make_spec(name: str) -> BackboneSpec:
         description=f"timm {timm_arch(name)}: {len(plan.bodies)} stages ending at {', '.join(plan.ends)} ({kind})",
         key_map=_key_map(name, plan),
     )
+
+
+def _timm_key(name: str, key: str) -> str | None:
+    """A backbone's key map, looked up when weights are loaded: building one needs no spec."""
+    return timm_spec(name).key_map(key)
+
+
+register_prefix(PREFIX, timm_spec, build_timm)

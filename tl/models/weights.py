@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tl.errors import WeightsError
-from tl.models.backbones import Backbone, get_spec
+from tl.models.backbone import Backbone
 from tl.models.timm_extra import is_timm, timm_arch, timm_module
 
 MODEL_FILE = "backbone.safetensors"
@@ -138,10 +138,9 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_into(backbone: Backbone, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a state dict strictly, mapping foreign names (torchvision's, timm's) onto stage names first."""
-    key_map = get_spec(backbone.name).key_map
     mapped: dict[str, torch.Tensor] = {}
     for k, v in state.items():
-        new = k if k.startswith("stages.") else key_map(k)
+        new = k if k.startswith("stages.") else backbone.key_map(k)
         if new is not None:
             mapped[new] = v
     own = backbone.state_dict()
