@@ -10,10 +10,9 @@ import torch
 timm = pytest.importorskip("timm")
 
 from tl.errors import ConfigError, WeightsError  # noqa: E402
-from tl.models import build_backbone, count_trainable, get_spec, make_backbone, save_weights  # noqa: E402
-from tl.models.backbones import IMAGENET, num_stages  # noqa: E402
-from tl.models.timm_backbone import read_timm_weights  # noqa: E402
-from tl.models.weights import load_into  # noqa: E402
+from tl.models import build_backbone, count_trainable, get_spec, make_backbone, num_stages, save_weights  # noqa: E402
+from tl.models.backbone import IMAGENET  # noqa: E402
+from tl.models.weights import load_into, read_timm_weights  # noqa: E402
 from tl.strategies import make_strategy  # noqa: E402
 from tl.train.loop import train_steps  # noqa: E402
 

@@ -251,8 +251,7 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file
 
-    from tl.models import make_backbone
-    from tl.models.backbones import get_spec
+    from tl.models import get_spec, make_backbone
     from tl.pretrain import resolve_weights
     from tl.runtime import provenance
     from tl.strategies import make_strategy

@@ -113,7 +113,7 @@ def _build(manifest: dict, where: str) -> ExportedModel:
         raise WeightsError(f"model '{where}': {MANIFEST} lacks the key {exc}") from exc
     except ConfigError as exc:
         raise WeightsError(f"model '{where}': its backbone cannot be built here: {exc}") from exc
-    from tl.models.backbones import Preprocessing
+    from tl.models.backbone import Preprocessing
 
     pp = manifest["preprocessing"]
     backbone.preprocessing = Preprocessing(tuple(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))

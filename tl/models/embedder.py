@@ -15,7 +15,7 @@ class Embedder:
     def __init__(self, backbone: str, weights: str | None, stage: int | None, input_size: int | None, threads: int):
         import torch
 
-        from tl.models import make_backbone
+        from tl.models.registry import make_backbone
 
         if threads:
             torch.set_num_threads(threads)

@@ -16,61 +16,31 @@ prefix can be computed once and cached like any backbone's. Otherwise (ViTs: the
 and class token sit between modules) the stages are parameter groups only: freezing is exact, but
 the frozen prefix is recomputed each step (``run_stages(x, 0, k)`` passes ``x`` through).
 
-Pretrained weights are read only from the user's caches (Hugging Face hub cache, torch hub cache)
-with ``weights="timm:NAME[.TAG]"``, or from any local file of timm-named weights; nothing is ever
-downloaded. timm is imported only when a ``timm:`` backbone is asked for.
+Pretrained weights (``weights="timm:NAME[.TAG]"``, from the user's caches only, or any local file of
+timm-named weights) are a weights source like the others, in ``tl.models.weights``; this provider maps
+timm's state-dict names onto the stages. timm is imported only when a ``timm:`` backbone is asked for.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from functools import lru_cache, partial
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from tl.errors import ConfigError, WeightsError
-from tl.models.backbones import Backbone, BackboneSpec, Preprocessing
-
-PREFIX = "timm:"
-
-
-def is_timm(name: str) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError as exc:
-        raise ConfigError("timm backbones need the optional extra: pip install 'tl[timm]' (or pip install timm)") from exc
-    return timm
-
-
-def _arch(name: str) -> str:
-    """``timm:resnet18.a1_in1k`` -> ``resnet18.a1_in1k``, checked against timm's registry."""
-    arch = name[len(PREFIX):] if is_timm(name) else name
-    timm = _timm()
-    if not arch or not timm.is_model(arch):
-        raise ConfigError(f"unknown timm model '{arch}' in backbone '{name}' (timm {timm.__version__}; "
-                          f"see timm.list_models())")
-    return arch
-
-
-def _size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if input_size is None:
-        return None
-    return (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+from tl.errors import ConfigError
+from tl.models.backbone import IMAGENET, Backbone, BackboneSpec, Preprocessing, image_size
+from tl.models.registry import register_prefix
+from tl.models.timm_extra import PREFIX, timm_arch, timm_module
 
 
 def _create(name: str, size: tuple[int, int] | None) -> nn.Module:
     """A randomly initialised timm model without its classifier (never downloads anything)."""
-    timm = _timm()
-    arch = _arch(name)
+    timm = timm_module()
+    arch = timm_arch(name)
     try:
         if size is not None:
             try:  # transformers fix their position embedding to the image size at creation
@@ -90,8 +60,8 @@ def _preprocessing(net: nn.Module, size: tuple[int, int] | None) -> Preprocessin
         v = tuple(float(x) for x in (v or default))
         return v * 3 if len(v) == 1 else v[:3]
 
-    return Preprocessing(size or (int(h), int(w)), three(cfg.get("mean"), (0.485, 0.456, 0.406)),
-                         three(cfg.get("std"), (0.229, 0.224, 0.225)))
+    return Preprocessing(size or (int(h), int(w)), three(cfg.get("mean"), IMAGENET[0]),
+                         three(cfg.get("std"), IMAGENET[1]))
 
 
 def _safe(name: str) -> str:
@@ -220,7 +190,7 @@ class TimmBackbone(Backbone):
         modules = dict(_flatten(net, plan.ends, any_container=not plan.sequential))
         stages = [_Stage([(n, modules[n]) for n in body]) for body in plan.bodies]
         stages[-1] = _Stage([(n, modules[n]) for n in plan.bodies[-1]], [(n, modules[n]) for n in plan.head])
-        super().__init__(name, stages, plan.feature_dim, preprocessing)
+        super().__init__(name, stages, plan.feature_dim, preprocessing, partial(_timm_key, name))
         self.__dict__["net"] = net  # not a registered child: its modules are registered once, in the stages
         self.sequential = plan.sequential
         self._loose_buffers: list[tuple[nn.Module, str, nn.Module, str]] = []
@@ -306,7 +276,7 @@ class TimmBackbone(Backbone):
 
 def build_timm(name: str, input_size: int | Sequence[int] | None = None) -> TimmBackbone:
     """A randomly initialised timm backbone (``input_size`` overrides the pretrained config's size)."""
-    size = _size(input_size)
+    size = image_size(input_size)
     if size is not None and size == timm_spec(name).preprocessing.size:
         size = None
     plan = _plan(name, size)
@@ -348,56 +318,14 @@ def _make_spec(name: str) -> BackboneSpec:
     kind = "stages run in sequence" if plan.sequential else "stages are parameter groups"
     return BackboneSpec(
         name=name, builder=lambda: list(build_timm(name).stages), feature_dim=plan.feature_dim, preprocessing=pp,
-        description=f"timm {_arch(name)}: {len(plan.bodies)} stages ending at {', '.join(plan.ends)} ({kind})",
+        description=f"timm {timm_arch(name)}: {len(plan.bodies)} stages ending at {', '.join(plan.ends)} ({kind})",
         key_map=_key_map(name, plan),
     )
 
 
-def _hf_cache_dir() -> str | None:
-    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if env:
-        return env
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
+def _timm_key(name: str, key: str) -> str | None:
+    """A backbone's key map, looked up when weights are loaded: building one needs no spec."""
+    return timm_spec(name).key_map(key)
 
 
-def cached_weights_file(name: str) -> Path:
-    """Where the user's caches hold the pretrained weights of ``name`` (``resnet18`` or
-    ``resnet18.a1_in1k``): the Hugging Face hub cache, then the torch hub cache. Never downloads."""
-    timm = _timm()
-    arch = _arch(name)
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None:
-        raise WeightsError(f"timm model '{arch}' has no pretrained weights release")
-    looked = []
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for f in files:
-            hit = try_to_load_from_cache(cfg.hf_hub_id, f, cache_dir=_hf_cache_dir())
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return Path(hit)
-            looked.append(f"hf://{cfg.hf_hub_id}/{f}")
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if path.is_file():
-            return path
-        looked.append(str(path))
-    raise WeightsError(f"timm weights '{arch}' ({cfg.tag or 'default'}) are not in the local caches (looked for "
-                       f"{', '.join(looked) or 'nothing: no source is known'}); tl never downloads weights. Put the "
-                       f"file there or pass a local weights file")
-
-
-def read_timm_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict (timm names) and metadata for ``timm:NAME[.TAG]``, from the cache only: timm itself
-    loads the file (applying its checkpoint conversions), with ``weights_only`` torch loading."""
-    timm = _timm()
-    arch = _arch(source)
-    path = cached_weights_file(arch)
-    try:
-        net = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
-    except Exception as exc:
-        raise WeightsError(f"timm weights '{arch}' in '{path}' could not be loaded: {exc}") from exc
-    return net.state_dict(), {"source": source, "file": str(path)}
+register_prefix(PREFIX, timm_spec, build_timm)

@@ -1,7 +1,8 @@
-"""Where backbone weights come from: a torchvision weights name (only from the user's torch cache,
-never downloaded), a local ``.safetensors`` file, a ``.pt`` file loaded with ``weights_only=True``,
-or a folder written by this project's pretraining workflow. A file that does not fit the backbone
-is an error naming the missing, unexpected and mis-shaped keys.
+"""Where backbone weights come from, every source beside the others: a torchvision weights name or a
+timm pretrained release (``timm:NAME[.TAG]``), both only from the user's caches and never downloaded;
+a local ``.safetensors`` file; a ``.pt`` file loaded with ``weights_only=True``; or a folder written by
+this project's pretraining workflow. A file that does not fit the backbone is an error naming the
+missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from tl.errors import WeightsError
-from tl.models.backbones import Backbone, get_spec
+from tl.models.backbone import Backbone
+from tl.models.timm_extra import is_timm, timm_arch, timm_module
 
 MODEL_FILE = "backbone.safetensors"
 META_FILE = "meta.json"
@@ -66,11 +68,59 @@ def torchvision_weights_file(name: str) -> Path:
     return path
 
 
+def _hf_cache_dir() -> str | None:
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return env
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def timm_weights_file(name: str) -> Path:
+    """Where the user's caches hold the pretrained weights of ``name`` (``resnet18`` or
+    ``resnet18.a1_in1k``): the Hugging Face hub cache, then the torch hub cache. Never downloads."""
+    timm = timm_module()
+    arch = timm_arch(name)
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        raise WeightsError(f"timm model '{arch}' has no pretrained weights release")
+    looked = []
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for f in files:
+            hit = try_to_load_from_cache(cfg.hf_hub_id, f, cache_dir=_hf_cache_dir())
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return Path(hit)
+            looked.append(f"hf://{cfg.hf_hub_id}/{f}")
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    raise WeightsError(f"timm weights '{arch}' ({cfg.tag or 'default'}) are not in the local caches (looked for "
+                       f"{', '.join(looked) or 'nothing: no source is known'}); tl never downloads weights. Put the "
+                       f"file there or pass a local weights file")
+
+
+def read_timm_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict (timm names) and metadata for ``timm:NAME[.TAG]``, from the cache only: timm itself
+    loads the file (applying its checkpoint conversions), with ``weights_only`` torch loading."""
+    timm = timm_module()
+    arch = timm_arch(source)
+    path = timm_weights_file(arch)
+    try:
+        net = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+    except Exception as exc:
+        raise WeightsError(f"timm weights '{arch}' in '{path}' could not be loaded: {exc}") from exc
+    return net.state_dict(), {"source": source, "file": str(path)}
+
+
 def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict and metadata from a weights source string."""
-    if source.startswith("timm:"):
-        from tl.models.timm_backbone import read_timm_weights
-
+    if is_timm(source):
         return read_timm_weights(source)
     if source.startswith("torchvision:"):
         path = torchvision_weights_file(source.split(":", 1)[1])
@@ -87,11 +137,10 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_into(backbone: Backbone, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load a state dict strictly, mapping foreign names (torchvision) onto stage names first."""
-    key_map = get_spec(backbone.name).key_map
+    """Load a state dict strictly, mapping foreign names (torchvision's, timm's) onto stage names first."""
     mapped: dict[str, torch.Tensor] = {}
     for k, v in state.items():
-        new = k if k.startswith("stages.") else key_map(k)
+        new = k if k.startswith("stages.") else backbone.key_map(k)
         if new is not None:
             mapped[new] = v
     own = backbone.state_dict()

@@ -1,14 +1,14 @@
-"""Backbone registry: each backbone declares its builder, preprocessing, ordered stages and feature size.
+"""The backbone interface: ordered stages, a feature size, and the preprocessing the weights expect.
 
 Stages are ordered shallow to deep, so "freeze the first k stages" means the same thing for the
 small digits CNN and for a torchvision ResNet (stem, layer1..layer4), as torchvision's own
-``trainable_layers`` does for detection backbones.
+``trainable_layers`` does for detection backbones. This module imports nothing else from
+``tl.models``: providers, the registry and the weights sources all build on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl.errors import ConfigError
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,33 @@ class Preprocessing:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
 
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DIGITS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+def image_size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """An ``input_size`` override as (height, width); one number is a square."""
+    if input_size is None:
+        return None
+    return (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+
+
+def same_key(key: str) -> str | None:
+    """The key map of a backbone whose weights files already use its own state-dict names."""
+    return key
 
 
 class Backbone(nn.Module):
-    """Ordered stages, then global pooling to a feature vector of ``feature_dim``."""
+    """Ordered stages, then global pooling to a feature vector of ``feature_dim``.
 
-    def __init__(self, name: str, stages: Sequence[nn.Module], feature_dim: int, preprocessing: Preprocessing):
+    ``key_map`` turns a foreign state-dict name (torchvision's, timm's) into a stage name, or None
+    for a key the backbone does not use; weights loading applies it, so it travels with the model.
+    """
+
+    def __init__(self, name: str, stages: Sequence[nn.Module], feature_dim: int, preprocessing: Preprocessing,
+                 key_map: Callable[[str], str | None] = same_key):
         super().__init__()
         self.name = name
         self.stages = nn.ModuleList(stages)
         self.feature_dim = feature_dim
         self.preprocessing = preprocessing
+        self.key_map = key_map
         self.frozen_stages = 0
 
     @property
@@ -108,102 +124,33 @@ class Backbone(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """What a provider registers: how to build the stages, and what they produce and expect."""
+
     name: str
     builder: Callable[[], list[nn.Module]]
     feature_dim: int
     preprocessing: Preprocessing
     description: str
-    key_map: Callable[[str], str | None] = field(default=lambda k: k)
+    key_map: Callable[[str], str | None] = field(default=same_key)
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+class Classifier(nn.Module):
+    """A backbone and a linear head on its last-stage features.
 
+    ``start`` > 0: inputs are the cached output of the first ``start`` (frozen) stages.
+    """
 
-def register(spec: BackboneSpec) -> BackboneSpec:
-    _REGISTRY[spec.name] = spec
-    return spec
+    def __init__(self, backbone: Backbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.start = 0
 
+    def features(self, x):
+        return self.backbone(x, start=self.start)
 
-def registered() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-@lru_cache(maxsize=None)
-def num_stages(name: str) -> int:
-    """How many stages a registered backbone has (built once, then remembered)."""
-    return len(get_spec(name).builder())
-
-
-def get_spec(name: str) -> BackboneSpec:
-    if name.startswith("timm:"):  # any timm model, built on demand (optional extra)
-        from tl.models.timm_backbone import timm_spec
-
-        return timm_spec(name)
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown backbone '{name}' (registered: {', '.join(registered())})")
-    return _REGISTRY[name]
-
-
-def _digits_cnn_stages() -> list[nn.Module]:
-    def block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
-        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
-
-    # 28 -> 14 -> 7 -> 3 -> 3; features are the globally pooled conv maps of the last stage
-    return [block(3, 32), block(32, 64), block(64, 128), block(128, 256, pool=False)]
-
-
-register(BackboneSpec(
-    name="digits_cnn", builder=_digits_cnn_stages, feature_dim=256,
-    preprocessing=Preprocessing((28, 28), *DIGITS),
-    description="small 4-stage CNN for 28x28 digits (the default)",
-))
-
-
-def _resnet_stages(arch: str) -> Callable[[], list[nn.Module]]:
-    def build() -> list[nn.Module]:
-        import torchvision
-
-        net = getattr(torchvision.models, arch)(weights=None)
-        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        return [stem, net.layer1, net.layer2, net.layer3, net.layer4]
-
-    return build
-
-
-def _torchvision_resnet_keys(key: str) -> str | None:
-    """Map torchvision ResNet state-dict names onto stage names; the classifier ``fc`` is dropped."""
-    if key.startswith("fc."):
-        return None
-    for i, name in enumerate(("conv1.", "bn1.")):
-        if key.startswith(name):
-            return f"stages.0.{i}." + key[len(name):]
-    for n in range(1, 5):
-        if key.startswith(f"layer{n}."):
-            return f"stages.{n}." + key[len(f"layer{n}."):]
-    return key
-
-
-for _arch, _dim in (("resnet18", 512), ("resnet50", 2048)):
-    register(BackboneSpec(
-        name=_arch, builder=_resnet_stages(_arch), feature_dim=_dim,
-        preprocessing=Preprocessing((224, 224), *IMAGENET),
-        description=f"torchvision {_arch}: stem, layer1..layer4", key_map=_torchvision_resnet_keys,
-    ))
-
-
-def build_backbone(name: str, input_size: int | Sequence[int] | None = None) -> Backbone:
-    """A randomly initialised backbone; ``input_size`` overrides the preprocessing size."""
-    if name.startswith("timm:"):
-        from tl.models.timm_backbone import build_timm
-
-        return build_timm(name, input_size)
-    spec = get_spec(name)
-    pp = spec.preprocessing
-    if input_size is not None:
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        pp = Preprocessing(tuple(int(s) for s in size), pp.mean, pp.std)
-    return Backbone(spec.name, spec.builder(), spec.feature_dim, pp)
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 def count_trainable(module: nn.Module) -> int:
