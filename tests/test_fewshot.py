@@ -21,6 +21,14 @@ def test_fewshot_preset_runs_the_comparison_with_fixed_depths(ray_local, pretrai
     assert len(list((home / "runs" / "fewshot-smoke" / "cells").glob("*.parquet"))) == 3
     assert (out / "command.txt").read_text().startswith("python -m workflows.fewshot ")
 
+    # workflows.report rebuilds the tables from rows.parquet alone
+    before = pd.read_csv(out / "summary.csv")
+    (out / "summary.csv").unlink()
+    r = subprocess.run([sys.executable, "-m", "workflows.report", str(out)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), before)
+
 
 def test_workflow_exits_2_with_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "workflows.fewshot", "--storage", str(tmp_path),

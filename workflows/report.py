@@ -22,14 +22,14 @@ def main() -> int:
     import pandas as pd
 
     from tl.errors import DataError
-    from tl.fewshot import describe, write_reports
+    from tl.report import describe, write_reports
 
     folder = Path(args.results)
     if not (folder / "rows.parquet").is_file():
         raise DataError(f"'{folder}' has no rows.parquet")
     rows = pd.read_parquet(folder / "rows.parquet")
     cfg = json.loads(rows["config"].iloc[0]) if "config" in rows.columns else {}
-    note = describe(cfg, rows)
+    note = describe(cfg, cfg.get("test_split") or cfg.get("split", "?"), rows)
     title = args.title or f"{cfg.get('backbone', '')}: {rows['episode'].nunique()} episodes x {rows['seed'].nunique()} seed(s)"
     write_reports(rows, folder, note, title)
     print(f"summary: {folder / 'summary.md'}\nplot: {folder / 'accuracy_vs_shots.png'}")
