@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tl.adapt import (
+from tl.nn import (
     CDANLoss, CORALLoss, DANNLoss, GradientReversal, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
     grad_reverse, information_maximization, soft_neighborhood_density,
 )

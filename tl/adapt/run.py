@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tl.adapt.select import information_maximization, soft_neighborhood_density
+from tl.nn.scores import information_maximization, soft_neighborhood_density
 from tl.config import config_hash, to_dict
 from tl.data import ImageSet, load_embedded
 from tl.errors import ConfigError, DataError

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl.adapt import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
 from tl.errors import ConfigError
 from tl.models import Backbone
+from tl.nn import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
 from tl.strategies.base import EpisodeRun, EpisodeTask, TrainedStrategy
 
 LR_SCHEDULES = ("ganin", "constant")
