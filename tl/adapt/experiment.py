@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tl.adapt.run import UDA_RECIPE, AdaptConfig, adapt
+from tl.runs import UDA_RECIPE, RunConfig as AdaptConfig, run as adapt
 from tl.config import config_hash, to_dict
 from tl.errors import ConfigError, TLError, TrainingError
 from tl.runtime import provenance
