@@ -1,34 +1,25 @@
-"""Domain adaptation: gradient reversal, the alignment losses, the selection scores, every adaptation
-strategy (one step, in-episode), and the two-stream Ray Train run (DDP smoke run, resume)."""
+"""Domain adaptation: gradient reversal, the alignment losses, the selection scores and every
+adaptation strategy (one step, in-episode). The two-stream Ray Train run is tests/test_runs.py."""
 
 import copy
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tl.adapt import (
-    CDANLoss, CORALLoss, DANNLoss, GradientReversal, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
-    grad_reverse, information_maximization, soft_neighborhood_density,
-)
 from tl.data import load_embedded, sample_episodes
 from tl.errors import ConfigError
 from tl.models import build_backbone
+from tl.nn import (
+    CDANLoss, CORALLoss, DANNLoss, GradientReversal, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
+    grad_reverse, information_maximization, soft_neighborhood_density,
+)
 from tl.strategies import REGISTRY, EpisodeTask, make_strategy
 from tl.strategies.adapt import AdaptStrategy, episode_source_labels
 from tl.train.loop import make_optimizer, train_steps
 
-REPO = Path(__file__).resolve().parent.parent
 ADAPT = sorted(n for n, c in REGISTRY.items() if issubclass(c, AdaptStrategy))
 ALIGNING = [n for n in ADAPT if REGISTRY[n].needs_target]
 
@@ -194,14 +185,6 @@ def test_bad_adaptation_settings_are_named():
         make_strategy("dann", {"bn_forward": "mixed"})
     with pytest.raises(ConfigError, match="lr_schedule"):
         make_strategy("cdan", {"lr_schedule": "cosine"})
-    from tl.adapt.run import AdaptConfig
-
-    with pytest.raises(ConfigError, match="not an adaptation strategy"):
-        AdaptConfig(strategy="finetune")
-    with pytest.raises(ConfigError, match="must not be the test set"):
-        AdaptConfig(target_split="test")
-    with pytest.raises(ConfigError, match="unknown config key 'strategies.dann.wieght'"):
-        AdaptConfig(params={"wieght": 1.0})
 
 
 def _episode_task(shots=2, with_source=True):
@@ -249,56 +232,3 @@ def test_episode_source_images_train_the_head_where_labelled_and_bad_labels_are_
     task.source_y = np.full(len(task.source_x), 5)
     with pytest.raises(ConfigError, match="source_y"):
         s.predict_episode(task)
-
-
-# --- Ray Train ---------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_two_worker_ddp_adaptation_smoke_run_completes_and_checkpoints(ray_local, storage, tmp_path):
-    from tl.adapt.run import AdaptConfig, adapt
-
-    cfg = AdaptConfig(weights="random", target="optdigits", strategy="dann", limit=64, workers=2, checkpoint_every=2,
-                      params={"steps": 4, "batch_size": 16, "target_batch_size": 16})
-    rec = adapt(cfg, storage, tmp_path / "out", log=lambda _: None)
-    assert rec["steps"] == 4 and [h["step"] for h in rec["history"]] == [2, 4]
-    for h in rec["history"]:
-        assert 0 <= h["target_test_accuracy"] <= 1 and math.isfinite(h["target_im"]) and math.isfinite(h["loss"])
-    ckpts = sorted(p for p in (storage / "ray" / cfg.key()).glob("checkpoint_*") if p.is_dir())
-    assert ckpts and (ckpts[-1] / "state.pt").is_file()
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 4
-    # the same config again: the finished run is resumed from its checkpoint, not retrained
-    again = adapt(cfg, storage, None, log=lambda _: None)
-    assert again["history"] == rec["history"]
-
-
-@pytest.mark.slow
-def test_killed_adaptation_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
-           "--output", str(out), "--set", "weights=random", "--set", "methods=[{strategy: dann}]",
-           "--set", "checkpoint_every=10", "--set", "params.steps=200"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(storage.glob("ray/adapt-*/checkpoint_manager_snapshot.json")):
-        assert first.poll() is None, first.stdout.read()
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    cells = storage / "runs" / "adapt-smoke" / "cells"
-    assert not list(cells.glob("*.parquet")), "a killed run is not a finished cell"
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    text = done.stdout + done.stderr
-    assert done.returncode == 0, text
-    assert "resuming from the checkpoint at step" in text, text
-    resumed = int(text.split("resuming from the checkpoint at step", 1)[1].split()[0])
-    assert resumed >= 10
-    logged = [int(ln.split(": step ", 1)[1].split("/")[0]) for ln in text.splitlines() if "[adapt] dann" in ln
-              and ": step " in ln]
-    assert logged and min(logged) > resumed, "steps before the checkpoint were redone"
-    (run,) = cells.glob("*.parquet")
-    assert pd.read_parquet(run)["step"].tolist() == list(range(10, 201, 10))
-    assert (out / "summary.md").is_file() and (out / "command.txt").is_file()

@@ -80,7 +80,7 @@ def test_killed_train_worker_restarts_from_its_last_checkpoint(workflow, storage
     assert last_before - 10 <= resumed <= last_before + 10 and resumed > 0, (last_before, resumed)
     assert max(steps_seen()) == 80, text[-4000:]
     if workflow == "finetune":
-        assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 80
+        assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 80
     else:
         runs = pd.read_csv(tmp_path / "out" / "runs.csv")
         assert runs["step"].max() == 80 and runs["step"].is_unique, runs[["step"]].to_string()

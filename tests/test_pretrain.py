@@ -66,8 +66,8 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
     second = _run_pretrain(storage)
     out, _ = second.communicate(timeout=400)
     assert second.returncode == 0, out
-    assert "resuming from the checkpoint of epoch" in out, out
-    resumed_at = int(out.split("resuming from the checkpoint of epoch", 1)[1].split()[0])
+    assert "resuming from the checkpoint at epoch" in out, out
+    resumed_at = int(out.split("resuming from the checkpoint at epoch", 1)[1].split()[0])
     assert resumed_at >= 1
     trained = [ln for ln in out.splitlines() if "[pretrain] epoch" in ln]
     assert all(int(ln.split("epoch")[1].split("/")[0]) > resumed_at for ln in trained), "epochs were redone"

@@ -1,14 +1,7 @@
 """Every registered strategy: a finite first step, gradients exactly where they should be, BatchNorm
-handled as stated, NaN losses named; plus Ray Train fine-tuning: DDP equivalence and resume."""
+handled as stated, NaN losses named. Ray Train fine-tuning is a run of ``tl.runs`` (tests/test_runs.py)."""
 
 import copy
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +12,6 @@ from tl.errors import ConfigError, TrainingError
 from tl.models import build_backbone, count_trainable
 from tl.strategies import REGISTRY, EpisodeTask, TrainedStrategy, make_strategy
 from tl.train.loop import make_optimizer, train_steps
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def episode(shots=2):
@@ -119,46 +110,3 @@ def test_bad_strategy_config_is_named():
         make_strategy("finetune", {"frozn": 1})
     with pytest.raises(ConfigError, match="batch_norm"):
         make_strategy("finetune", {"batch_norm": "maybe"})
-
-
-# --- Ray Train -------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_ddp_two_workers_match_one_worker(ray_local, storage, tmp_path):
-    from tl.finetune import FinetuneConfig, finetune
-
-    losses = {}
-    for workers in (1, 2):
-        cfg = FinetuneConfig(weights="random", target="optdigits", limit=64, workers=workers, checkpoint_every=4,
-                             params={"steps": 4, "batch_size": 64, "lr": 0.05, "batch_norm": "frozen"})
-        m = finetune(cfg, storage / f"w{workers}", tmp_path / f"out{workers}", log=lambda _: None)
-        assert m["steps"] == 4
-        losses[workers] = m["final_loss"]
-    assert losses[1] == pytest.approx(losses[2], abs=1e-4), losses
-
-
-@pytest.mark.slow
-def test_killed_finetune_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "workflows.finetune", "--storage", str(storage), "--output", str(tmp_path / "out"),
-           "--workers", "1", "--set", "weights=random", "--set", "target=optdigits", "--set", "limit=256",
-           "--set", "checkpoint_every=10", "--set", "params.steps=200", "--set", "params.batch_size=32"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(storage.glob("ray/finetune-*/checkpoint_manager_snapshot.json")):
-        assert first.poll() is None, first.stdout.read()
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    assert not (tmp_path / "out" / "metrics.json").exists()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout + out.stderr
-    assert "resuming from the checkpoint at step" in text, text
-    resumed = int(text.split("resuming from the checkpoint at step", 1)[1].split()[0])
-    assert resumed >= 10
-    steps_logged = [int(ln.split("step", 1)[1].split("/")[0]) for ln in text.splitlines() if "[finetune] step" in ln]
-    assert steps_logged and min(steps_logged) > resumed, "steps before the checkpoint were redone"
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 200

@@ -22,10 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tl.adapt.run import UDA_RECIPE, AdaptConfig, adapt
 from tl.config import BackboneFields, config_hash, to_dict
 from tl.errors import ConfigError, TrainingError
 from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
+from tl.runs import UDA_RECIPE, RunConfig, run
 from tl.strategies import StrategyEntry, check_labels
 
 RULES = {
@@ -71,9 +71,9 @@ class AdaptExperimentConfig(BackboneFields):
             for m in self.methods:
                 self.run_config(t, m, self.seeds[0])  # every run's config is valid before any work starts
 
-    def run_config(self, target: str, method: StrategyEntry, seed: int) -> AdaptConfig:
+    def run_config(self, target: str, method: StrategyEntry, seed: int) -> RunConfig:
         try:
-            return AdaptConfig(backbone=self.backbone, weights=self.weights, input_size=self.input_size,
+            return RunConfig(backbone=self.backbone, weights=self.weights, input_size=self.input_size,
                                source=self.source, target=target, strategy=method.strategy,
                                params={**self.params, **method.params}, limit=self.limit, workers=self.workers,
                                use_gpu=self.use_gpu, checkpoint_every=self.checkpoint_every, seed=seed,
@@ -111,9 +111,9 @@ def _run_cell(spec: dict, storage: str) -> tuple[pd.DataFrame, str]:
     """One adaptation run inside a Tune trial: its TorchTrainer is built and fitted here."""
     from tl.config import from_dict
 
-    cfg = from_dict(AdaptConfig, spec["run"])
+    cfg = from_dict(RunConfig, spec["run"])
     started = time.time()
-    record = adapt(cfg, Path(storage), log=lambda line: print(line, flush=True))
+    record = run(cfg, Path(storage), log=lambda line: print(line, flush=True))
     rows = pd.DataFrame(run_rows(record, spec["label"]))
     rows["started_at"], rows["finished_at"] = started, time.time()
     last = record["history"][-1]

@@ -103,22 +103,16 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def _worker(c: dict) -> None:
-    """Per-worker training function (runs on every Ray Train worker)."""
+    """Per-worker training function (runs on every Ray Train worker). Its own loop, not
+    ``tl.train.loop``: an epoch is a fixed number of steps over one shuffle of the shard, the rate
+    is set per step (warm-up, then cosine), SGD is Nesterov's and each image is shifted; the resume
+    protocol (``tl.train.ray_train``) is the one every run follows."""
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(c["seed"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ray_train.start(c["threads"], c["seed"])
     model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
-    state = ray_train.restore_state()
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        start = int(state["epoch"])
-        if rank == 0:
-            print(f"[pretrain] resuming from the checkpoint of epoch {start}", flush=True)
+    state, start = ray_train.resume(model, "[pretrain]", "epoch")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     opt = torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], nesterov=True,
@@ -130,7 +124,8 @@ def _worker(c: dict) -> None:
     total = steps_per_epoch * c["epochs"]
     warmup = int(c["warmup_epochs"] * steps_per_epoch)
     gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
-    acc = float(state["val_accuracy"]) if state is not None else 0.0
+    if start >= c["epochs"]:  # the run had finished: hand its last checkpoint back
+        ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": float(state["val_accuracy"])}, state)
     for epoch in range(start, c["epochs"]):
         model.train()
         losses = []
@@ -155,14 +150,12 @@ def _worker(c: dict) -> None:
             losses.append(float(loss.detach()))
             step += 1
         acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("val"), device)
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "val_accuracy": acc}
-        if rank == 0:
-            print(f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {metrics['loss']:.4f}  "
-                  f"source val accuracy {acc:.4f}", flush=True)
-        ray_train.report(metrics, {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                   "epoch": epoch + 1, "val_accuracy": acc})
-    if start >= c["epochs"]:
-        ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": acc}, state)
+        loss = ray_train.global_mean(float(np.mean(losses)) if losses else float("nan"))
+        ray_train.checkpoint({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc},
+                             {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                              "epoch": epoch + 1, "val_accuracy": acc},
+                             f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {loss:.4f}  source val accuracy "
+                             f"{acc:.4f}")
 
 
 def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = print) -> PretrainResult:

@@ -1,4 +1,5 @@
-"""Fine-tune a backbone on a target with one strategy, on Ray Train (DDP over --workers N).
+"""Fine-tune a backbone on a target with one strategy, on Ray Train (DDP over --workers N): a run of
+``tl.runs`` without a source.
 
     python -m workflows.finetune --set target=mnistm --set strategy=finetune --set params.frozen=2
 """
@@ -17,7 +18,7 @@ def main() -> int:
     args = p.parse_args()
 
     from tl.config import load_config
-    from tl.finetune import FinetuneConfig, finetune
+    from tl.runs import RunConfig, run
     from tl.runtime import resolve_storage
 
     base: dict = {"params": {"steps": 300, "batch_size": 64, "lr": 0.01}}
@@ -27,13 +28,13 @@ def main() -> int:
         base["workers"] = args.workers
     if args.gpu:
         base.update(use_gpu=True, amp=True)
-    cfg = load_config(FinetuneConfig, args.config, args.overrides, base=base)
+    cfg = load_config(RunConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
     output = Path(args.output or f"results/finetune/{cfg.key()}")
     _cli.init_ray(args.address)
-    metrics = finetune(cfg, storage, output)
-    print(f"{cfg.eval_split} accuracy: {metrics['eval_accuracy']:.4f}")
-    print(f"model and metrics: {output}")
+    record = run(cfg, storage, output)
+    print(f"{cfg.test_split} accuracy: {record['history'][-1]['target_test_accuracy']:.4f}")
+    print(f"model and run record: {output}")
     return 0
 
 

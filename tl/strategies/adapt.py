@@ -1,7 +1,7 @@
 """Domain-adaptation strategies: a classifier trained on labelled images while an alignment loss
 pulls its features for an unlabelled target stream towards the labelled (source) ones.
 
-Two places run them. Unsupervised domain adaptation on Ray Train (``tl.adapt.run``): the labelled
+Two places run them. Unsupervised domain adaptation on Ray Train (``tl.runs``): the labelled
 stream is the source task, the second stream unlabelled target images. A few-shot episode
 (``predict_episode``): the labelled stream is the K support shots per class, the target side the
 unlabelled target pool (``task.unlabelled_x``), and, when the episode carries labelled source
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl.adapt import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
 from tl.errors import ConfigError
 from tl.models import Backbone
+from tl.nn import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
 from tl.strategies.base import EpisodeRun, EpisodeTask, TrainedStrategy
 
 LR_SCHEDULES = ("ganin", "constant")

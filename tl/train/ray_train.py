@@ -1,7 +1,9 @@
 """Launching the training loop on Ray Train (Train V2): DDP over N workers, checkpoints, resume.
 
-Resuming is running again with the same ``RunConfig(name, storage_path)``: the worker function
-asks ``ray.train.get_checkpoint()`` for the latest checkpoint and continues from its step.
+Resuming is running again with the same ``RunConfig(name, storage_path)``. Every worker function of
+tl follows one protocol: ``start`` (threads, seed, ranks), ``resume`` (the latest checkpoint loaded,
+its position said once), a finished run hands its last checkpoint back (``report``), and each
+interval ends in ``checkpoint``, which prints its progress line only after the report returns.
 """
 
 from __future__ import annotations
@@ -68,6 +70,35 @@ def _root_message(exc: BaseException) -> str:
     return lines[-1] if lines else repr(exc)
 
 
+def start(threads: int, seed: int) -> tuple[int, int]:
+    """Inside a worker: torch's threads and seed set; returns (world rank, world size)."""
+    import ray.train
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None, int]:
+    """Inside a worker: the latest checkpoint's state loaded into ``model`` and its position (the
+    state's ``counter``: ``step`` or ``epoch``), or (None, 0) on a fresh start. ``what`` starts the
+    lines it prints: rank 0 says where it resumes, every rank its pid and start (which a fault test
+    uses to find the worker to kill)."""
+    import ray.train
+
+    state = restore_state()
+    position = 0
+    rank = ray.train.get_context().get_world_rank()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        position = int(state[counter])
+        if rank == 0:
+            print(f"{what} resuming from the checkpoint at {counter} {position}", flush=True)
+    print(f"{what} worker rank {rank} pid {os.getpid()} starts at {counter} {position}", flush=True)
+    return state, position
+
+
 def restore_state() -> dict | None:
     """Inside a worker: the state saved by the latest checkpoint of this run, if any."""
     import ray.train
@@ -90,6 +121,28 @@ def report(metrics: dict[str, Any], state: dict | None = None) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics, checkpoint=None)
+
+
+def checkpoint(metrics: dict[str, Any], state: dict, line: str) -> None:
+    """Inside a worker: report ``metrics`` with a checkpoint of ``state``, then rank 0 prints ``line``.
+    Printed after the report returns: Ray Train's result queue holds one report, so the previous
+    checkpoint is registered by then and a crash after the line redoes at most one interval."""
+    import ray.train
+
+    report(metrics, state)
+    if ray.train.get_context().get_world_rank() == 0:
+        print(line, flush=True)
+
+
+def global_mean(value: float) -> float:
+    """The mean of ``value`` over the DDP workers (``value`` itself outside a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def load_result_state(result) -> dict:

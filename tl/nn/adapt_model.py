@@ -8,9 +8,10 @@ included, is used in the wrapped forward and its gradients are averaged across w
 from __future__ import annotations
 
 import torch
-from tl.adapt.losses import Alignment
+
 from tl.errors import ConfigError
 from tl.models import Backbone, Classifier
+from tl.nn.alignment import Alignment
 
 BN_FORWARDS = ("concat", "separate")
 

@@ -1,0 +1,133 @@
+"""The one many-shot run on Ray Train (``tl.runs``): fine-tuning (no source) and unsupervised
+adaptation (a source and an unlabelled pool) share its config, key, worker, checkpoints and resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tl.config import from_dict
+from tl.errors import ConfigError, DataError
+from tl.runs import RunConfig, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- config and key ------------------------------------------------------------------------------
+
+
+def test_keys_of_finished_adaptation_runs_are_stable():
+    """The committed benchmark's runs keep their keys (and so are skipped when it runs again)."""
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "results" / "adapt" / "runs").glob("*.json"))]
+    assert records
+    for rec in records:
+        assert from_dict(RunConfig, rec["config"]).key() == rec["key"]
+    cfg = RunConfig(weights="random", source="mnist", target="optdigits", strategy="dann", limit=64, workers=1,
+                    checkpoint_every=2, params={"steps": 4, "batch_size": 16, "target_batch_size": 16})
+    assert cfg.key() == "adapt-dann-mnist-optdigits-seed0-11aad54a8188"  # as the older tl.adapt.run keyed it
+
+
+def test_a_key_holds_what_a_run_computes_and_nothing_else():
+    ft = RunConfig(target="optdigits", params={"steps": 4})
+    assert ft.kind == "finetune" and ft.key().startswith("finetune-finetune-optdigits-seed0-")
+    assert RunConfig(target="optdigits", params={"steps": 4}, workers=1, use_gpu=True, max_failures=3).key() == ft.key()
+    assert RunConfig(target="optdigits", params={"steps": 4}, init_head=False, source_split="x").key() == ft.key()
+    assert RunConfig(target="optdigits", params={"steps": 5}).key() != ft.key()
+    ad = RunConfig(source="mnist", target="optdigits", strategy="source_only")
+    assert ad.kind == "adapt" and ad.resolved_params()["steps"] == 600
+    assert RunConfig(source="mnist", target="optdigits", strategy="source_only", init_head=False).key() != ad.key()
+
+
+def test_bad_run_configs_are_named(storage):
+    with pytest.raises(ConfigError, match="'finetune' is not an adaptation strategy"):
+        RunConfig(source="mnist", strategy="finetune")
+    with pytest.raises(ConfigError, match="'logistic' is not a trained strategy"):
+        RunConfig(strategy="logistic")
+    with pytest.raises(ConfigError, match="must not be the test set"):
+        RunConfig(source="mnist", strategy="dann", target_split="test")
+    with pytest.raises(ConfigError, match="must not be the test set"):
+        RunConfig(target_split="test")
+    with pytest.raises(ConfigError, match="unknown config key 'strategies.dann.wieght'"):
+        RunConfig(source="mnist", strategy="dann", params={"wieght": 1.0})
+    with pytest.raises(ConfigError, match="'workers'"):
+        RunConfig(workers=0)
+    with pytest.raises(DataError, match="different classes"):  # before any Ray Train work
+        run(RunConfig(weights="random", source="mnist:base", target="optdigits", strategy="dann"), storage,
+            log=lambda _: None)
+
+
+# --- Ray Train -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_two_ddp_workers_matches_one_worker(ray_local, storage, tmp_path):
+    losses = {}
+    for workers in (1, 2):
+        cfg = RunConfig(weights="random", target="optdigits", limit=64, workers=workers, checkpoint_every=4,
+                        params={"steps": 4, "batch_size": 64, "lr": 0.05, "batch_norm": "frozen"})
+        rec = run(cfg, storage / f"w{workers}", tmp_path / f"out{workers}", log=lambda _: None)
+        assert rec["steps"] == 4 and rec["source"] is None
+        (last,) = rec["history"]
+        assert set(last) == {"step", "loss", "lr", "train_s", "target_test_accuracy"}  # no source, no pool
+        assert json.loads((tmp_path / f"out{workers}" / "run.json").read_text())["steps"] == 4
+        losses[workers] = last["loss"]
+    assert losses[1] == pytest.approx(losses[2], abs=1e-4), losses
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_adaptation_run_completes_checkpoints_and_is_reused(ray_local, storage, tmp_path):
+    cfg = RunConfig(weights="random", source="mnist", target="optdigits", strategy="dann", limit=64, workers=2,
+                    checkpoint_every=2, params={"steps": 4, "batch_size": 16, "target_batch_size": 16})
+    rec = run(cfg, storage, tmp_path / "out", log=lambda _: None)
+    assert rec["steps"] == 4 and [h["step"] for h in rec["history"]] == [2, 4]
+    assert rec["sizes"] == {"source": 64, "source_val": 64, "target": 64, "target_test": 64}
+    for h in rec["history"]:
+        assert 0 <= h["target_test_accuracy"] <= 1 and math.isfinite(h["target_im"]) and math.isfinite(h["loss"])
+        assert 0 <= h["source_val_accuracy"] <= 1 and math.isfinite(h["target_snd"]) and h["coeff"] > 0
+    ckpts = sorted(p for p in (storage / "ray" / cfg.key()).glob("checkpoint_*") if p.is_dir())
+    assert ckpts and (ckpts[-1] / "state.pt").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 4
+    # the same config again: the finished run hands its last checkpoint back, nothing is retrained
+    again = run(cfg, storage, None, log=lambda _: None)
+    assert again["history"] == rec["history"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
+    """The driver killed mid-run; the same command again resumes from the last registered checkpoint
+    (the benchmark's run of the one worker: what holds for it holds for fine-tuning)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
+           "--output", str(out), "--set", "weights=random", "--set", "methods=[{strategy: dann}]",
+           "--set", "checkpoint_every=10", "--set", "params.steps=200"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(storage.glob("ray/adapt-*/checkpoint_manager_snapshot.json")):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    cells = storage / "runs" / "adapt-smoke" / "cells"
+    assert not list(cells.glob("*.parquet")), "a killed run is not a finished cell"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    assert "resuming from the checkpoint at step" in text, text
+    resumed = int(text.split("resuming from the checkpoint at step", 1)[1].split()[0])
+    assert resumed >= 10
+    logged = [int(ln.split(": step ", 1)[1].split("/")[0]) for ln in text.splitlines() if "[adapt] dann" in ln
+              and ": step " in ln]
+    assert logged and min(logged) > resumed, "steps before the checkpoint were redone"
+    (cell,) = cells.glob("*.parquet")
+    assert pd.read_parquet(cell)["step"].tolist() == list(range(10, 201, 10))
+    assert (out / "summary.md").is_file() and (out / "command.txt").is_file()
