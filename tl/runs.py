@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tl.config import config_hash, to_dict
+from tl.config import BackboneFields, config_hash, to_dict
 from tl.data import ImageSet, load_embedded
 from tl.errors import ConfigError, DataError
 from tl.models import Classifier, make_backbone, save_weights
@@ -60,7 +60,7 @@ SOURCE_FIELDS = ("init_head", "source", "source_split", "source_val_split")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(BackboneFields):
     """One run: ``strategy`` trains on ``target``'s ``target_split``, scored on its ``test_split``.
 
     Without ``source`` the target images are labelled (fine-tuning). With a ``source`` (adaptation)
@@ -73,9 +73,6 @@ class RunConfig:
     step 0 is the source model; ``limit``: at most this many images per set (0: all), for smoke tests.
     """
 
-    backbone: str = "digits_cnn"
-    weights: str = "pretrained"
-    input_size: int | None = None
     init_head: bool = True
     source: str | None = None
     source_split: str = "train"
