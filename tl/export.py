@@ -208,7 +208,7 @@ def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_cl
                        unlabelled_x=x, backbone=lambda: copy.deepcopy(backbone))
     run = strategy.start_episode(task)
     run.advance(strategy.steps)
-    model = run.model
+    model = run.model.to(memory_format=torch.contiguous_format)  # saved weights in the plain layout
     model.start = 0  # the frozen prefix was cached during training; the exported model starts from images
     return ExportedModel(model.backbone, model.head).eval()
 

@@ -203,9 +203,11 @@ class EpisodeRun:
         self.second: Iterator | None = None  # a second batch stream (tl.train.loop.train_steps)
         self.lr_scale: Callable[[int], float] | None = None
         torch.manual_seed(task.seed)
-        model = strategy.prepare(task.backbone(), task.n_way)
-        x, y, q = task.support_x, torch.as_tensor(task.support_y), task.query_x
-        extra = dict(extra or {})
+        # channels-last convolutions: about a quarter faster per step on CPU (oneDNN) than the default
+        # layout, the same arithmetic up to rounding
+        model = strategy.prepare(task.backbone(), task.n_way).to(memory_format=torch.channels_last)
+        x, y, q = _channels_last(task.support_x), torch.as_tensor(task.support_y), _channels_last(task.query_x)
+        extra = {name: _channels_last(t) for name, t in (extra or {}).items()}
         k = model.backbone.frozen_stages
         if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
             # frozen stages in eval mode are a fixed function: run them once, train the rest
@@ -231,6 +233,10 @@ class EpisodeRun:
         from tl.train.loop import predict
 
         return predict(self.model, self.query)
+
+
+def _channels_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
 
 
 def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none"):
