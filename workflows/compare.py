@@ -36,6 +36,9 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
         # the local Ray has more logical CPUs than cores; one trained cell per core is faster than
         # two single-threaded cells sharing one (results/bench/compare.md: 168.8 s against 180.8 s)
         base["cpus_per_trial"] = _cli.local_cpus() / (os.cpu_count() or 1)
+        # feature cells with the same request reuse the trained cells' warm trial processes (Tune's
+        # reuse_actors): 18 fresh quarter-CPU processes at the end took 92 s of a 787 s run here
+        base["feature_cpus"] = base["cpus_per_trial"]
     if args.smoke_test:
         base |= smoke
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
