@@ -126,9 +126,9 @@ def cells(cfg: AdaptExperimentConfig) -> list[Cell]:
     for t in cfg.targets:
         for m in cfg.methods:
             for s in cfg.seeds:
-                run = cfg.run_config(t, m, s)
-                out.append(Cell((t, m.name(), f"seed{s}"), run.key(), f"{cfg.source}->{t} {m.name()} seed {s}",
-                                {"label": m.name(), "run": to_dict(run)}, cpu=TRIAL_CPU))
+                rc = cfg.run_config(t, m, s)
+                out.append(Cell((t, m.name(), f"seed{s}"), rc.key(), f"{cfg.source}->{t} {m.name()} seed {s}",
+                                {"label": m.name(), "run": to_dict(rc)}, cpu=TRIAL_CPU))
     return out
 
 
