@@ -268,7 +268,8 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
     log(f"[adapt] {len(grid)} runs ({len(cfg.targets)} targets x {len(cfg.methods)} methods x {len(cfg.seeds)} "
         f"seeds), up to {concurrent} at once; finished runs are kept in {store.root}")
     result = run_cells(grid, store, _run_cell, shared={"storage": str(storage)}, what="adapt", storage=storage,
-                       log=log, retry_failed=retry_failed, max_concurrent=concurrent, max_failures=cfg.max_failures)
+                       log=log, retry_failed=retry_failed, max_concurrent=concurrent, max_failures=cfg.max_failures,
+                       experiment=cfg.experiment)
     failures = [f"{c.what}: {msg}" for c, msg in result.failed] + [f"{c.what}: unfinished" for c in result.unfinished]
     rows = result.rows(store)
     if rows.empty:

@@ -202,7 +202,8 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
         f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run")
     shared = prepare(cfg, p["todo"], weights, storage, log) if p["todo"] else {}
     result = run_cells(grid, store, run_cell, shared=shared, what="compare", storage=storage, log=log,
-                       retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures)
+                       retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures,
+                       experiment=cfg.experiment)
     return write_outputs(cfg, result, store, output, weights, log, t0)
 
 

@@ -146,9 +146,10 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
 
 def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, what: str, storage: Path,
               log: Callable[[str], None] = print, retry_failed: bool = False, max_concurrent: int = 0,
-              max_failures: int = 2) -> GridResult:
+              max_failures: int = 2, experiment: str | None = None) -> GridResult:
     """Run the todo cells of ``cells`` as Tune trials (``fn(spec, **shared) -> (rows, line)``);
-    return what is finished, failed and unfinished afterwards."""
+    return what is finished, failed and unfinished afterwards. The Tune experiment is named
+    ``<experiment>-<time>`` under ``<storage>/tune`` (``what``, the progress prefix, by default)."""
     p = plan(cells, store, retry_failed)
     todo = p["todo"]
     if todo:
@@ -159,7 +160,8 @@ def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, 
         tuner = tune.Tuner(
             trainable, param_space={"cell": tune.grid_search([_plain(c) for c in todo])},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None, reuse_actors=True),
-            run_config=tune.RunConfig(name=f"{what}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage / "tune"),
+            run_config=tune.RunConfig(name=f"{experiment or what}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(storage / "tune"),
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures),
                                       callbacks=[TrialProgress(log, len(todo), what)]))
         for res in tuner.fit():

@@ -345,7 +345,8 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     shared = {"data": {cfg.target: data}, "embeddings": {cfg.target: {"test": test_emb}}, "weights": weights,
               "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
                         "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes}}
-    res = run_cells([cell], store, run_cell, shared=shared, what="search", storage=storage, log=log)
+    res = run_cells([cell], store, run_cell, shared=shared, what="search", storage=storage, log=log,
+                    experiment=f"{cfg.experiment}-test")
     if res.failed or res.unfinished:
         raise TLError(f"the test episodes of the chosen candidate did not finish: "
                       f"{res.failed[0][1] if res.failed else 'interrupted'}")
