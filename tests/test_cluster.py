@@ -190,6 +190,11 @@ def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
     assert cells.ngroups == 6 and len(rows) == 6 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
     nodes = {n["node_id"] for n in cluster["nodes"]}
     assert set(rows["node"]) <= nodes and rows["node"].nunique() > 1, rows.groupby("strategy")["node"].unique()
+    # provenance inside a job: the upload has no .git, so the submitter's commit travels in the job's env
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert set(rows["git_commit"].str.replace("+dirty", "")) == {head}, set(rows["git_commit"])
+    assert all(json.loads(h)["host"] == host for h, host in zip(rows["hardware"], rows["host"]))
+    assert (out / "config.yaml").stat().st_size > 0
     print(f"compare --smoke-test as a job on 3 nodes: {wall:.0f} s; cells per node "
           f"{rows.groupby('node')['strategy'].nunique().to_dict()}")
 

@@ -1,5 +1,6 @@
 """The comparison workflow on the local Ray: outputs, rerun runs nothing, kill and resume, failures."""
 
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,8 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=SMALL)
     logs = []
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", logs.append)
-    for f in ("rows.parquet", "summary.md", "accuracy_vs_shots.png", "best.yaml"):
+    for f in ("rows.parquet", "summary.md", "accuracy_vs_shots.png", "accuracy_vs_cost.png", "best.yaml",
+              "config.yaml"):
         assert (tmp_path / "out" / f).is_file(), f
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert len(rows) == out.rows == 2 * 3 * 3 and not rows.duplicated(KEYS).any()
@@ -38,9 +40,15 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     assert ft["chosen"].isin(['{"frozen": 3}', '{"frozen": 4}']).all() and ft["val_accuracy"].notna().all()
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())["best"]["optdigits"]
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    # every cell was also scored on its validation episode; best.yaml's pick is made there, not on test
+    assert all(len(json.loads(v)) == 1 for v in rows["val_episodes"])
     for shots in (1, 2):
-        top = summary[summary["shots"] == shots].sort_values("mean").iloc[-1]
-        assert best[shots]["label"] == top["strategy"] and best[shots]["accuracy"] == pytest.approx(top["mean"], abs=1e-4)
+        b = best[shots]
+        mine = summary[(summary["shots"] == shots) & (summary["strategy"] == b["label"])].iloc[0]
+        assert b["accuracy"] == pytest.approx(mine["mean"], abs=1e-4) and b["label"] in b["tied_on_validation"]
+        val = {s: json.loads(g["val_episodes"].iloc[0])[0][1] for s, g in rows[rows["shots"] == shots].groupby("strategy")}
+        assert val[b["validation_winner"]] == max(val.values())
+    assert load_config(CompareConfig, str(tmp_path / "out" / "config.yaml")) == cfg
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Δ to best" in text and "validation episodes of the `adapt` split" in text
 
@@ -121,3 +129,48 @@ def test_workflow_bad_config_exits_2_naming_the_key(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown strategy 'dino'" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _crash_one(spec: dict, **shared):
+    """The real cell function, except that the cell labelled ``bug`` raises a plain RuntimeError."""
+    from tl.evaluate import run_cell
+
+    if spec["label"] == "bug":
+        raise RuntimeError("index 7 is out of bounds in the bug strategy")
+    return run_cell(spec, **shared)
+
+
+def test_a_crashed_cell_reaches_the_summary_the_exit_status_and_mlflow_gets_the_runs(ray_local, pretrained, tmp_path):
+    import ray.cloudpickle
+    from mlflow.tracking import MlflowClient
+
+    from tl.compare import cells, prepare, write_outputs
+    from tl.errors import EXIT_FAILED_CELLS
+    from tl.grid import CellStore, run_cells
+
+    base = {**SMALL, "shots": [1], "mlflow": str(tmp_path / "mlruns"),
+            "strategies": [{"strategy": "prototype"}, {"strategy": "logistic", "label": "bug"}]}
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=base)
+    store = CellStore(cfg.cells_dir(tmp_path / "home"))
+    grid = cells(cfg)
+    shared = prepare(cfg, grid, str(pretrained), tmp_path / "home", lambda s: None)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trials need not import tests/
+    try:
+        result = run_cells(grid, store, _crash_one, shared=shared, what="compare", storage=tmp_path / "home",
+                           log=lambda s: None, max_failures=0, experiment=cfg.experiment, mlflow=cfg.mlflow)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    (tmp_path / "out").mkdir()
+    out = write_outputs(cfg, result, store, tmp_path / "out", str(pretrained), lambda s: None)
+    assert out.exit_status == EXIT_FAILED_CELLS and out.rows == 3
+    (cell, msg), = out.grid.failed
+    assert cell.spec["label"] == "bug" and msg.startswith("crashed: RuntimeError") and "out of bounds" in msg
+    assert "RuntimeError: index 7 is out of bounds" in (tmp_path / "out" / "summary.md").read_text()
+
+    client = MlflowClient((tmp_path / "mlruns").resolve().as_uri())
+    exp = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    finished = [r for r in runs if "accuracy" in r.data.metrics]
+    assert len(runs) == 2 and len(finished) == 1
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert finished[0].data.metrics["accuracy"] == pytest.approx(rows["accuracy"].mean())

@@ -11,7 +11,8 @@ import pytest
 
 from tl.data import load_embedded
 from tl.embeddings import MANIFEST, EmbedConfig, cache_key, extract
-from tl.evaluate import ci95, paired_difference, run_episodes, summarize
+from tl.evaluate import run_episodes
+from tl.report import summarize
 from tl.models import build_backbone, save_weights
 from tl.strategies import make_strategy, registered
 
@@ -125,17 +126,3 @@ def test_ci_shrinks_as_episodes_grow(optdigits_embeddings):
         rows = pd.DataFrame(run_episodes(proto, data, shots=1, queries=15, episodes=n, seed=1, embeddings=vectors))
         cis.append(summarize(rows).iloc[0]["ci95"])
     assert cis[0] > cis[1] > cis[2], cis
-
-
-def test_ci_and_paired_difference_arithmetic():
-    assert ci95([0.5, 0.7]) == pytest.approx(1.96 * np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
-    assert ci95([0.2, 0.4, 0.6, 0.8]) == pytest.approx(1.96 * 0.2581988897 / 2, rel=1e-6)
-    rows = pd.DataFrame({
-        "strategy": ["a"] * 3 + ["b"] * 3, "target": "t", "shots": 1, "seed": 0, "episode": [0, 1, 2] * 2,
-        "accuracy": [0.6, 0.8, 0.7, 0.5, 0.6, 0.7], "seconds": 0.0,
-    })
-    d = paired_difference(rows, "a", "b")  # differences 0.1, 0.2, 0.0
-    assert d.mean == pytest.approx(0.1) and d.episodes == 3
-    assert d.ci95 == pytest.approx(1.96 * 0.1 / np.sqrt(3))
-    s = summarize(rows).set_index("strategy")
-    assert s.loc["a", "mean"] == pytest.approx(0.7) and s.loc["b", "std"] == pytest.approx(0.1)

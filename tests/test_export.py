@@ -304,3 +304,38 @@ def test_train_on_shots_and_replace_an_older_model(tmp_path):
     assert load_model(tmp_path / "model")[2]["strategy"]["name"] == "linear_probe"
     assert m2["training"]["images"] == 898 and m2["head"]["standardize"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model")) == []
+
+
+def _readme_command(fragment: str) -> list[str]:
+    """The README's command line that contains ``fragment`` (backslash continuations joined)."""
+    import shlex
+
+    lines, joined = (REPO / "README.md").read_text().splitlines(), []
+    buf = ""
+    for line in lines:
+        buf += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            joined.append(buf.strip())
+            buf = ""
+    (cmd,) = [c for c in joined if fragment in c]
+    return shlex.split(cmd.split("#")[0])
+
+
+def test_readme_export_command_works_from_the_committed_best_yaml(tmp_path):
+    """best.yaml names its backbone by key and sha256, not by a path on the machine that wrote it: the
+    README's command runs on a fresh storage (which pretrains the default backbone first)."""
+    argv = _readme_command("workflows.export --set best=results/compare/best.yaml")
+    assert argv[0].endswith("python") and argv[1:3] == ["-m", "workflows.export"]
+    doc = yaml.safe_load((REPO / "results" / "compare" / "best.yaml").read_text())
+    assert not str(doc["weights"]).startswith("/"), "best.yaml must not store an absolute weights path"
+    out = tmp_path / "model"
+    args = argv[3:]
+    args[args.index("--output") + 1] = str(out)
+    r = subprocess.run([sys.executable, "-m", "workflows.export", *args, "--storage", str(tmp_path / "fresh")],
+                       cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ, RAY_ADDRESS=""))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    m = json.loads((out / MANIFEST).read_text())
+    entry = doc["best"]["mnistm"][5]
+    assert m["strategy"]["name"] == entry["strategy"]
+    assert m["backbone"]["weights_resolved"].startswith(str(tmp_path / "fresh"))
+    assert m["evaluation"]["accuracy"] > 0.3

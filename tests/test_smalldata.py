@@ -60,7 +60,8 @@ def test_dry_run_runs_no_trial(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # the 7 default strategies (dann included) x 2 shot counts
     assert "[dry-run] 14 trials to run of 14 cells" in r.stdout and "estimated wall time" in r.stdout
-    assert "140 test episodes" in r.stdout and "40 validation episodes" in r.stdout
+    # every cell is scored on 4 validation episodes; finetune's 2 cells on 4 for each of its 5 depths
+    assert "140 test episodes" in r.stdout and f"{12 * 4 + 2 * 5 * 4} validation episodes" in r.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
 

@@ -25,6 +25,7 @@ import pandas as pd
 from tl.config import BackboneFields, config_hash, to_dict
 from tl.errors import ConfigError, TrainingError
 from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
+from tl.report import write_config
 from tl.runs import UDA_RECIPE, RunConfig, run
 from tl.strategies import StrategyEntry, check_labels
 
@@ -279,6 +280,7 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
     rows = stamp(rows, to_dict(cfg))
     rows.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "summary.csv", index=False)
+    write_config(output, to_dict(cfg))
     note = describe(cfg, rows)
     if failures:
         note += "\n\nFAILED runs:\n" + "\n".join(f"- {f}" for f in failures)
@@ -304,3 +306,10 @@ class AdaptResult:
     output: Path
     wall_s: float
     summary: pd.DataFrame
+
+    @property
+    def exit_status(self) -> int:
+        """``EXIT_INCOMPLETE``, ``EXIT_FAILED_CELLS`` or ``EXIT_OK`` (``tl.errors``)."""
+        from tl.errors import grid_exit_status
+
+        return grid_exit_status(len(self.grid.failed), len(self.grid.unfinished))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tl.errors import TLError
-from tl.runtime import REPO_ROOT
+from tl.runtime import COMMIT_VAR, REPO_ROOT
 
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded (besides what .gitignore and .rayignore already drop): results, caches, environments.
@@ -92,6 +92,21 @@ def runtime_env(working_dir: str | os.PathLike = REPO_ROOT, excludes: Sequence[s
     if env_vars:
         env["env_vars"] = dict(env_vars)
     return env
+
+
+def commit_env(working_dir: str | os.PathLike) -> dict[str, str]:
+    """The commit of the uploaded code, for the job's provenance (the upload leaves .git out); a
+    working tree with uncommitted changes is marked ``+dirty``."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=working_dir, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=working_dir,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {COMMIT_VAR: head + ("+dirty" if dirty else "")} if head else {}
 
 
 def path_warnings(argv: Sequence[str]) -> list[str]:
@@ -174,7 +189,7 @@ def run_job(address: str | None, argv: Sequence[str], token_file: str | None = N
         log(f"[submit] warning: {w}")
     client = job_client(addr, read_token(token_file))
     t0 = time.time()
-    job_id = submit(client, argv, runtime_env(working_dir, excludes), submission_id)
+    job_id = submit(client, argv, runtime_env(working_dir, excludes, env_vars=commit_env(working_dir)), submission_id)
     log(f"[submit] job {job_id} submitted to {addr}: {shlex.join(argv)}")
     if not wait:
         log(f"[submit] follow it with: ray job logs --follow --address {addr} {job_id}")

@@ -19,7 +19,7 @@ from typing import Callable
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
 from tl.data.targets import DataSource, check_target, load_target
-from tl.errors import ConfigError, TrainingError
+from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
 from tl.models import num_stages
@@ -41,7 +41,8 @@ class CompareConfig(BackboneFields, EpisodeFields):
     steps for every candidate and the full budget for the best third; ``full``: every candidate to
     its full budget);
     ``cpus_per_trial`` for a trained cell (a feature cell takes ``feature_cpus``: many run at once);
-    ``max_failures``: Tune retries of a trial lost to a dead node or process."""
+    ``max_failures``: Tune retries of a trial lost to a dead node or process; ``mlflow``: an MLflow
+    tracking URI (or a local folder) that also gets every cell as a run (the ``mlflow`` extra)."""
 
     experiment: str = "compare"
     targets: tuple[str, ...] = ("optdigits", "mnistm")
@@ -57,6 +58,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
     feature_cpus: float = 0.25
     max_concurrent: int = 0
     max_failures: int = 2
+    mlflow: str = ""
     data: dict[str, DataSource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,15 +104,20 @@ class CompareResult:
     def failures(self) -> list[str]:
         return [f"{c.what}: {msg}" for c, msg in self.grid.failed] + [c.what for c in self.grid.unfinished]
 
+    @property
+    def exit_status(self) -> int:
+        """``EXIT_INCOMPLETE``, ``EXIT_FAILED_CELLS`` or ``EXIT_OK`` (``tl.errors``)."""
+        return grid_exit_status(len(self.grid.failed), len(self.grid.unfinished))
+
 
 def _identity(plain: dict, entry: StrategyEntry) -> dict:
     """Everything besides (target, shots, seed, label) that changes a cell's rows."""
     keep = {k: plain[k] for k in ("backbone", "weights", "input_size", "test_split", "val_split", "n_way", "queries",
                                   "episodes")}
-    if entry.search:
-        keep["val_episodes"] = plain["val_episodes"]
-        if plain["val_rule"] != "full":  # the full rule is the one cells were keyed without
-            keep["val_rule"] = plain["val_rule"]
+    keep["val_episodes"] = plain["val_episodes"]  # every cell is scored on them (the recommendation)
+    keep["rows"] = 2  # rows carry per-episode validation accuracies and the cell's compute seconds
+    if entry.search and plain["val_rule"] != "full":  # the full rule is the one cells were keyed without
+        keep["val_rule"] = plain["val_rule"]
     if plain.get("data"):
         keep["data"] = plain["data"]  # a user's data source (folder, size, split) changes every row
     return {**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}
@@ -127,7 +134,7 @@ def cells(cfg: CompareConfig) -> list[Cell]:
         cpu = cfg.feature_cpus if strat.uses_embeddings else cfg.cpus_per_trial
         for target in cfg.targets:
             for shots in cfg.shots:
-                episodes = cfg.episodes + (cfg.val_episodes * n_cands if n_cands > 1 else 0)
+                episodes = cfg.episodes + cfg.val_episodes * n_cands
                 for seed in cfg.seeds:
                     out.append(Cell.make(
                         (target, f"{shots}shot", f"seed{seed}", label), ident,
@@ -203,14 +210,14 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
     shared = prepare(cfg, p["todo"], weights, storage, log) if p["todo"] else {}
     result = run_cells(grid, store, run_cell, shared=shared, what="compare", storage=storage, log=log,
                        retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures,
-                       experiment=cfg.experiment)
+                       experiment=cfg.experiment, mlflow=cfg.mlflow)
     return write_outputs(cfg, result, store, output, weights, log, t0)
 
 
 def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, output: Path, weights: str | None,
                   log: Callable[[str], None] = print, t0: float | None = None) -> CompareResult:
     """Gather the finished cells of this config into the outputs (and list failed cells)."""
-    from tl.report import best_entries, describe, per_class_report, write_best, write_reports
+    from tl.report import best_entries, describe, per_class_report, write_best, write_config, write_reports
 
     failures = [f"{c.what}: {msg}" for c, msg in result.failed]
     unfinished = [c.what for c in result.unfinished]
@@ -242,15 +249,17 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
         note = (f"**INCOMPLETE: {len(unfinished)} of {len(result.cells)} cells have not finished** (rerun the same "
                 f"command, or with --resume, to finish them; finished cells are kept): "
                 + ", ".join(unfinished) + ".\n\n" + note)
-    summary = write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} test episodes x {len(cfg.seeds)} "
-                            f"seed(s), {cfg.queries} queries/class")
+    summary, choices = write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} test episodes x "
+                                     f"{len(cfg.seeds)} seed(s), {cfg.queries} queries/class")
+    write_config(output, plain)
     entries = {e.name(): e for e in cfg.strategies}
-    best = best_entries(summary, rows, entries)
+    best = best_entries(summary, rows, entries, choices)
     per_class = per_class_report(rows, best, {t: target_data(cfg, t)["test"].classes for t in best}, output)
     with open(output / "summary.md", "a") as f:
         f.write("\n" + per_class)
-    write_best(output / "best.yaml", cfg, weights, best, "winner per target and shots by mean test accuracy over "
-               "the shared episodes", incomplete=unfinished)
+    write_best(output / "best.yaml", cfg, weights, best, "recommended per target and shots: chosen on validation "
+               f"episodes of the `{cfg.val_split}` split (the cheapest of the strategies tied there with the validation "
+               "winner), its accuracy measured on the test episodes", incomplete=unfinished)
     wall = time.time() - t0 if t0 else float("nan")
     log(f"[compare] {len(rows)} rows; summary in {output / 'summary.md'}; best in {output / 'best.yaml'} ({wall:.0f} s)")
     if failures:

@@ -50,9 +50,9 @@ def estimate(cfg, todo: list, cores: int | None = None) -> dict:
         cands = [entry.build(p) for p in entry.candidates()]
         n_way = cfg.n_way or 10
         test_eps += cfg.episodes
-        val_eps += cfg.val_episodes * len(cands) if len(cands) > 1 else 0
+        val_eps += cfg.val_episodes * len(cands)  # every cell scores on validation episodes
         for s in cands:
-            eps = (cfg.val_episodes if len(cands) > 1 else 0) + (cfg.episodes if s is cands[0] else 0)
+            eps = cfg.val_episodes + (cfg.episodes if s is cands[0] else 0)
             if s.uses_embeddings:
                 total_s += eps * FEATURE_EPISODE_S
             else:

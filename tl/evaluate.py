@@ -1,6 +1,7 @@
-"""Episodic evaluation: the same seeded episodes for every strategy, per-episode rows, mean accuracy
-with a 95% confidence interval (1.96 sigma / sqrt(E)), and paired differences between strategies
-(DESIGN section 3). Feature strategies index the embedding cache; nothing is recomputed per episode.
+"""Episodic evaluation: the same seeded episodes for every strategy, one row per episode, and the
+validation episodes a cell's choices are made on (DESIGN section 3; the statistics over the rows are
+``tl.stats`` and ``tl.report``). Feature strategies index the embedding cache; nothing is recomputed
+per episode.
 """
 
 from __future__ import annotations
@@ -21,50 +22,6 @@ from tl.errors import TrainingError
 from tl.models import Backbone
 from tl.strategies import EpisodeTask, Strategy, StrategyEntry
 
-Z95 = 1.96
-
-
-def ci95(values: Sequence[float]) -> float:
-    """Half-width of the normal 95% confidence interval of the mean."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float("nan")
-    return float(Z95 * v.std(ddof=1) / math.sqrt(len(v)))
-
-
-@dataclass
-class PairedDifference:
-    a: str
-    b: str
-    mean: float
-    ci95: float
-    episodes: int
-
-
-def paired_difference(rows: pd.DataFrame, a: str, b: str) -> PairedDifference:
-    """Mean of (accuracy of ``a`` - accuracy of ``b``) over the episodes both ran, with its CI."""
-    keys = [k for k in ("target", "shots", "seed", "episode") if k in rows.columns]
-    pa = rows[rows["strategy"] == a].set_index(keys)["accuracy"]
-    pb = rows[rows["strategy"] == b].set_index(keys)["accuracy"]
-    both = pa.index.intersection(pb.index)
-    d = (pa.loc[both] - pb.loc[both]).to_numpy()
-    return PairedDifference(a, b, float(d.mean()) if len(d) else float("nan"), ci95(d), int(len(d)))
-
-
-def summarize(rows: pd.DataFrame, by: Sequence[str] = ("target", "shots", "strategy")) -> pd.DataFrame:
-    """Mean, per-episode sigma, 95% CI and per-seed means for each cell (CIs pool all seeds)."""
-    out = []
-    for key, g in rows.groupby(list(by), sort=True):
-        acc = g["accuracy"].to_numpy()
-        per_seed = g.groupby("seed")["accuracy"].mean()
-        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "mean": acc.mean(),
-                    "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"), "ci95": ci95(acc),
-                    "episodes": len(acc), "seeds": len(per_seed),
-                    "per_seed": ", ".join(f"{s}:{m:.3f}" for s, m in per_seed.items()),
-                    "seconds_per_episode": g["seconds"].mean()})
-    return pd.DataFrame(out)
-
-
 class _Episodes:
     """Seeded episodes of ``data`` and the tensors/embeddings every strategy's task is cut from."""
 
@@ -74,6 +31,9 @@ class _Episodes:
         self.seed, self.backbone, self.embeddings = seed, backbone, embeddings
         self.episodes = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
         self.images = self.pool = None
+        # validation episodes whose unlabelled pool is their own split: an episode's queries are left
+        # out of its pool, so an adaptation strategy never trains on the images it is scored on
+        self.pool_is_data = unlabelled is data
         if any(not s.uses_embeddings for s in strategies):
             if backbone is None:
                 raise ValueError("trained strategies need a backbone")
@@ -94,6 +54,10 @@ class _Episodes:
             task.support_x, task.query_x = self.images[ep.support], self.images[ep.query]
             task.backbone = lambda: copy.deepcopy(backbone)
             task.unlabelled_x = self.pool
+            if self.pool is not None and self.pool_is_data:
+                keep = np.ones(len(self.pool), dtype=bool)
+                keep[ep.query] = False
+                task.unlabelled_x = self.pool[torch.from_numpy(keep)]
         return task
 
 
@@ -194,30 +158,6 @@ def staged_accuracy(
     return out
 
 
-def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "") -> str:
-    """A Markdown table per (target, shots): mean +- CI, sigma, and the paired difference to the best."""
-    lines = []
-    if note:
-        lines += [note, ""]
-    for (target, shots), g in summary.groupby(["target", "shots"], sort=True):
-        g = g.sort_values("mean", ascending=False)
-        best = g.iloc[0]["strategy"]
-        cell = rows[(rows["target"] == target) & (rows["shots"] == shots)]
-        lines += [f"### {target}, {shots}-shot ({int(g.iloc[0]['episodes'])} episodes; best: {best})", "",
-                  "| strategy | accuracy ± 95% CI | σ (per episode) | Δ to best ± 95% CI (paired) | s / episode |",
-                  "|---|---|---|---|---|"]
-        for _, r in g.iterrows():
-            if r["strategy"] == best:
-                delta = "—"
-            else:
-                d = paired_difference(cell, r["strategy"], best)
-                delta = f"{100 * d.mean:+.1f} ± {100 * d.ci95:.1f}"
-            lines.append(f"| {r['strategy']} | {100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} | {100 * r['std']:.1f} "
-                         f"| {delta} | {r['seconds_per_episode']:.3f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixed: dict) -> tuple[pd.DataFrame, str]:
     """The work of one few-shot cell, wherever it runs (a Tune trial, a plain loop): the inner search
     on validation episodes when the entry has one, then the test episodes. ``spec``: target, shots,
@@ -231,12 +171,14 @@ def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixe
     backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
     # an adaptation strategy's unlabelled target pool: the validation half (DESIGN section 2), never a test image
     pool = data[target]["val"] if cands[0].needs_target else None
+    # every cell scores its strategy on the validation episodes (the recommendation is made there);
+    # a cell with a search also chooses its candidate there
     sel = None
-    if len(cands) > 1:
+    if fixed.get("validate", True) and data[target].get("val") is not None:
         sel = select_on_validation(
             cands, data[target]["val"], shots=shots, queries=fixed["queries"], episodes=fixed["val_episodes"],
             seed=seed, n_way=fixed["n_way"], backbone=backbone, embeddings=emb.get("val"), unlabelled=pool,
-            rule=fixed.get("val_rule", "full"))
+            rule=fixed.get("val_rule", "full") if len(cands) > 1 else "full")
     strat = cands[sel.best if sel else 0]
     rows = run_episodes({label: strat}, data[target]["test"], shots=shots, queries=fixed["queries"],
                         episodes=fixed["episodes"], seed=seed, n_way=fixed["n_way"], backbone=backbone,
@@ -246,7 +188,9 @@ def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixe
     df["chosen"] = chosen
     df["val_accuracy"] = sel.scores[sel.best] if sel else float("nan")
     df["val_scores"] = json.dumps([[{k: c.params()[k] for k in entry.search}, a, n] for c, a, n in
-                                   zip(cands, sel.scores, sel.steps)] if sel else [])
+                                   zip(cands, sel.scores, sel.steps)] if len(cands) > 1 else [])
+    # the chosen strategy's accuracy per validation episode (index, accuracy): paired across strategies
+    df["val_episodes"] = json.dumps(sel.per_episode[sel.best] if sel else [])
     extra = f" (chose {chosen} on validation)" if chosen != "{}" else ""
     return df, f"{100 * df['accuracy'].mean():.1f}%{extra}"
 
@@ -262,6 +206,7 @@ class Selection:
     scores: list[float]
     steps: list[int]
     best: int
+    per_episode: list[list[tuple[int, float]]]  # per candidate: (episode index, accuracy) at its last steps
 
 
 def select_on_validation(cands: list[Strategy], data: ImageSet, *, shots: int, queries: int, episodes: int,
@@ -277,6 +222,7 @@ def select_on_validation(cands: list[Strategy], data: ImageSet, *, shots: int, q
     rungs = [[b] if rule == "full" else sorted({max(1, b // eta), b}) for b in budgets]
     runs: dict[int, list] = {}
     scores, steps = [float("-inf")] * len(cands), [0] * len(cands)
+    per_episode: list[list[tuple[int, float]]] = [[] for _ in cands]
     alive = list(range(len(cands)))
     levels = max(len(r) for r in rungs)
     for level in range(levels):
@@ -290,10 +236,12 @@ def select_on_validation(cands: list[Strategy], data: ImageSet, *, shots: int, q
                     run.advance(steps[i])
                     acc.append(float(np.mean(run.predict() == ep.query_labels)))
                 scores[i] = float(np.mean(acc))
+                per_episode[i] = [(int(ep.index), a) for ep, a in zip(eps.episodes, acc)]
             except TrainingError:
                 scores[i] = float("-inf")  # a candidate that diverges loses the search; the others go on
+                per_episode[i] = []
         if level + 1 < levels:
             alive = sorted(alive, key=lambda i: (-scores[i], i))[:max(1, math.ceil(len(alive) / eta))]
             runs = {i: r for i, r in runs.items() if i in alive}  # free the eliminated candidates' models
     best = max(alive, key=lambda i: (scores[i], -i))
-    return Selection(scores, steps, best)
+    return Selection(scores, steps, best, per_episode)

@@ -89,7 +89,8 @@ def needs_ray(cfg: ExportConfig) -> bool:
         return True
     if cfg.best:
         best = read_best(cfg.best, cfg.target, cfg.shots)
-        return bool(best.get("data")) or (cfg.weights or best.get("weights") or "pretrained") == "pretrained"
+        return bool(best.get("data")) or (cfg.weights or best.get("weights") or "pretrained") == "pretrained" or (
+            not cfg.weights and str(best.get("weights") or "").startswith("/") and not Path(best["weights"]).exists())
     return (cfg.weights or "pretrained") == "pretrained"
 
 
@@ -136,8 +137,10 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
                 extra["data"] = cfg["data"][target]  # the user's images the comparison ran on
         except Exception:
             pass
+    ref = {k: doc[k] for k in ("weights", "weights_key", "weights_sha256") if doc.get(k)}
     return {"file": str(p.resolve()), "experiment": doc.get("experiment"), "backbone": doc.get("backbone"),
-            "weights": doc.get("weights"), "target": target, "shots": shots, "entry": entry, **extra}
+            "weights": doc.get("weights"), "weights_ref": ref, "target": target, "shots": shots, "entry": entry,
+            **extra}
 
 
 def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], best: dict | None):
@@ -252,7 +255,7 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     from safetensors.torch import load_file
 
     from tl.models import get_spec, make_backbone
-    from tl.pretrain import resolve_weights
+    from tl.pretrain import resolve_reference, resolve_weights
     from tl.runtime import provenance
     from tl.strategies import make_strategy
 
@@ -267,7 +270,10 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
     backbone_name = cfg.backbone or (best or {}).get("backbone") or "digits_cnn"
     weights_source = cfg.weights or (best or {}).get("weights") or "pretrained"
     input_size = cfg.input_size if cfg.input_size is not None else (best or {}).get("input_size")
-    weights = resolve_weights(weights_source, backbone_name, storage, log)
+    if cfg.weights or not best:
+        weights = resolve_weights(weights_source, backbone_name, storage, log)
+    else:  # best.yaml names its backbone by key and sha256: found again in this storage
+        weights = resolve_reference(best["weights_ref"], backbone_name, storage, log)
     backbone = make_backbone(backbone_name, weights, input_size, seed=cfg.seed)
     train, test, train_info, test_info, decode = _load_target(cfg, target, tuple(backbone.preprocessing.size), best)
     if cfg.train_on == "shots":

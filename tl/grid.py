@@ -24,7 +24,8 @@ import pandas as pd
 from ray import tune
 
 from tl.config import config_hash
-from tl.errors import TLError
+from tl.errors import ConfigError, TLError
+from tl.runtime import hardware
 
 CellFn = Callable[..., "tuple[pd.DataFrame, str]"]
 
@@ -122,6 +123,9 @@ def plan(cells: list[Cell], store: CellStore, retry_failed: bool = False) -> dic
     return out
 
 
+REPORTED = ("accuracy", "val_accuracy", "seconds", "cell_seconds")
+
+
 def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
     """One cell as a Tune trial: its rows reach the store before the trial reports."""
     import ray
@@ -140,16 +144,20 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
         return
     rows["cell_seconds"] = time.time() - t0
     rows["node"], rows["host"] = ray.get_runtime_context().get_node_id(), platform.node()
+    rows["hardware"] = json.dumps(hardware(), sort_keys=True)  # the node's that ran the cell, not the driver's
     store.save(cell, rows)
-    tune.report({"failed": "", "progress_line": f"{cell.what}: {line}"})
+    # numbers for Tune's loggers (TensorBoard, CSV, MLflow): the cell's means of what it measured
+    numbers = {k: float(rows[k].mean()) for k in REPORTED if k in rows and pd.api.types.is_numeric_dtype(rows[k])}
+    tune.report({"failed": "", "progress_line": f"{cell.what}: {line}", **numbers})
 
 
 def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, what: str, storage: Path,
               log: Callable[[str], None] = print, retry_failed: bool = False, max_concurrent: int = 0,
-              max_failures: int = 2, experiment: str | None = None) -> GridResult:
+              max_failures: int = 2, experiment: str | None = None, mlflow: str = "") -> GridResult:
     """Run the todo cells of ``cells`` as Tune trials (``fn(spec, **shared) -> (rows, line)``);
     return what is finished, failed and unfinished afterwards. The Tune experiment is named
-    ``<experiment>-<time>`` under ``<storage>/tune`` (``what``, the progress prefix, by default)."""
+    ``<experiment>-<time>`` under ``<storage>/tune`` (``what``, the progress prefix, by default);
+    ``mlflow``: a tracking URI that also gets every trial as a run (``tracking_callbacks``)."""
     p = plan(cells, store, retry_failed)
     todo = p["todo"]
     if todo:
@@ -163,16 +171,41 @@ def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, 
             run_config=tune.RunConfig(name=f"{experiment or what}-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=str(storage / "tune"),
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      callbacks=[TrialProgress(log, len(todo), what)]))
+                                      callbacks=[TrialProgress(log, len(todo), what),
+                                                 *tracking_callbacks(mlflow, experiment or what)]))
         for res in tuner.fit():
             if res.error is not None:  # a crash (a bug, out of memory) after Tune's retries: keep its exception
                 cell = by_name[Cell.from_plain(res.config["cell"]).name]
-                lines = [ln for ln in str(res.error).splitlines() if ln.strip()]
-                store.fail(cell, f"crashed: {type(res.error).__name__}: {lines[-1] if lines else ''}")
+                cause = getattr(res.error, "cause", None)  # a RayTaskError wraps the trial's own exception
+                if isinstance(cause, BaseException):
+                    msg = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                else:
+                    lines = [ln for ln in str(res.error).splitlines() if ln.strip()]
+                    msg = f"{type(res.error).__name__}: {lines[-1] if lines else ''}"
+                store.fail(cell, f"crashed: {msg}")
     after = plan(cells, store)
     return GridResult(cells=list(cells), done=after["done"],
                       failed=[(c, store.error(c)) for c in after["failed"]], unfinished=after["todo"],
                       ran=len(todo), skipped=len(p["done"]))
+
+
+def tracking_callbacks(uri: str, experiment: str) -> list:
+    """Ray Tune's own MLflow logger when ``uri`` is set (the ``mlflow`` extra): each trial becomes a
+    run of MLflow experiment ``experiment`` with the cell's config as parameters and the numbers it
+    reported (``REPORTED``) as metrics. A local folder (or ``file:`` URI) is MLflow's file store,
+    which MLflow 3 keeps only behind ``MLFLOW_ALLOW_FILE_STORE``: tl sets it for that case."""
+    if not uri:
+        return []
+    try:
+        import mlflow  # noqa: F401
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    except ImportError as exc:
+        raise ConfigError(f"config key 'mlflow' is {uri!r} but MLflow is not installed: pip install -e '.[mlflow]'") \
+            from exc
+    if "://" not in uri or uri.startswith("file:"):
+        uri = Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)]
 
 
 def _plain(cell: Cell) -> dict:
@@ -221,12 +254,14 @@ class TrialProgress(tune.Callback):
 
 
 def stamp(rows: pd.DataFrame, config: dict) -> pd.DataFrame:
-    """Provenance on every row: the resolved config, git commit, package versions, hardware."""
+    """Provenance on every row: the resolved config, git commit, package versions, and the hardware
+    (kept from the trial that ran the cell when it recorded its own)."""
     from tl.runtime import provenance
 
     prov = provenance()
     rows["config"] = json.dumps(config, sort_keys=True)
     rows["git_commit"] = prov["git_commit"]
     rows["versions"] = json.dumps(prov["versions"], sort_keys=True)
-    rows["hardware"] = json.dumps(prov["hardware"], sort_keys=True)
+    driver = json.dumps(prov["hardware"], sort_keys=True)
+    rows["hardware"] = rows["hardware"].fillna(driver) if "hardware" in rows else driver
     return rows

@@ -217,3 +217,63 @@ def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[s
     if weights == "pretrained":
         return str(ensure_pretrained(storage, backbone, log=log))
     return None if weights in ("random", "none", "") else weights
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_reference(source: str | None, resolved: str | None) -> dict:
+    """How a result file names its backbone's weights so that it stays valid on another machine:
+    the source as the user gave it (``pretrained``, a file, a torchvision or timm name), and for a
+    local file or backbone folder the sha256 of its weights, plus the folder's key under
+    ``<storage>/backbones`` for a pretrained one. Never a temporary absolute path alone."""
+    ref: dict = {"weights": source or "random"}
+    if resolved:
+        p = Path(resolved)
+        f = p / MODEL_FILE if p.is_dir() else p
+        if f.is_file():
+            ref["weights_sha256"] = _sha256(f)
+        if p.is_dir() and p.parent.name == "backbones":
+            ref["weights_key"] = p.name
+    return ref
+
+
+def resolve_reference(ref: dict, backbone: str, storage: Path, log: Callable[[str], None] = print) -> str | None:
+    """The local weights that ``ref`` (``weights_reference``, as best.yaml stores it) names, found in
+    the user's ``storage``: a ``weights_key`` is looked up in ``<storage>/backbones`` (the default
+    backbone is pretrained there first when missing). A sha256 that does not match is said, not
+    hidden: pretraining is not bit-reproducible between runs, so figures may move a little."""
+    source = ref.get("weights") or "pretrained"
+    key = ref.get("weights_key")
+    given = Path(str(source))
+    if source not in ("pretrained", "random", "none", "") and given.exists():
+        key = None  # a file or folder the user named, here on this machine: use it
+    elif key is None and given.is_absolute() and given.parent.name == "backbones":
+        key = given.name  # a best.yaml written before references: its folder name is the key
+    if key:
+        path = Path(storage) / "backbones" / key
+        if not (path / META_FILE).is_file():
+            default = PretrainConfig(backbone=backbone).key()
+            if key != default:
+                raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {Path(storage) / 'backbones'} "
+                                  f"(the default one for {backbone} is '{default}'); pretrain it there with the config "
+                                  f"it was made with, or give the weights with --set weights=PATH")
+            path = ensure_pretrained(storage, backbone, log=log)
+        resolved: str | None = str(path)
+    else:
+        resolved = resolve_weights(str(source), backbone, storage, log)
+    want = ref.get("weights_sha256")
+    if want and resolved:
+        p = Path(resolved)
+        got = _sha256(p / MODEL_FILE if p.is_dir() else p)
+        if got != want:
+            log(f"[weights] warning: {resolved} is not byte-identical to the weights the results were made with "
+                f"(sha256 {got[:12]} against {want[:12]}); a fresh pretraining differs slightly, so accuracies may too")
+    return resolved

@@ -1,29 +1,128 @@
-"""Every table and plot of a few-shot grid: rows.parquet, summary.csv/.md, accuracy_vs_shots.png,
-per-class accuracy with confusion matrices, and best.yaml (one schema that search and comparison
-write and export reads)."""
+"""Every table and plot of a few-shot grid: rows.parquet, summary.csv/.md (t-based CIs, paired
+differences with Holm-corrected p-values, the recommendation made on validation episodes),
+accuracy_vs_shots.png, accuracy_vs_cost.png, per-class accuracy with confusion matrices, and
+best.yaml (one schema that search and comparison write and export reads)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
+from tl.choice import Choice, choose, paired_on, winners_curse
 from tl.config import config_hash
+from tl.stats import LEVEL, ci_half_width, holm, t_quantile
 
 
-def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> pd.DataFrame:
-    """rows.parquet, summary.csv, summary.md and accuracy_vs_shots.png from the result rows."""
-    from tl.evaluate import summarize, summary_markdown
+def summarize(rows: pd.DataFrame, by: Sequence[str] = ("target", "shots", "strategy")) -> pd.DataFrame:
+    """Mean, per-episode sigma, the t-based 95% CI and per-seed means for each cell (the CI pools
+    every episode of every seed; seeds are independent repetitions)."""
+    out = []
+    for key, g in rows.groupby(list(by), sort=True):
+        acc = g["accuracy"].to_numpy()
+        per_seed = g.groupby("seed")["accuracy"].mean()
+        cell_s = g.drop_duplicates("seed")["cell_seconds"].sum() if "cell_seconds" in g else float("nan")
+        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "mean": acc.mean(),
+                    "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"), "ci95": ci_half_width(acc),
+                    "t": t_quantile(len(acc)), "episodes": len(acc), "seeds": len(per_seed),
+                    "per_seed": ", ".join(f"{s}:{m:.3f}" for s, m in per_seed.items()),
+                    "seconds_per_episode": g["seconds"].mean(), "cell_seconds": cell_s})
+    return pd.DataFrame(out)
 
+
+def cell_tests(cell: pd.DataFrame, best: str, strategies: Sequence[str]) -> dict:
+    """Paired test differences of each strategy to ``best`` and their Holm-corrected p-values."""
+    others = [s for s in strategies if s != best]
+    diffs = {s: paired_on(cell, s, best) for s in others}
+    adjusted = holm([diffs[s].p_value for s in others])
+    return {s: (diffs[s], p) for s, p in zip(others, adjusted)}
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{100 * x:.{digits}f}"
+
+
+def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame) -> str:
+    """The top of summary.md: what to use per (target, shots), why, and how it did on test."""
+    ci = summary.set_index(["target", "shots", "strategy"])["ci95"]
+    lines = ["## Recommendation", "",
+             "Chosen on validation episodes of the validation split (never on the test episodes below), "
+             "then confirmed on the test episodes. Strategies whose paired validation difference to the "
+             "validation winner includes 0 are tied with it; among them the cheapest (seconds per episode) "
+             "is recommended.", "",
+             "| target | shots | recommended | test accuracy ± 95% CI | validation accuracy | validation winner "
+             "| tied on validation | test: Δ to the test-best ± 95% CI | why |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in choices:
+        conf = "—" if c.recommended == c.test_best else (
+            f"{100 * c.confirm.mean:+.1f} ± {_pct(c.confirm.ci)} ({c.test_best})")
+        lines.append(f"| {c.target} | {c.shots} | **{c.recommended}** | {_pct(c.test[c.recommended])} ± "
+                     f"{_pct(ci.get((c.target, c.shots, c.recommended), float('nan')))} | "
+                     f"{_pct(c.val.get(c.recommended, float('nan')))} | {c.val_winner or '—'} | "
+                     f"{', '.join(c.tied) or '—'} | {conf} | {c.reason} |")
+    curse = winners_curse(choices)
+    if curse["cells"]:
+        lines += ["", f"Winner's curse: the strategy best on the test episodes differs from the validation winner in "
+                      f"{curse['differ']} of {curse['cells']} (target, shots); the test winner's accuracy is above the "
+                      f"validation winner's by {100 * curse['mean_gap']:.1f} points on average (at most "
+                      f"{100 * curse['max_gap']:.1f}), an optimistic gap since it is measured on the episodes the test "
+                      f"winner was picked on."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "",
+                     choices: list[Choice] | None = None) -> str:
+    """Per (target, shots): mean ± t-based CI, sigma, per-seed means, the paired difference to the
+    best on these test episodes with its CI and Holm-corrected p-value, validation accuracy and cost."""
+    lines = [note, ""] if note else []
+    rec = {(c.target, c.shots): c for c in choices or []}
+    for (target, shots), g in summary.groupby(["target", "shots"], sort=True):
+        g = g.sort_values("mean", ascending=False)
+        best = g.iloc[0]["strategy"]
+        cell = rows[(rows["target"] == target) & (rows["shots"] == shots)]
+        tests = cell_tests(cell, best, list(g["strategy"]))
+        c = rec.get((target, shots))
+        n = int(g.iloc[0]["episodes"])
+        lines += [f"### {target}, {shots}-shot ({n} test episodes, t = {g.iloc[0]['t']:.3f}; best on them: {best}"
+                  + (f"; recommended: {c.recommended}" if c else "") + ")", "",
+                  "| strategy | accuracy ± 95% CI | σ (per episode) | per-seed means | Δ to best ± 95% CI (paired) "
+                  "| p (Holm) | validation accuracy | s / episode | cell s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            name = r["strategy"]
+            if name == best:
+                delta, p = "—", "—"
+            else:
+                d, adj = tests[name]
+                delta, p = f"{100 * d.mean:+.1f} ± {_pct(d.ci)}", ("—" if not np.isfinite(adj) else f"{adj:.3g}")
+            mark = " ★" if c and name == c.recommended else ""
+            val = _pct(c.val.get(name, float("nan"))) if c else "—"
+            lines.append(f"| {name}{mark} | {_pct(r['mean'])} ± {_pct(r['ci95'])} | {_pct(r['std'])} | "
+                         f"{r['per_seed']} | {delta} | {p} | {val} | {r['seconds_per_episode']:.3f} | "
+                         f"{r['cell_seconds']:.1f} |")
+        lines.append("")
+    if choices:
+        lines.append("★ the recommendation (see the top of this file). 95% CIs use the t quantile for the number of "
+                     f"episodes (level {LEVEL:g}); p: two-sided paired t-test against the best, Holm-corrected across "
+                     "the strategies of a cell.")
+    return "\n".join(lines)
+
+
+def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tuple[pd.DataFrame, list[Choice]]:
+    """rows.parquet, summary.csv, summary.md, accuracy_vs_shots.png and accuracy_vs_cost.png."""
     summary = summarize(rows)
+    choices = choose(rows)
     rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
-    (output / "summary.md").write_text(summary_markdown(summary, rows, note))
+    (output / "summary.md").write_text(recommendation_markdown(choices, summary) + "\n"
+                                       + summary_markdown(summary, rows, note, choices))
     plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
-    return summary
+    plot_accuracy_vs_cost(summary, output / "accuracy_vs_cost.png", title)
+    return summary, choices
 
 
 def describe(cfg: dict, split: str, rows: pd.DataFrame, weights: str | None = None, chosen_on: str = "") -> str:
@@ -37,17 +136,22 @@ def describe(cfg: dict, split: str, rows: pd.DataFrame, weights: str | None = No
             f"{config_hash(cfg)}.")
 
 
-def best_entries(summary: pd.DataFrame, rows: pd.DataFrame, entries: dict) -> dict:
-    """``{target: {shots: {...}}}``: the strategy with the highest mean accuracy per (target, shots)."""
+def best_entries(summary: pd.DataFrame, rows: pd.DataFrame, entries: dict, choices: list[Choice]) -> dict:
+    """``{target: {shots: {...}}}``: the recommended strategy per (target, shots) (``tl.choice``:
+    chosen on validation episodes, the cheapest of a tie), with its test figures and the tie."""
+    top = summary.set_index(["target", "shots", "strategy"])
     best: dict = {}
-    for (target, shots), g in summary.groupby(["target", "shots"]):
-        top = g.sort_values("mean", ascending=False).iloc[0]
-        label = top["strategy"]
-        first = rows[(rows["target"] == target) & (rows["shots"] == shots) & (rows["strategy"] == label)].iloc[0]
-        best.setdefault(str(target), {})[int(shots)] = {
+    for c in choices:
+        label = c.recommended
+        first = rows[(rows["target"] == c.target) & (rows["shots"] == c.shots) & (rows["strategy"] == label)].iloc[0]
+        t = top.loc[(c.target, c.shots, label)]
+        best.setdefault(str(c.target), {})[int(c.shots)] = {
             "label": label, "strategy": entries[label].strategy, "params": json.loads(first["params"]),
-            "accuracy": round(float(top["mean"]), 4), "ci95": round(float(top["ci95"]), 4),
-            "episodes": int(top["episodes"]), "chosen_on_validation": json.loads(first["chosen"]),
+            "accuracy": round(float(t["mean"]), 4), "ci95": round(float(t["ci95"]), 4),
+            "episodes": int(t["episodes"]), "chosen_on_validation": json.loads(first["chosen"]),
+            "val_accuracy": None if label not in c.val else round(float(c.val[label]), 4),
+            "validation_winner": c.val_winner, "tied_on_validation": list(c.tied), "reason": c.reason,
+            "seconds_per_episode": round(float(c.cost[label]), 4), "test_best": c.test_best,
         }
     return best
 
@@ -58,7 +162,11 @@ def write_best(path: Path, cfg: Any, weights: str | None, best: dict, note: str,
     ``best: {target: {shots: entry}}``; ``extra`` keys (a search's trials) go beside them."""
     import yaml
 
-    doc = {"experiment": cfg.experiment, "backbone": cfg.backbone, "weights": weights or cfg.weights,
+    from tl.pretrain import weights_reference
+
+    # the weights by their source, key and sha256, resolved again from the storage given at export
+    # time: never a temporary absolute path (tl.pretrain.weights_reference)
+    doc = {"experiment": cfg.experiment, "backbone": cfg.backbone, **weights_reference(cfg.weights, weights),
            "input_size": cfg.input_size, "note": note, "best": best, **extra}
     if incomplete:
         doc["incomplete"] = incomplete  # the winners above are among the finished cells only
@@ -68,11 +176,22 @@ def write_best(path: Path, cfg: Any, weights: str | None, best: dict, note: str,
     return path
 
 
+def write_config(output: Path, config: dict) -> Path:
+    """config.yaml beside the results: the resolved config they were made with (``--config`` takes it back)."""
+    import yaml
+
+    path = output / "config.yaml"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
 def per_class_report(rows: pd.DataFrame, best: dict, classes: dict, output: Path) -> str:
-    """Per-class accuracy and a confusion-matrix PNG for the best strategy of each target and shots."""
+    """Per-class accuracy and a confusion-matrix PNG for the strategy of ``best`` per target and shots."""
     from tl.evaluate import confusion_matrix
 
-    lines = ["## Per-class accuracy of the best strategy (all test episodes pooled)", ""]
+    lines = ["## Per-class accuracy of the recommended strategy (all test episodes pooled)", ""]
     for target, by_shots in sorted(best.items()):
         names = list(classes[target])
         lines += [f"### {target}", "", "| shots | strategy | " + " | ".join(names) + " |",
@@ -110,6 +229,51 @@ def plot_accuracy_vs_shots(summary: pd.DataFrame, path: str | Path, title: str =
         ax.set_xticks(sorted(sub["shots"].unique()))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("query accuracy (%), mean ± 95% CI")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def pareto_front(cost: Sequence[float], acc: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both axes (cheaper or as cheap, and more
+    accurate or as accurate, one of them strictly), by increasing cost."""
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], -acc[i]))
+    front, best = [], float("-inf")
+    for i in order:
+        if acc[i] > best:
+            front.append(i)
+            best = acc[i]
+    return front
+
+
+def plot_accuracy_vs_cost(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """One panel per target: test accuracy against measured seconds per episode, a colour per shot
+    count, the Pareto front of each shot count drawn as a line (what a cheaper strategy gives up)."""
+    plt = pyplot()
+    targets = sorted(summary["target"].unique())
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.8 * len(targets), 4.4), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    shots_all = sorted(summary["shots"].unique())
+    for ax, target in zip(axes[0], targets):
+        for j, shots in enumerate(shots_all):
+            g = summary[(summary["target"] == target) & (summary["shots"] == shots)].reset_index(drop=True)
+            if g.empty:
+                continue
+            colour = cmap(j / max(1, len(shots_all) - 1) * 0.85)
+            cost = np.maximum(g["seconds_per_episode"].to_numpy(), 1e-4)  # log axis: a zero cost sits at 0.1 ms
+            acc = 100 * g["mean"].to_numpy()
+            ax.scatter(cost, acc, color=colour, s=22, label=f"{shots}-shot", zorder=3)
+            front = pareto_front(list(cost), list(acc))
+            ax.plot(cost[front], acc[front], color=colour, lw=1.2, alpha=0.8)
+            for i, name in enumerate(g["strategy"]):
+                ax.annotate(name, (cost[i], acc[i]), fontsize=6, xytext=(3, 2), textcoords="offset points",
+                            fontweight="bold" if i in front else "normal")
+        ax.set_xscale("log")
+        ax.set_title(f"{target} (line: Pareto front; bold: on it)", fontsize=9)
+        ax.set_xlabel("seconds per episode (measured; log scale)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -54,8 +54,14 @@ def torch_threads(num_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
+COMMIT_VAR = "TL_GIT_COMMIT"  # set by workflows.submit: a job's upload has no .git
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit this code is: the repository's HEAD, or in a submitted job the one the submitter had."""
+    if os.environ.get(COMMIT_VAR):
+        return os.environ[COMMIT_VAR]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

@@ -28,7 +28,7 @@ from tl.config import BackboneFields, EpisodeFields, config_hash, to_dict
 from tl.errors import ConfigError, TLError
 from tl.grid import TrialProgress
 from tl.models import num_stages
-from tl.report import describe, write_best, write_reports
+from tl.report import describe, write_best, write_config, write_reports
 from tl.strategies import make_strategy
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -304,7 +304,8 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
     note = describe(to_dict(cfg), cfg.test_split, rows, weights,
                     f", except {', '.join(cfg.space)}, chosen by a Ray Tune search on {cfg.val_episodes} validation "
                     f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes")
-    summary = write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
+    summary, _ = write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
+    write_config(output, to_dict(cfg))
     test_acc = float(rows["accuracy"].mean())
     top = summary.iloc[0]
     entry = {"label": rows["strategy"].iloc[0], "strategy": cfg.strategy, "params": params,
@@ -344,7 +345,8 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
     shared = {"data": {cfg.target: data}, "embeddings": {cfg.target: {"test": test_emb}}, "weights": weights,
               "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
-                        "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes}}
+                        "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes,
+                        "validate": False}}  # the search itself was the validation
     res = run_cells([cell], store, run_cell, shared=shared, what="search", storage=storage, log=log,
                     experiment=f"{cfg.experiment}-test")
     if res.failed or res.unfinished:

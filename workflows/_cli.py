@@ -77,18 +77,19 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a workflow main: a TLError becomes one line on stderr and exit status 2."""
-    from tl.errors import TLError
+    """Run a workflow main with the documented exit statuses (``tl.errors.EXIT_*``): a TLError is
+    one line on stderr and 2; failed cells 3; unfinished cells 4; Ctrl-C 130; a bug 1."""
+    from tl.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, TLError
 
     try:
         code = main()
     except TLError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        sys.exit(EXIT_BUG)
     sys.exit(code or 0)

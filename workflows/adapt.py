@@ -38,7 +38,7 @@ def main() -> int:
     out = run_experiment(cfg, storage, output)
     (output / "command.txt").write_text("python -m workflows.adapt " + " ".join(_cli.shlex_args()) + "\n")
     print(f"runs: {output / 'runs.csv'}\nsummary: {output / 'summary.md'}")
-    return 2 if out.failures else 0
+    return out.exit_status
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
     (output / "command.txt").write_text(f"python -m workflows.{prog} " + " ".join(_cli.shlex_args()) + "\n")
     print(f"rows: {output / 'rows.parquet'}\nsummary: {output / 'summary.md'}\nbest: {output / 'best.yaml'}\n"
           f"plot: {output / 'accuracy_vs_shots.png'}")
-    return 2 if out.failures else 0
+    return out.exit_status
 
 
 if __name__ == "__main__":

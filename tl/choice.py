@@ -1,0 +1,111 @@
+"""The recommendation per (target, shots), made on validation episodes and confirmed on test ones
+(DESIGN section 3).
+
+Choosing the winner on the test episodes it is then reported on overstates it (the winner's
+curse: the maximum of noisy means is biased upwards). So every cell also scores its strategy on
+validation episodes of the ``adapt`` split (no image shared with the test episodes; the same
+validation episodes for every strategy, so differences are paired). The validation winner is
+the strategy with the highest validation mean; every strategy whose paired validation difference
+to it has an interval that includes zero is tied with it; among the tied strategies the
+recommendation is the cheapest by measured compute (seconds per episode: one episode's training
+and prediction, which is also what exporting the strategy costs once). The test episodes then say
+how the recommendation does, unbiased, against the strategy that happened to be best on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from tl.stats import Paired, paired
+
+
+@dataclass
+class Choice:
+    """The recommendation of one (target, shots); ``val``/``test``/``cost``: per strategy."""
+
+    target: str
+    shots: int
+    recommended: str
+    val_winner: str | None
+    tied: list[str]
+    reason: str
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
+    test_best: str = ""
+    confirm: Paired | None = None  # test: recommended - test_best, paired over the test episodes
+
+
+def validation_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, shots, strategy, seed, validation episode) from the cells' rows."""
+    if "val_episodes" not in rows:
+        return pd.DataFrame(columns=["target", "shots", "strategy", "seed", "episode", "accuracy"])
+    first = rows.drop_duplicates(["target", "shots", "strategy", "seed"])
+    out = [{"target": r.target, "shots": int(r.shots), "strategy": r.strategy, "seed": int(r.seed),
+            "episode": int(i), "accuracy": float(a)}
+           for r in first.itertuples() for i, a in json.loads(r.val_episodes or "[]")]
+    return pd.DataFrame(out, columns=["target", "shots", "strategy", "seed", "episode", "accuracy"])
+
+
+def _aligned(g: pd.DataFrame, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracies of ``a`` and ``b`` on the episodes both ran, in the same order."""
+    pa = g[g["strategy"] == a].set_index(["seed", "episode"])["accuracy"]
+    pb = g[g["strategy"] == b].set_index(["seed", "episode"])["accuracy"]
+    both = pa.index.intersection(pb.index).sort_values()
+    return pa.loc[both].to_numpy(), pb.loc[both].to_numpy()
+
+
+def paired_on(g: pd.DataFrame, a: str, b: str) -> Paired:
+    """The paired difference ``a - b`` over the episodes of ``g`` (one target and shot count)."""
+    return paired(*_aligned(g, a, b))
+
+
+def choose(rows: pd.DataFrame) -> list[Choice]:
+    """The recommendation for every (target, shots) of ``rows`` (a comparison's test rows, whose
+    ``val_episodes`` column carries each cell's validation accuracies)."""
+    val_all = validation_rows(rows)
+    out = []
+    for (target, shots), test in rows.groupby(["target", "shots"], sort=True):
+        test_mean = test.groupby("strategy")["accuracy"].mean().to_dict()
+        cost = test.groupby("strategy")["seconds"].mean().to_dict()
+        test_best = max(test_mean, key=lambda s: (test_mean[s], -cost[s]))
+        val = val_all[(val_all["target"] == target) & (val_all["shots"] == shots)]
+        val_mean = val.groupby("strategy")["accuracy"].mean().to_dict()
+        if len(test_mean) == 1:
+            rec, winner, tied = test_best, (test_best if val_mean else None), [test_best]
+            reason = "the only strategy of this table"
+        elif not val_mean:
+            rec, winner, tied = test_best, None, [test_best]
+            reason = ("no validation episodes in these rows (the target has no validation split, or the rows were "
+                      "made before every cell was scored on them): chosen on the test episodes, so its accuracy is "
+                      "optimistic")
+        else:
+            winner = max(val_mean, key=lambda s: (val_mean[s], -cost.get(s, np.inf)))
+            tied = [s for s in val_mean if s == winner or paired_on(val, s, winner).tie]
+            rec = min(tied, key=lambda s: (cost.get(s, np.inf), -val_mean[s]))
+            if rec == winner:
+                reason = "best on validation" + (f"; tied there with {', '.join(sorted(set(tied) - {rec}))}, "
+                                                 f"and the cheapest of them" if len(tied) > 1 else "")
+            else:
+                reason = (f"tied on validation with the validation winner {winner} (paired 95% CI of the difference "
+                          f"includes 0), and the cheapest of the {len(tied)} tied strategies")
+            missing = sorted(set(test_mean) - set(val_mean))
+            if missing:
+                reason += f"; not scored on validation, so not chosen: {', '.join(missing)}"
+        out.append(Choice(str(target), int(shots), rec, winner, sorted(tied, key=lambda s: -val_mean.get(s, 0)),
+                          reason, val_mean, test_mean, cost, test_best, paired_on(test, rec, test_best)))
+    return out
+
+
+def winners_curse(choices: list[Choice]) -> dict:
+    """How often the validation winner differs from the test winner, and the mean test-accuracy
+    gap between them (the test winner's figure is the optimistic one)."""
+    pairs = [c for c in choices if c.val_winner is not None]
+    differ = [c for c in pairs if c.val_winner != c.test_best]
+    gaps = [c.test[c.test_best] - c.test[c.val_winner] for c in pairs]
+    return {"cells": len(pairs), "differ": len(differ), "mean_gap": float(np.mean(gaps)) if gaps else float("nan"),
+            "max_gap": float(np.max(gaps)) if gaps else float("nan")}
