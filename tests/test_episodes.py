@@ -50,3 +50,28 @@ def test_small_data_mode_uses_every_remaining_image_as_queries():
 def test_bad_counts(k, q, e):
     with pytest.raises(DataError):
         sample_episodes(labels(), None, k, q, e, seed=0)
+
+
+def test_a_validation_episode_never_trains_on_its_own_queries():
+    """When the unlabelled pool is the episode's own split (validation episodes of an adaptation
+    strategy), each episode's queries are left out of its pool; a separate pool is passed whole."""
+    from collections import Counter
+
+    import torch
+
+    from tl.evaluate import _Episodes
+    from tl.models import build_backbone
+    from tl.strategies import make_strategy
+
+    data = load_embedded("optdigits:novel")
+    dann = make_strategy("dann")
+    eps = _Episodes([dann], data, 1, 5, 2, 0, None, build_backbone("digits_cnn"), None, unlabelled=data)
+    for ep in eps.episodes:
+        pool = eps.task(dann, ep).unlabelled_x
+        assert len(pool) == len(data) - len(ep.query)
+        rows = lambda t: Counter(map(tuple, t.flatten(1)[:, ::7].tolist()))  # noqa: E731
+        assert rows(pool) == rows(eps.pool) - rows(eps.images[ep.query])  # the pool less exactly its queries
+    other = _Episodes([dann], data, 1, 5, 1, 0, None, build_backbone("digits_cnn"), None,
+                      unlabelled=load_embedded("optdigits:novel"))
+    assert len(other.task(dann, other.episodes[0]).unlabelled_x) == len(data)
+    assert torch.is_tensor(other.pool)

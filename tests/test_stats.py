@@ -100,3 +100,12 @@ def test_summary_tables_carry_t_intervals_holm_p_values_and_the_recommendation()
     assert s.loc["slow", "cell_seconds"] == pytest.approx(20.0)
     text = summary_markdown(summarize(rows), rows, choices=choose(rows))
     assert "| cheap ★ |" in text and "recommended: cheap" in text
+
+
+def test_a_tie_the_test_episodes_contradict_is_said_and_not_undone():
+    test = {"slow": [0.80, 0.82, 0.81], "cheap": [0.60, 0.61, 0.60], "worse": [0.50, 0.52, 0.51]}
+    (c,) = choose(_rows(test))
+    assert c.recommended == "cheap" and c.test_disagrees  # the choice stands: it is made on validation
+    assert c.vs_winner.mean == pytest.approx(np.mean(test["cheap"]) - np.mean(test["slow"]))
+    (ok,) = choose(_rows(TEST))
+    assert not ok.test_disagrees

@@ -38,6 +38,14 @@ class Choice:
     cost: dict[str, float] = field(default_factory=dict)
     test_best: str = ""
     confirm: Paired | None = None  # test: recommended - test_best, paired over the test episodes
+    vs_winner: Paired | None = None  # test: recommended - val_winner (a tie the test episodes disagree with)
+
+    @property
+    def test_disagrees(self) -> bool:
+        """The test episodes put the recommendation clearly below the validation winner it was tied
+        with: the tie came from too few validation episodes (the choice stands; it is said)."""
+        return (self.val_winner is not None and self.recommended != self.val_winner and self.vs_winner is not None
+                and not self.vs_winner.tie and self.vs_winner.mean < 0)
 
 
 def validation_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +105,8 @@ def choose(rows: pd.DataFrame) -> list[Choice]:
             if missing:
                 reason += f"; not scored on validation, so not chosen: {', '.join(missing)}"
         out.append(Choice(str(target), int(shots), rec, winner, sorted(tied, key=lambda s: -val_mean.get(s, 0)),
-                          reason, val_mean, test_mean, cost, test_best, paired_on(test, rec, test_best)))
+                          reason, val_mean, test_mean, cost, test_best, paired_on(test, rec, test_best),
+                          paired_on(test, rec, winner) if winner else None))
     return out
 
 

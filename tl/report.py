@@ -46,11 +46,19 @@ def _pct(x: float, digits: int = 1) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{100 * x:.{digits}f}"
 
 
-def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame) -> str:
+def _disagreement(c: Choice) -> str:
+    if not c.test_disagrees:
+        return ""
+    d = c.vs_winner
+    return (f". **The test episodes disagree with the tie**: {c.recommended} is {-100 * d.mean:.1f} ± {100 * d.ci:.1f} "
+            f"points below {c.val_winner} there; more validation episodes (`val_episodes`) would tell them apart")
+
+
+def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_split: str = "adapt") -> str:
     """The top of summary.md: what to use per (target, shots), why, and how it did on test."""
     ci = summary.set_index(["target", "shots", "strategy"])["ci95"]
     lines = ["## Recommendation", "",
-             "Chosen on validation episodes of the validation split (never on the test episodes below), "
+             f"Chosen on validation episodes of the `{val_split}` split (never on the test episodes below), "
              "then confirmed on the test episodes. Strategies whose paired validation difference to the "
              "validation winner includes 0 are tied with it; among them the cheapest (seconds per episode) "
              "is recommended.", "",
@@ -63,7 +71,7 @@ def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame) -> str
         lines.append(f"| {c.target} | {c.shots} | **{c.recommended}** | {_pct(c.test[c.recommended])} ± "
                      f"{_pct(ci.get((c.target, c.shots, c.recommended), float('nan')))} | "
                      f"{_pct(c.val.get(c.recommended, float('nan')))} | {c.val_winner or '—'} | "
-                     f"{', '.join(c.tied) or '—'} | {conf} | {c.reason} |")
+                     f"{', '.join(c.tied) or '—'} | {conf} | {c.reason}{_disagreement(c)} |")
     curse = winners_curse(choices)
     if curse["cells"]:
         lines += ["", f"Winner's curse: the strategy best on the test episodes differs from the validation winner in "
@@ -118,7 +126,8 @@ def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tu
     choices = choose(rows)
     rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
-    (output / "summary.md").write_text(recommendation_markdown(choices, summary) + "\n"
+    val_split = json.loads(rows["config"].iloc[0]).get("val_split", "adapt") if "config" in rows else "adapt"
+    (output / "summary.md").write_text(recommendation_markdown(choices, summary, val_split) + "\n"
                                        + summary_markdown(summary, rows, note, choices))
     plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
     plot_accuracy_vs_cost(summary, output / "accuracy_vs_cost.png", title)
