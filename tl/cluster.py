@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tl.errors import TLError
-from tl.runtime import COMMIT_VAR, REPO_ROOT
+from tl.runtime import COMMIT_VAR, REPO_ROOT, git_head
 
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded (besides what .gitignore and .rayignore already drop): results, caches, environments.
@@ -97,16 +97,8 @@ def runtime_env(working_dir: str | os.PathLike = REPO_ROOT, excludes: Sequence[s
 def commit_env(working_dir: str | os.PathLike) -> dict[str, str]:
     """The commit of the uploaded code, for the job's provenance (the upload leaves .git out); a
     working tree with uncommitted changes is marked ``+dirty``."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=working_dir, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=working_dir,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {COMMIT_VAR: head + ("+dirty" if dirty else "")} if head else {}
+    head = git_head(working_dir, dirty_mark=True)
+    return {COMMIT_VAR: head} if head else {}
 
 
 def path_warnings(argv: Sequence[str]) -> list[str]:

@@ -176,13 +176,10 @@ def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, 
         for res in tuner.fit():
             if res.error is not None:  # a crash (a bug, out of memory) after Tune's retries: keep its exception
                 cell = by_name[Cell.from_plain(res.config["cell"]).name]
-                cause = getattr(res.error, "cause", None)  # a RayTaskError wraps the trial's own exception
-                if isinstance(cause, BaseException):
-                    msg = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
-                else:
-                    lines = [ln for ln in str(res.error).splitlines() if ln.strip()]
-                    msg = f"{type(res.error).__name__}: {lines[-1] if lines else ''}"
-                store.fail(cell, f"crashed: {msg}")
+                err = getattr(res.error, "cause", None)  # a RayTaskError wraps the trial's own exception
+                err = err if isinstance(err, BaseException) else res.error
+                lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                store.fail(cell, f"crashed: {type(err).__name__}: {lines[-1] if lines else ''}")
     after = plan(cells, store)
     return GridResult(cells=list(cells), done=after["done"],
                       failed=[(c, store.error(c)) for c in after["failed"]], unfinished=after["todo"],

@@ -10,7 +10,6 @@ the comparison that chose the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl.errors import ConfigError, WeightsError
+from tl.models.weights import file_sha256
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "model.json"
@@ -141,15 +141,6 @@ def model_from_parts(manifest: dict, state: dict[str, torch.Tensor], where: str 
     model = _build(manifest, where)
     _fit_state(model, state, where)
     return model.eval()
-
-
-def file_sha256(path: Path) -> str:
-    """The digest ``model.json`` records for a file, so a later change to the weights is caught."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_weights(model: nn.Module, folder: Path) -> dict:

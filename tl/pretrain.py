@@ -24,7 +24,7 @@ from tl.config import config_hash, to_dict
 from tl.data import ImageSet, load_embedded
 from tl.errors import ConfigError
 from tl.models import Classifier, build_backbone, get_spec, save_weights
-from tl.models.weights import META_FILE, MODEL_FILE
+from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
 from tl.runtime import provenance, torch_threads
 from tl.train import ray_train
 
@@ -219,16 +219,6 @@ def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[s
     return None if weights in ("random", "none", "") else weights
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_reference(source: str | None, resolved: str | None) -> dict:
     """How a result file names its backbone's weights so that it stays valid on another machine:
     the source as the user gave it (``pretrained``, a file, a torchvision or timm name), and for a
@@ -239,7 +229,7 @@ def weights_reference(source: str | None, resolved: str | None) -> dict:
         p = Path(resolved)
         f = p / MODEL_FILE if p.is_dir() else p
         if f.is_file():
-            ref["weights_sha256"] = _sha256(f)
+            ref["weights_sha256"] = file_sha256(f)
         if p.is_dir() and p.parent.name == "backbones":
             ref["weights_key"] = p.name
     return ref
@@ -272,7 +262,7 @@ def resolve_reference(ref: dict, backbone: str, storage: Path, log: Callable[[st
     want = ref.get("weights_sha256")
     if want and resolved:
         p = Path(resolved)
-        got = _sha256(p / MODEL_FILE if p.is_dir() else p)
+        got = file_sha256(p / MODEL_FILE if p.is_dir() else p)
         if got != want:
             log(f"[weights] warning: {resolved} is not byte-identical to the weights the results were made with "
                 f"(sha256 {got[:12]} against {want[:12]}); a fresh pretraining differs slightly, so accuracies may too")

@@ -169,8 +169,6 @@ def write_best(path: Path, cfg: Any, weights: str | None, best: dict, note: str,
                **extra: Any) -> Path:
     """best.yaml, atomically: the grid's header (experiment, backbone, weights, input size) and
     ``best: {target: {shots: entry}}``; ``extra`` keys (a search's trials) go beside them."""
-    import yaml
-
     from tl.pretrain import weights_reference
 
     # the weights by their source, key and sha256, resolved again from the storage given at export
@@ -179,19 +177,20 @@ def write_best(path: Path, cfg: Any, weights: str | None, best: dict, note: str,
            "input_size": cfg.input_size, "note": note, "best": best, **extra}
     if incomplete:
         doc["incomplete"] = incomplete  # the winners above are among the finished cells only
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return _write_yaml(path, doc)
 
 
 def write_config(output: Path, config: dict) -> Path:
     """config.yaml beside the results: the resolved config they were made with (``--config`` takes it back)."""
+    return _write_yaml(output / "config.yaml", config)
+
+
+def _write_yaml(path: Path, doc: dict) -> Path:
+    """``doc`` as YAML in ``path``, atomically: a killed run leaves the old file or none, never half of one."""
     import yaml
 
-    path = output / "config.yaml"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
     return path
 

@@ -57,16 +57,25 @@ def torch_threads(num_workers: int) -> int:
 COMMIT_VAR = "TL_GIT_COMMIT"  # set by workflows.submit: a job's upload has no .git
 
 
+def git_head(cwd: str | os.PathLike, dirty_mark: bool = False) -> str:
+    """The HEAD commit of the checkout at ``cwd`` ("" outside one); ``dirty_mark``: append ``+dirty``
+    when tracked files have uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head and dirty_mark and git("status", "--porcelain", "--untracked-files=no"):
+            head += "+dirty"
+        return head
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     """The commit this code is: the repository's HEAD, or in a submitted job the one the submitter had."""
-    if os.environ.get(COMMIT_VAR):
-        return os.environ[COMMIT_VAR]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return os.environ.get(COMMIT_VAR) or git_head(REPO_ROOT) or "unknown"
 
 
 def versions() -> dict[str, str]:

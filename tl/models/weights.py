@@ -180,6 +180,15 @@ def save_weights(module: torch.nn.Module, path: str | Path) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a weights file, as result files record it, so a later change to the weights is caught."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """Digest of every tensor in a state dict: anything that changes the weights changes it."""
     h = hashlib.sha256()
