@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
+# the local S3 server of tests/test_storage.py takes any key; set before Ray starts, so its workers have them
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ unfinished run resumes from its last Ray Train checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from tl.errors import ConfigError, TrainingError
 from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
 from tl.report import write_config
 from tl.runs import UDA_RECIPE, RunConfig, run
+from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
 
 RULES = {
@@ -114,7 +116,7 @@ def _run_cell(spec: dict, storage: str) -> tuple[pd.DataFrame, str]:
 
     cfg = from_dict(RunConfig, spec["run"])
     started = time.time()
-    record = run(cfg, Path(storage), log=lambda line: print(line, flush=True))
+    record = run(cfg, storage, log=lambda line: print(line, flush=True))
     rows = pd.DataFrame(run_rows(record, spec["label"]))
     rows["started_at"], rows["finished_at"] = started, time.time()
     last = record["history"][-1]
@@ -253,7 +255,7 @@ def _concurrent(cfg: AdaptExperimentConfig) -> int:
     return max(1, int(total // (cfg.workers * cpus_per_worker(cfg.workers) + 0.5)))
 
 
-def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
+def run_experiment(cfg: AdaptExperimentConfig, storage: "str | os.PathLike | Location", output: Path,
                    log: Callable[[str], None] = print, retry_failed: bool = False) -> "AdaptResult":
     """Run every missing run as a Tune trial (several at once where the cluster has room), then
     write ``runs.csv``, ``summary.csv``, ``summary.md`` and ``curves.png`` (target accuracy over
@@ -261,6 +263,7 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: Path, output: Path,
     from tl.pretrain import resolve_weights
 
     t0 = time.time()
+    storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
     resolve_weights(cfg.weights, cfg.backbone, storage, log)  # pretrain once here, never inside a trial
     store = CellStore(storage / "runs" / cfg.experiment / "cells")

@@ -11,6 +11,7 @@ interrupted comparison loses at most its unfinished cells and no row is ever wri
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
 from tl.models import num_stages
+from tl.runtime import cluster_gpus, gpu_share
+from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
 
 
@@ -41,7 +44,8 @@ class CompareConfig(BackboneFields, EpisodeFields):
     steps for every candidate and the full budget for the best third; ``full``: every candidate to
     its full budget);
     ``cpus_per_trial`` for a trained cell (a feature cell takes ``feature_cpus``: many run at once);
-    ``max_failures``: Tune retries of a trial lost to a dead node or process; ``mlflow``: an MLflow
+    ``gpu_per_trial``: the GPU fraction of a trained cell (unset: 0.25 where the cluster has GPUs, so
+    four cells share one, and 0 on a CPU-only cluster); ``max_failures``: Tune retries of a trial lost to a dead node or process; ``mlflow``: an MLflow
     tracking URI (or a local folder) that also gets every cell as a run (the ``mlflow`` extra)."""
 
     experiment: str = "compare"
@@ -56,6 +60,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
     strategies: tuple[StrategyEntry, ...] = field(default_factory=_default_entries)
     cpus_per_trial: float = 1.0
     feature_cpus: float = 0.25
+    gpu_per_trial: float | None = None
     max_concurrent: int = 0
     max_failures: int = 2
     mlflow: str = ""
@@ -86,8 +91,8 @@ class CompareConfig(BackboneFields, EpisodeFields):
         for e in self.strategies:
             e.check(stages)
 
-    def cells_dir(self, storage: Path) -> Path:
-        return storage / "runs" / self.experiment / "cells"
+    def cells_dir(self, storage: "str | os.PathLike | Location") -> Location:
+        return Location.of(storage) / "runs" / self.experiment / "cells"
 
 
 @dataclass
@@ -123,8 +128,10 @@ def _identity(plain: dict, entry: StrategyEntry) -> dict:
     return {**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}
 
 
-def cells(cfg: CompareConfig) -> list[Cell]:
-    """Every cell of the comparison, with its identity, resources and relative cost."""
+def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
+    """Every cell of the comparison, with its identity, resources (``gpu``: the share of a trained
+    cell, ``tl.runtime.gpu_share``; a feature cell classifies cached embeddings on its CPU) and
+    relative cost. Resources are not part of a cell's identity."""
     plain = to_dict(cfg)
     out = []
     for e in cfg.strategies:
@@ -140,7 +147,8 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                         (target, f"{shots}shot", f"seed{seed}", label), ident,
                         f"{target} {shots}-shot seed {seed} {label}",
                         {"target": target, "shots": shots, "seed": seed, "label": label, "entry": e.plain()},
-                        cpu=cpu, cost=episodes * strat.episode_cost(shots)))
+                        cpu=cpu, gpu=0.0 if strat.uses_embeddings else gpu,
+                        cost=episodes * strat.episode_cost(shots)))
     return out
 
 
@@ -148,7 +156,7 @@ def target_data(cfg: CompareConfig, target: str) -> dict:
     return load_target(target, cfg.data.get(target), cfg.test_split, cfg.val_split)
 
 
-def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: Path,
+def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: Location,
             log: Callable[[str], None] = print) -> dict:
     """What every cell function shares: target splits, cached embeddings (for the targets whose
     todo cells have a feature strategy) and the episode settings."""
@@ -159,17 +167,19 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     featured = {c.spec["target"] for c in todo if StrategyEntry(**c.spec["entry"]).build().uses_embeddings}
     embeddings: dict = {}
     if featured:
+        gpus = int(cluster_gpus())  # extraction is the big axis: one actor per GPU where there are GPUs
         ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                           cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+                           cpus_per_actor=min(1.0, cfg.cpus_per_trial), use_gpu=gpus > 0, actors=max(1, gpus))
         for t in sorted(featured):
-            embeddings[t] = {s: extract(data[t][s], ecfg, str(storage / "cache"), log).vectors
+            embeddings[t] = {s: extract(data[t][s], ecfg, str(Location.of(storage) / "cache"), log).vectors
                              for s in ("test", "val") if data[t][s] is not None}
     fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
              "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "val_rule": cfg.val_rule}
     return {"data": data, "embeddings": embeddings, "weights": weights, "fixed": fixed}
 
 
-def dry_run(cfg: CompareConfig, storage: Path, log: Callable[[str], None] = print, retry_failed: bool = False) -> dict:
+def dry_run(cfg: CompareConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print,
+            retry_failed: bool = False) -> dict:
     """Say what a run would do (trials, episodes, estimated wall time) and run nothing: no Ray, no
     pretraining, no output folder."""
     from tl.cost import estimate
@@ -186,15 +196,18 @@ def dry_run(cfg: CompareConfig, storage: Path, log: Callable[[str], None] = prin
     return {**est, "plan": p}
 
 
-def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[str], None] = print,
-                retry_failed: bool = False) -> CompareResult:
+def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", output: Path,
+                log: Callable[[str], None] = print, retry_failed: bool = False) -> CompareResult:
     """Run every missing cell as a Tune trial, then write rows.parquet, summary.md, summary.csv,
-    accuracy_vs_shots.png and best.yaml to ``output``."""
+    accuracy_vs_shots.png and best.yaml to the local folder ``output`` (a workflow stages a URI's
+    outputs there, ``Location.staged``); ``storage`` may be a local path or a URI."""
     from tl.pretrain import resolve_weights
 
     t0 = time.time()
+    storage = Location.of(storage)
     store = CellStore(cfg.cells_dir(storage))
-    grid = cells(cfg)
+    gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus())
+    grid = cells(cfg, gpu)
     p = plan(grid, store, retry_failed)
     for t in cfg.targets:
         check_target(target_data(cfg, t), t, max(cfg.shots))  # bad data stops here, before any pretraining or trial
@@ -206,7 +219,8 @@ def run_compare(cfg: CompareConfig, storage: Path, output: Path, log: Callable[[
         make_backbone(cfg.backbone, weights, cfg.input_size)  # weights that do not fit stop here, once
     log(f"[compare] {len(grid)} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(cfg.strategies)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
-        f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run")
+        f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run"
+        + (f"; trained cells take {gpu:g} GPU each, in bf16 mixed precision" if gpu else ""))
     shared = prepare(cfg, p["todo"], weights, storage, log) if p["todo"] else {}
     result = run_cells(grid, store, run_cell, shared=shared, what="compare", storage=storage, log=log,
                        retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder
+from tl.storage import Location
 
 MANIFEST = "manifest.json"
 
@@ -59,21 +61,13 @@ class Embeddings:
     info: dict = field(default_factory=dict)
 
 
-def _fs(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
-
-
 def cache_key(backbone: str, digest: str, stage: int | None, preprocessing: dict, fingerprint: str) -> str:
     blob = json.dumps({"backbone": backbone, "weights": digest, "stage": stage, "preprocessing": preprocessing,
                        "data": fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[str], None] = print) -> Embeddings:
+def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print) -> Embeddings:
     """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached."""
     import ray.data
 
@@ -82,15 +76,15 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
     stage = cfg.stage if cfg.stage != model.num_stages else None
     pp = model.preprocessing.describe()
     key = cache_key(cfg.backbone, weights_digest(model), stage, pp, data.fingerprint())
-    fs, root = _fs(cache_root)
-    folder = f"{root}/embeddings/{key}"
+    where = Location.of(cache_root) / "embeddings" / key
+    fs, folder = where.fs, where.path
     cached = _read(fs, folder, len(data))
     if cached is not None:
         vectors, ids, labels, info = cached
-        log(f"[embed] cache hit {key[:12]}: {len(ids)} x {vectors.shape[1]} from {folder}")
-        return Embeddings(key, vectors, ids, labels, True, folder, time.time() - t0, info)
+        log(f"[embed] cache hit {key[:12]}: {len(ids)} x {vectors.shape[1]} from {where}")
+        return Embeddings(key, vectors, ids, labels, True, str(where), time.time() - t0, info)
     if fs.get_file_info(folder).type != pafs.FileType.NotFound:
-        log(f"[embed] {folder} has no manifest (an interrupted write): rebuilding it")
+        log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
         fs.delete_dir(folder)
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
@@ -102,6 +96,9 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
         batch_size=cfg.batch_size, batch_format="numpy",
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
     )
+    # a long extraction shows Ray Data's progress bars (rows done) on a terminal; in a log file Ray
+    # would print a block of resource lines every 10 s instead, so there tl's own lines say it
+    ds.context.enable_progress_bars = sys.stderr.isatty()
     part = f"data-{uuid.uuid4().hex[:8]}"
     ds.write_parquet(f"{folder}/{part}", filesystem=fs)
     info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
@@ -111,8 +108,8 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: str, log: Callable[[st
         out.write(json.dumps(info, indent=2).encode())
     vectors, ids, labels, _ = _read(fs, folder, len(data))
     secs = time.time() - t0
-    log(f"[embed] wrote {len(ids)} x {vectors.shape[1]} embeddings to {folder} in {secs:.1f} s")
-    return Embeddings(key, vectors, ids, labels, False, folder, secs, info)
+    log(f"[embed] wrote {len(ids)} x {vectors.shape[1]} embeddings to {where} in {secs:.1f} s")
+    return Embeddings(key, vectors, ids, labels, False, str(where), secs, info)
 
 
 def _read(fs: pafs.FileSystem, folder: str, rows: int):

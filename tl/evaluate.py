@@ -20,6 +20,7 @@ import torch
 from tl.data import ImageSet, sample_episodes
 from tl.errors import TrainingError
 from tl.models import Backbone
+from tl.runtime import episode_device
 from tl.strategies import EpisodeTask, Strategy, StrategyEntry
 
 class _Episodes:
@@ -29,6 +30,7 @@ class _Episodes:
                  n_way: int | None, backbone: Backbone | None, embeddings: np.ndarray | None,
                  unlabelled: ImageSet | None, start: int = 0):
         self.seed, self.backbone, self.embeddings = seed, backbone, embeddings
+        self.device = episode_device()
         self.episodes = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
         self.images = self.pool = None
         # validation episodes whose unlabelled pool is their own split: an episode's queries are left
@@ -46,7 +48,8 @@ class _Episodes:
                 self.pool = backbone.preprocessing(torch.tensor(unlabelled.images))
 
     def task(self, strat: Strategy, ep) -> EpisodeTask:
-        task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=self.seed * 100_003 + ep.index)
+        task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=self.seed * 100_003 + ep.index,
+                           device=self.device)
         if strat.uses_embeddings:
             task.support_emb, task.query_emb = self.embeddings[ep.support], self.embeddings[ep.query]
         else:

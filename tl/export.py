@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from tl.data.targets import DataSource, load_target
 from tl.errors import ConfigError, DataError
 from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
                            model_from_parts, scores, torch_head, write_manifest, write_weights)
+from tl.storage import Location, check_writable
 
 TRAIN_ON = ("all", "shots")
 
@@ -109,9 +111,10 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
     """The best.yaml entry for a target and shot count (either may be left out when there is one)."""
     from tl.config import read_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config key 'best': file '{p}' does not exist")
+    loc = Location.of(path)
+    if not loc.is_file():
+        raise ConfigError(f"config key 'best': file '{path}' does not exist")
+    p = loc.fetch() if not loc.is_local else Path(loc.path)  # a best.yaml in a bucket: a local copy
     doc = read_yaml(p)
     best = doc.get("best")
     if not isinstance(best, dict) or not best:
@@ -126,19 +129,20 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
         if key not in entry:
             raise ConfigError(f"'{p}': entry {target}/{shots} lacks '{key}'")
     extra = {}
-    rows = p.parent / "rows.parquet"
+    rows = loc.parent / "rows.parquet"
     if rows.is_file():  # the comparison's full config sits beside best.yaml; input_size is only there
         try:
             import pyarrow.parquet as pq
 
-            cfg = json.loads(pq.read_table(rows, columns=["config"]).column("config")[0].as_py())
+            cfg = json.loads(pq.read_table(rows.path, columns=["config"], filesystem=rows.fs)
+                             .column("config")[0].as_py())
             extra["input_size"] = cfg.get("input_size")
             if target in (cfg.get("data") or {}):
                 extra["data"] = cfg["data"][target]  # the user's images the comparison ran on
         except Exception:
             pass
     ref = {k: doc[k] for k in ("weights", "weights_key", "weights_sha256") if doc.get(k)}
-    return {"file": str(p.resolve()), "experiment": doc.get("experiment"), "backbone": doc.get("backbone"),
+    return {"file": str(loc), "experiment": doc.get("experiment"), "backbone": doc.get("backbone"),
             "weights": doc.get("weights"), "weights_ref": ref, "target": target, "shots": shots, "entry": entry,
             **extra}
 
@@ -169,8 +173,8 @@ def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], b
 
 def _path_source(path: str, size: tuple[int, int], classes) -> DataSource:
     """A ``data``/``test_data`` path as a ``DataSource`` (its suffix says the kind), split: none."""
-    p = Path(path)
-    kind = "csv" if p.suffix == ".csv" else "parquet" if p.suffix == ".parquet" else "folder"
+    suffix = Path(Location.of(path).name).suffix  # a URI's query (endpoint options) is not its suffix
+    kind = "csv" if suffix == ".csv" else "parquet" if suffix == ".parquet" else "folder"
     return DataSource(**{kind: path}, size=tuple(size), classes=tuple(classes) if classes else None)
 
 
@@ -225,8 +229,20 @@ def _evaluate(model: ExportedModel, data, batch_size: int) -> dict:
             "per_class_accuracy": per_class}
 
 
-def _write_folder(output: Path, write: Callable[[Path], None]) -> None:
-    """Write into a temporary sibling folder, then rename it into place (replacing an older model)."""
+def _write_folder(output: "str | Path | Location", write: Callable[[Path], None]) -> None:
+    """Write into a temporary sibling folder, then rename it into place (replacing an older model).
+    At a URI: written locally, then uploaded with the manifest last (a folder without it is no model)."""
+    loc = Location.of(output)
+    if not loc.is_local:
+        if loc.is_file() or (loc.files() and not (loc / MANIFEST).is_file()):
+            raise ConfigError(f"output '{loc}' exists and is not a tl model folder; refusing to replace it")
+        check_writable(loc, "output")
+        with tempfile.TemporaryDirectory(prefix="tl-model-") as tmp:
+            write(Path(tmp))
+            (loc / MANIFEST).unlink()  # an older model's manifest goes first: a reader never mixes two
+            loc.upload(Path(tmp), last=(MANIFEST,))
+        return
+    output = Path(loc.path)
     output = output.resolve() if output.exists() else Path(os.path.abspath(output))
     for parent in [output.parent, *output.parent.parents]:
         if parent.exists() and not parent.is_dir():
@@ -250,7 +266,8 @@ def _write_folder(output: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> dict:
+def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "str | Path | Location",
+           log: Callable[[str], None] = print) -> dict:
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file
 
@@ -315,7 +332,7 @@ def export(cfg: ExportConfig, storage: Path, output: Path, log: Callable[[str], 
             manifest["evaluation"] = {**test_info, **_evaluate(saved, test, cfg.batch_size)}
         write_manifest(folder, manifest)
 
-    _write_folder(Path(output), write)
+    _write_folder(output, write)
     ev = manifest["evaluation"]
     acc = f"; accuracy on {ev['data']}/{ev.get('split', 'test')}: {100 * ev['accuracy']:.2f}% ({ev['correct']}/{ev['images']})" \
         if ev else "; no test data given, so no accuracy"

@@ -26,6 +26,7 @@ from ray import tune
 from tl.config import config_hash
 from tl.errors import ConfigError, TLError
 from tl.runtime import hardware
+from tl.storage import Location
 
 CellFn = Callable[..., "tuple[pd.DataFrame, str]"]
 
@@ -59,10 +60,10 @@ class Cell:
 class CellStore:
     """Finished and failed cells under one folder (shared storage on a cluster)."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: "str | os.PathLike | Location"):
+        self.root = Location.of(root)
 
-    def _path(self, cell: Cell, suffix: str) -> Path:
+    def _path(self, cell: Cell, suffix: str) -> Location:
         return self.root / (cell.name + suffix)
 
     def status(self, cell: Cell) -> str:
@@ -70,30 +71,31 @@ class CellStore:
             return "done"
         return "failed" if self._path(cell, ".failed.json").exists() else "todo"
 
+    def statuses(self, cells: list[Cell]) -> list[str]:
+        """``status`` of each cell from one listing of the folder (one request on an object store)."""
+        names = {loc.name for loc in self.root.iterdir()}
+        return ["done" if c.name + ".parquet" in names else "failed" if c.name + ".failed.json" in names else "todo"
+                for c in cells]
+
     def save(self, cell: Cell, rows: pd.DataFrame) -> None:
         import io
 
         buf = io.BytesIO()
         rows.to_parquet(buf)
-        _atomic_write(self._path(cell, ".parquet"), buf.getvalue())
+        self._path(cell, ".parquet").write_bytes(buf.getvalue())
         self._path(cell, ".failed.json").unlink(missing_ok=True)
 
     def fail(self, cell: Cell, message: str) -> None:
-        _atomic_write(self._path(cell, ".failed.json"),
-                      json.dumps({"cell": list(cell.parts), "what": cell.what, "error": message}).encode())
+        self._path(cell, ".failed.json").write_bytes(
+            json.dumps({"cell": list(cell.parts), "what": cell.what, "error": message}).encode())
 
     def load(self, cell: Cell) -> pd.DataFrame:
-        return pd.read_parquet(self._path(cell, ".parquet"))
+        import io
+
+        return pd.read_parquet(io.BytesIO(self._path(cell, ".parquet").read_bytes()))
 
     def error(self, cell: Cell) -> str:
         return json.loads(self._path(cell, ".failed.json").read_text())["error"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -116,8 +118,7 @@ class GridResult:
 def plan(cells: list[Cell], store: CellStore, retry_failed: bool = False) -> dict[str, list[Cell]]:
     """Which cells are finished, failed before (kept unless ``retry_failed``) or still to run."""
     out: dict[str, list[Cell]] = {"done": [], "failed": [], "todo": []}
-    for c in cells:
-        s = store.status(c)
+    for c, s in zip(cells, store.statuses(cells)):
         out["todo" if s == "failed" and retry_failed else s].append(c)
     out["todo"].sort(key=lambda c: c.cost, reverse=True)
     return out
@@ -151,7 +152,8 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
     tune.report({"failed": "", "progress_line": f"{cell.what}: {line}", **numbers})
 
 
-def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, what: str, storage: Path,
+def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, what: str,
+              storage: "str | os.PathLike | Location",
               log: Callable[[str], None] = print, retry_failed: bool = False, max_concurrent: int = 0,
               max_failures: int = 2, experiment: str | None = None, mlflow: str = "") -> GridResult:
     """Run the todo cells of ``cells`` as Tune trials (``fn(spec, **shared) -> (rows, line)``);
@@ -169,7 +171,7 @@ def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, 
             trainable, param_space={"cell": tune.grid_search([_plain(c) for c in todo])},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None, reuse_actors=True),
             run_config=tune.RunConfig(name=f"{experiment or what}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(storage / "tune"),
+                                      **(Location.of(storage) / "tune").ray_storage(),
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures),
                                       callbacks=[TrialProgress(log, len(todo), what),
                                                  *tracking_callbacks(mlflow, experiment or what)]))

@@ -13,8 +13,10 @@ none is an error.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from tl.errors import ConfigError, DataError
+from tl.storage import Location, check_writable, is_uri
 
 SPLITS = ("adapt", "test", "train", "val", "heldout", "all")
 MAX_LISTED = 20
@@ -97,38 +100,40 @@ def parse_embedded(spec: str):
     return load_embedded(spec)
 
 
-def _files(root: Path) -> tuple[list[Path], list[Path]]:
+def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Rows (id, path, label, error) of an image folder or a CSV manifest, local or at a URI (paths on
+    its filesystem); notes on skipped files. One listing finds a folder's files."""
+    import pyarrow.fs as pafs
+
     from tl.data.sources import IMAGE_SUFFIXES
 
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
-    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES], [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-
-
-def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Rows (id, path, label) of an image folder or a CSV manifest; notes on skipped files."""
-    p = Path(source)
+    loc = Location.of(source)
     notes: list[str] = []
-    if p.is_dir():
-        images, others = _files(p)
+    if loc.is_dir():
+        files = [f for f in loc.files() if not any(s.startswith(".") for s in loc.relative(f).split("/"))]
+        images = [f for f in files if Path(f.name).suffix.lower() in IMAGE_SUFFIXES]
+        others = [f for f in files if Path(f.name).suffix.lower() not in IMAGE_SUFFIXES]
         if others:
-            notes.append(f"skipped {len(others)} file(s) without an image suffix, e.g. {others[0].relative_to(p)}")
-        ids = [str(f.relative_to(p)) for f in images]
-        labels = [f.relative_to(p).parts[0] if len(f.relative_to(p).parts) > 1 else None for f in images]
-        rows = pd.DataFrame({"id": ids, "path": [os.path.normpath(str(f.resolve())) for f in images], "label": labels})
+            notes.append(f"skipped {len(others)} file(s) without an image suffix, e.g. {loc.relative(others[0])}")
+        rel = [loc.relative(f) for f in images]
+        rows = pd.DataFrame({"id": rel, "path": [f.path for f in images],
+                             "label": [r.split("/")[0] if "/" in r else None for r in rel], "error": ""})
     else:
         try:
-            table = pd.read_csv(p, dtype=str, keep_default_na=False)
+            table = pd.read_csv(io.BytesIO(loc.read_bytes()), dtype=str, keep_default_na=False)
         except Exception as exc:
-            raise DataError(f"CSV manifest '{p}' cannot be read: {exc}") from exc
+            raise DataError(f"CSV manifest '{source}' cannot be read: {exc}") from exc
         if "path" not in table.columns:
-            raise DataError(f"CSV manifest '{p}' has no column 'path' (columns: {list(table.columns)})")
-        base = p.resolve().parent
-        paths = [os.path.normpath(str(Path(q) if os.path.isabs(q) else base / q)) for q in table["path"]]
+            raise DataError(f"CSV manifest '{source}' has no column 'path' (columns: {list(table.columns)})")
+        base = loc.parent
+        paths = [os.path.normpath(q) if q.startswith("/") else (base / q).path for q in table["path"]]
         id_col = cfg.id_column or ("id" if "id" in table.columns else "path")
         if id_col not in table.columns:
-            raise DataError(f"CSV manifest '{p}' has no column '{id_col}' (config key 'id_column')")
+            raise DataError(f"CSV manifest '{source}' has no column '{id_col}' (config key 'id_column')")
         labels = table[cfg.label_column].tolist() if cfg.label_column in table.columns else [None] * len(table)
-        rows = pd.DataFrame({"id": table[id_col].tolist(), "path": paths, "label": labels})
+        found = {i.path for i in loc.fs.get_file_info(paths) if i.type == pafs.FileType.File} if paths else set()
+        rows = pd.DataFrame({"id": table[id_col].tolist(), "path": paths, "label": labels,
+                             "error": ["" if q in found else "FileNotFoundError: the file does not exist" for q in paths]})
     rows["label"] = [lab if lab in classes else None for lab in rows["label"]]
     return rows, notes
 
@@ -139,42 +144,43 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
 
     from tl.data.sources import _Decode
 
-    p = Path(source)
-    if p.is_dir() or p.suffix.lower() == ".csv":
-        if not p.exists():
-            raise DataError(f"input '{p}' does not exist")
+    loc = Location.of(source)
+    p = Path(loc.name)  # for the suffix: a URI's query (endpoint options) is not part of it
+    if p.suffix.lower() != ".parquet" and (p.suffix.lower() == ".csv" or loc.is_dir()):
+        if not loc.exists():
+            raise DataError(f"input '{source}' does not exist")
         rows, notes = _file_rows(source, cfg, classes)
         if rows.empty:
-            raise DataError(f"input '{p}' holds no image files")
-        readable = sorted({q for q in rows["path"] if os.path.isfile(q)})
-        rows["error"] = ["" if os.path.isfile(q) else "FileNotFoundError: the file does not exist" for q in rows["path"]]
+            raise DataError(f"input '{source}' holds no image files")
+        readable = sorted(set(rows.loc[rows["error"] == "", "path"]))
         if not readable:
             return None, rows, notes
-        ds = ray.data.read_binary_files(readable, include_paths=True, shuffle=None)
+        ds = ray.data.read_binary_files(readable, include_paths=True, shuffle=None, filesystem=loc.fs)
         return ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64), rows, notes
-    if p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
+    if p.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        if not p.exists():
-            raise DataError(f"input '{p}' does not exist")
+        if not loc.exists():
+            raise DataError(f"input '{source}' does not exist")
         try:
-            names = pq.read_schema(p).names if p.is_file() else pq.ParquetDataset(str(p)).schema.names
+            names = pq.read_schema(loc.path, filesystem=loc.fs).names if loc.is_file() else \
+                pq.ParquetDataset(loc.path, filesystem=loc.fs).schema.names
         except Exception as exc:
-            raise DataError(f"Parquet file '{p}' is not readable Parquet: {exc}") from exc
+            raise DataError(f"Parquet file '{source}' is not readable Parquet: {exc}") from exc
         if cfg.image_column not in names:
-            raise DataError(f"Parquet file '{p}' has no column '{cfg.image_column}' (columns: {names}; config key "
+            raise DataError(f"Parquet file '{source}' has no column '{cfg.image_column}' (columns: {names}; config key "
                             f"'image_column')")
         id_col = cfg.id_column or ("id" if "id" in names else None)
         if id_col and id_col not in names:
-            raise DataError(f"Parquet file '{p}' has no column '{id_col}' (config key 'id_column')")
+            raise DataError(f"Parquet file '{source}' has no column '{id_col}' (config key 'id_column')")
         keep = {cfg.image_column: "bytes", **({id_col: "id"} if id_col else {}),
                 **({cfg.label_column: "label"} if cfg.label_column in names else {})}
-        ds = ray.data.read_parquet(str(p), columns=list(keep)).map_batches(
+        ds = ray.data.read_parquet(loc.path, columns=list(keep), filesystem=loc.fs).map_batches(
             lambda b: b.rename(columns=keep), batch_format="pandas")
         return ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64), None, []
-    if p.exists() or os.sep in source:
+    if loc.exists() or os.sep in source or is_uri(source):
         raise DataError(f"input '{source}' is not an image folder, a .csv manifest or a .parquet file"
-                        + ("" if p.exists() else " (it does not exist)"))
+                        + ("" if loc.exists() else " (it does not exist)"))
     data = parse_embedded(source)
     names = np.array(list(data.classes), dtype=object)
     ds = data.to_ray(("row", "image", "label", "id")).map_batches(
@@ -182,16 +188,19 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
     return ds, None, []
 
 
-def predict(model_dir: str | Path, source: str, output: Path, cfg: PredictConfig = PredictConfig(),
-            log: Callable[[str], None] = print) -> dict:
+def predict(model_dir: "str | Path | Location", source: str, output: "str | Path | Location",
+            cfg: PredictConfig = PredictConfig(), log: Callable[[str], None] = print) -> dict:
     """Predict every image of ``source`` with the model in ``model_dir``; write ``predictions.parquet``,
-    ``predictions.csv`` and ``summary.json`` to ``output``. Returns the summary (with the failed rows)."""
+    ``predictions.csv`` and ``summary.json`` to ``output``. Returns the summary (with the failed rows).
+    Each of the three may be local or a URI (``s3://…``)."""
     import ray
     import ray.data
 
     from tl.model_file import MODEL_FILE, load_model
 
     t0 = time.time()
+    model_uri = str(Location.of(model_dir))
+    model_dir = Location.of(model_dir).fetch()  # a model in a bucket: a local copy (it is small)
     _, classes, manifest = load_model(model_dir)  # checks the folder here, before any actor starts
     size = tuple(manifest.get("decode_size") or manifest["preprocessing"]["size"])
     ds, rows, notes = _dataset(source, cfg, size, classes)
@@ -210,9 +219,10 @@ def predict(model_dir: str | Path, source: str, output: Path, cfg: PredictConfig
             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size, batch_format="numpy",
             num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = sys.stderr.isatty()  # rows done, on a terminal (tl.embeddings)
         out = ds.to_pandas()
     table = _table(out, rows, classes, source)
-    return _write(table, classes, manifest, model_dir, source, output, time.time() - t0, log)
+    return _write(table, classes, manifest, model_uri, source, Location.of(output), time.time() - t0, log)
 
 
 def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], source: str) -> pd.DataFrame:
@@ -227,8 +237,12 @@ def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], sou
         table = rows.copy()
         read = (table["error"] == "").to_numpy()
         if len(out):
-            scored["path"] = [os.path.normpath(q if q.startswith("/") else "/" + q) for q in out["path"]]
-            hit = scored.drop_duplicates("path").set_index("path").reindex(table["path"]).reset_index(drop=True)
+            def key(q: str) -> str:  # Ray Data gives local paths without the leading slash, bucket paths as given
+                return os.path.normpath("/" + q.lstrip("/"))
+
+            scored["path"] = [key(q) for q in out["path"]]
+            hit = scored.drop_duplicates("path").set_index("path").reindex([key(q) for q in table["path"]]) \
+                .reset_index(drop=True)
         else:
             hit = pd.DataFrame(np.nan, index=range(len(table)), columns=scored.columns)
         for col in hit.columns:
@@ -255,25 +269,24 @@ def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], sou
     return table[["id", "path", "label", "predicted", "confidence", *prob_cols, "error"]].reset_index(drop=True)
 
 
-def _write(table: pd.DataFrame, classes: list[str], manifest: dict, model_dir, source: str, output: Path,
+def _write(table: pd.DataFrame, classes: list[str], manifest: dict, model: str, source: str, output: Location,
            seconds: float, log: Callable[[str], None]) -> dict:
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output, "output")
     failed = table[table["predicted"].isna()]
     labelled = table[table["label"].notna() & table["predicted"].notna()]
     accuracy = float((labelled["label"] == labelled["predicted"]).mean()) if len(labelled) else None
     summary: dict[str, Any] = {
-        "model": str(Path(model_dir).resolve()), "input": source, "images": int(len(table)),
+        "model": model, "input": source, "images": int(len(table)),
         "predicted": int(len(table) - len(failed)), "failed": [{"id": r.id, "path": r.path, "error": r.error}
                                                                 for r in failed.itertuples()],
         "accuracy": accuracy, "labelled": int(len(labelled)), "classes": classes,
         "model_accuracy": (manifest.get("evaluation") or {}).get("accuracy"), "seconds": round(seconds, 2),
     }
-    for name, writer in (("predictions.parquet", lambda f: table.to_parquet(f, index=False)),
-                         ("predictions.csv", lambda f: table.to_csv(f, index=False)),
-                         ("summary.json", lambda f: Path(f).write_text(json.dumps(summary, indent=2)))):
-        tmp = output / f".{name}.tmp-{os.getpid()}"
-        writer(tmp)
-        os.replace(tmp, output / name)
+    parquet = io.BytesIO()
+    table.to_parquet(parquet, index=False)
+    for name, data in (("predictions.parquet", parquet.getvalue()), ("predictions.csv", table.to_csv(index=False).encode()),
+                       ("summary.json", json.dumps(summary, indent=2).encode())):  # each whole or not at all
+        (output / name).write_bytes(data)
     acc = f"; accuracy on {len(labelled)} labelled images: {100 * accuracy:.2f}%" if accuracy is not None else ""
     log(f"[predict] {summary['predicted']} of {len(table)} images predicted in {seconds:.1f} s{acc}; "
         f"{output / 'predictions.parquet'}")

@@ -9,8 +9,11 @@ data and config, and reused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from tl.errors import ConfigError
 from tl.models import Classifier, build_backbone, get_spec, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
 from tl.runtime import provenance, torch_threads
+from tl.storage import Location
 from tl.train import ray_train
 
 HEAD_FILE = "head.safetensors"
@@ -158,14 +162,18 @@ def _worker(c: dict) -> None:
                              f"{acc:.4f}")
 
 
-def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = print) -> PretrainResult:
-    """Pretrain (or reuse, or resume) the backbone for ``cfg``; needs a running Ray."""
-    out = Path(storage) / "backbones" / cfg.key()
+def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
+             log: Callable[[str], None] = print) -> PretrainResult:
+    """Pretrain (or reuse, or resume) the backbone for ``cfg``; needs a running Ray. The folder is
+    ``<storage>/backbones/<key>`` (a local ``Path``, or a ``Location`` on remote storage); its
+    ``meta.json`` is written last, so a folder without it is not a backbone."""
+    storage = Location.of(storage)
+    out = storage / "backbones" / cfg.key()
     meta_path = out / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         log(f"[pretrain] reusing the finished backbone in {out} (source val accuracy {meta['val_accuracy']:.4f})")
-        return PretrainResult(out, float(meta["val_accuracy"]), int(meta["epochs"]), 0.0, True)
+        return PretrainResult(out.local or out, float(meta["val_accuracy"]), int(meta["epochs"]), 0.0, True)
     t0 = time.time()
     train, val = _source_sets(cfg)
     spec = get_spec(cfg.backbone)
@@ -177,14 +185,12 @@ def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = pr
     result = ray_train.fit(
         _worker, worker_cfg,
         {"train": ray_train.preprocessed_dataset(train, model_pp), "val": ray_train.preprocessed_dataset(val, model_pp)},
-        name=f"pretrain-{cfg.key()}", storage=Path(storage) / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
+        name=f"pretrain-{cfg.key()}", storage=storage / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
         split=("train",),
     )
     state = ray_train.load_result_state(result)
     model = Classifier(build_backbone(cfg.backbone, cfg.input_size), len(train.classes))
     model.load_state_dict(state["model"])
-    save_weights(model.backbone, out / MODEL_FILE)
-    save_weights(model.head, out / HEAD_FILE)
     acc = float(state["val_accuracy"])
     wall = time.time() - t0
     meta = {
@@ -192,27 +198,31 @@ def pretrain(cfg: PretrainConfig, storage: Path, log: Callable[[str], None] = pr
         "epochs": int(state["epoch"]), "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
         "config": to_dict(cfg), "wall_s": wall, **provenance(),
     }
-    (out / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
-    (out / (META_FILE + ".tmp")).replace(meta_path)
+    with tempfile.TemporaryDirectory(prefix="tl-pretrain-") as tmp:
+        save_weights(model.backbone, Path(tmp) / MODEL_FILE)
+        save_weights(model.head, Path(tmp) / HEAD_FILE)
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2))
+        out.upload(Path(tmp), last=(META_FILE,))
     log(f"[pretrain] source validation accuracy {acc:.4f} after {meta['epochs']} epochs ({wall:.0f} s); weights in {out}")
-    return PretrainResult(out, acc, int(state["epoch"]), wall, False)
+    return PretrainResult(out.local or out, acc, int(state["epoch"]), wall, False)
 
 
-def pretrained_path(storage: Path, backbone: str = "digits_cnn", data: str = "mnist", **overrides) -> Path:
+def pretrained_path(storage: "str | os.PathLike | Location", backbone: str = "digits_cnn", data: str = "mnist",
+                    **overrides) -> Location:
     """Where the default pretrained backbone for (backbone, data) lives."""
-    return Path(storage) / "backbones" / PretrainConfig(backbone=backbone, data=data, **overrides).key()
+    return Location.of(storage) / "backbones" / PretrainConfig(backbone=backbone, data=data, **overrides).key()
 
 
-def ensure_pretrained(storage: Path, backbone: str = "digits_cnn", data: str = "mnist",
-                      log: Callable[[str], None] = print, **overrides) -> Path:
+def ensure_pretrained(storage: "str | os.PathLike | Location", backbone: str = "digits_cnn", data: str = "mnist",
+                      log: Callable[[str], None] = print, **overrides) -> "Path | Location":
     """The default pretrained backbone, pretraining it first (and saying so) when it is not there."""
     cfg = PretrainConfig(backbone=backbone, data=data, **overrides)
-    if not (Path(storage) / "backbones" / cfg.key() / META_FILE).is_file():
+    if not (Location.of(storage) / "backbones" / cfg.key() / META_FILE).is_file():
         log(f"[pretrain] no pretrained {backbone} for {data} in {storage}: pretraining it first")
     return pretrain(cfg, storage, log).path
 
 
-def resolve_weights(weights: str, backbone: str, storage: Path, log: Callable[[str], None]) -> str | None:
+def resolve_weights(weights: str, backbone: str, storage: "str | os.PathLike | Location", log: Callable[[str], None]) -> str | None:
     """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing)."""
     if weights == "pretrained":
         return str(ensure_pretrained(storage, backbone, log=log))
@@ -226,33 +236,39 @@ def weights_reference(source: str | None, resolved: str | None) -> dict:
     ``<storage>/backbones`` for a pretrained one. Never a temporary absolute path alone."""
     ref: dict = {"weights": source or "random"}
     if resolved:
-        p = Path(resolved)
-        f = p / MODEL_FILE if p.is_dir() else p
+        p = Location.of(resolved)
+        folder = p.is_dir()
+        f = p / MODEL_FILE if folder else p
         if f.is_file():
-            ref["weights_sha256"] = file_sha256(f)
-        if p.is_dir() and p.parent.name == "backbones":
+            ref["weights_sha256"] = _sha256(f)
+        if folder and p.parent.name == "backbones":
             ref["weights_key"] = p.name
     return ref
 
 
-def resolve_reference(ref: dict, backbone: str, storage: Path, log: Callable[[str], None] = print) -> str | None:
+def _sha256(f: Location) -> str:
+    return file_sha256(f.local) if f.local else hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def resolve_reference(ref: dict, backbone: str, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print) -> str | None:
     """The local weights that ``ref`` (``weights_reference``, as best.yaml stores it) names, found in
     the user's ``storage``: a ``weights_key`` is looked up in ``<storage>/backbones`` (the default
     backbone is pretrained there first when missing). A sha256 that does not match is said, not
     hidden: pretraining is not bit-reproducible between runs, so figures may move a little."""
+    storage = Location.of(storage)
     source = ref.get("weights") or "pretrained"
     key = ref.get("weights_key")
     given = Path(str(source))
-    if source not in ("pretrained", "random", "none", "") and given.exists():
+    if source not in ("pretrained", "random", "none", "") and Location.of(str(source)).exists():
         key = None  # a file or folder the user named, here on this machine: use it
     elif key is None and given.is_absolute() and given.parent.name == "backbones":
         key = given.name  # a best.yaml written before references: its folder name is the key
     if key:
-        path = Path(storage) / "backbones" / key
+        path: Path | Location = storage / "backbones" / key
         if not (path / META_FILE).is_file():
             default = PretrainConfig(backbone=backbone).key()
             if key != default:
-                raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {Path(storage) / 'backbones'} "
+                raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {storage / 'backbones'} "
                                   f"(the default one for {backbone} is '{default}'); pretrain it there with the config "
                                   f"it was made with, or give the weights with --set weights=PATH")
             path = ensure_pretrained(storage, backbone, log=log)
@@ -261,8 +277,8 @@ def resolve_reference(ref: dict, backbone: str, storage: Path, log: Callable[[st
         resolved = resolve_weights(str(source), backbone, storage, log)
     want = ref.get("weights_sha256")
     if want and resolved:
-        p = Path(resolved)
-        got = file_sha256(p / MODEL_FILE if p.is_dir() else p)
+        p = Location.of(resolved)
+        got = _sha256(p / MODEL_FILE if p.is_dir() else p)
         if got != want:
             log(f"[weights] warning: {resolved} is not byte-identical to the weights the results were made with "
                 f"(sha256 {got[:12]} against {want[:12]}); a fresh pretraining differs slightly, so accuracies may too")

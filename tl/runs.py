@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from tl.models import Classifier, make_backbone, save_weights
 from tl.nn.scores import information_maximization, soft_neighborhood_density
 from tl.pretrain import resolve_weights
 from tl.runtime import provenance, torch_threads
+from tl.storage import Location
 from tl.strategies import REGISTRY, TrainedStrategy, make_strategy
 from tl.strategies.adapt import AdaptStrategy
 from tl.train import ray_train
@@ -288,7 +290,7 @@ def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
     return datasets
 
 
-def run(cfg: RunConfig, storage: Path, output: Path | None = None,
+def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume, or reuse) one run; returns its record: the per-checkpoint ``history`` of
     scores, identity (key, strategy, source, target, seed), set ``sizes``, config and provenance.
@@ -314,7 +316,7 @@ def run(cfg: RunConfig, storage: Path, output: Path | None = None,
              amp=cfg.amp, checkpoint_every=cfg.checkpoint_every, threads=torch_threads(cfg.workers),
              prefix=f"[{cfg.kind}] {label}:", labelled=labelled, unlabelled=unlabelled, adapt=adapting,
              evaluate=[k for k in ("source_val", "target_pool", "target_test") if k in datasets])
-    result = ray_train.fit(_worker, c, datasets, name=cfg.key(), storage=Path(storage) / "ray", workers=cfg.workers,
+    result = ray_train.fit(_worker, c, datasets, name=cfg.key(), storage=Location.of(storage) / "ray", workers=cfg.workers,
                            use_gpu=cfg.use_gpu, split=(labelled, "target") if adapting else (labelled,),
                            max_failures=cfg.max_failures)
     state = ray_train.load_result_state(result)

@@ -9,32 +9,28 @@ from functools import lru_cache
 from pathlib import Path
 
 from tl.errors import ConfigError
+from tl.storage import Location, check_writable
 
 DEFAULT_STORAGE = "~/.cache/tl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def resolve_storage(path: str | os.PathLike | None) -> Path:
-    """The tl home (checkpoints, caches, Ray storage); must be writable and outside the repository."""
-    p = Path(os.path.expanduser(str(path or DEFAULT_STORAGE))).resolve()
-    try:
-        p.relative_to(REPO_ROOT)
-        inside = (REPO_ROOT / ".git").exists()
-    except ValueError:
-        inside = False
-    if inside:
-        raise ConfigError(f"storage path '{p}' is inside the repository; use a path outside it (default {DEFAULT_STORAGE})")
-    for parent in [p, *p.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"storage path '{p}' is not writable: '{parent}' is a file")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".tl-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"storage path '{p}' is not writable: {exc}") from exc
-    return p
+def resolve_storage(path: "str | os.PathLike | Location | None") -> Location:
+    """The tl home (checkpoints, caches, Ray storage): a local folder outside the repository or a URI
+    any pyarrow filesystem reaches (``s3://bucket/tl``); checked writable now, naming the path or URI,
+    so a missing bucket, missing credentials or an endpoint nobody answers on fail before any trial."""
+    loc = Location.of(path or DEFAULT_STORAGE)
+    if loc.is_local:
+        p = Path(loc.path).resolve()
+        try:
+            p.relative_to(REPO_ROOT)
+            inside = (REPO_ROOT / ".git").exists()
+        except ValueError:
+            inside = False
+        if inside:
+            raise ConfigError(f"storage path '{p}' is inside the repository; use a path outside it (default {DEFAULT_STORAGE})")
+        loc = Location.of(p)
+    return check_writable(loc, "storage path")
 
 
 def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
@@ -47,6 +43,36 @@ def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
     if share <= 0:
         raise ConfigError(f"{num_workers} workers do not fit the {total:g} CPUs of the running Ray")
     return round(min(1.0, share), 3)
+
+
+DEFAULT_GPU_SHARE = 0.25  # four trained cells share one GPU: a few-shot episode is far from filling it
+
+
+def cluster_gpus() -> float:
+    """GPUs of the running Ray cluster (0 without one, or before ``ray.init``)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def gpu_share(requested: float | None, gpus: float, key: str = "gpu_per_trial") -> float:
+    """The GPU fraction a trained cell asks for: ``requested`` when set, otherwise
+    ``DEFAULT_GPU_SHARE`` where the cluster has GPUs and 0 on a CPU-only one (nothing changes there)."""
+    if requested is None:
+        return DEFAULT_GPU_SHARE if gpus > 0 else 0.0
+    if requested < 0 or requested > max(1.0, gpus):
+        raise ConfigError(f"config key '{key}': {requested} is not a GPU fraction between 0 and 1")
+    if requested > 0 and gpus == 0:
+        raise ConfigError(f"config key '{key}' is {requested} but the Ray cluster has no GPU; leave it unset")
+    return float(requested)
+
+
+def episode_device() -> str:
+    """Where a trial trains its episodes: the GPU Ray assigned to it (Ray sets CUDA_VISIBLE_DEVICES
+    for a trial that asked for a GPU fraction and hides every GPU from one that did not), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def torch_threads(num_workers: int) -> int:

@@ -15,6 +15,7 @@ A search space is YAML: ``key: {grid: [...]}``, ``{choice: [...]}``, ``{uniform:
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from tl.errors import ConfigError, TLError
 from tl.grid import TrialProgress
 from tl.models import num_stages
 from tl.report import describe, write_best, write_config, write_reports
+from tl.runtime import cluster_gpus, gpu_share
+from tl.storage import Location
 from tl.strategies import make_strategy
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -147,6 +150,7 @@ class SearchConfig(BackboneFields, EpisodeFields):
     reduction_factor: float = 3.0
     search_alg: str = "grid"
     cpus_per_trial: float = 1.0
+    gpu_per_trial: float | None = None
     max_concurrent: int = 0
     grid_order: str = "shuffled"
 
@@ -206,7 +210,8 @@ def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> No
         tune.report({"val_accuracy": 0.0, "steps": fixed["max_steps"], "trial_steps": 0, "failed": str(exc)})
 
 
-def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[str], None] = print) -> "SearchResult":
+def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", output: Path,
+               log: Callable[[str], None] = print) -> "SearchResult":
     """Search on validation episodes, then evaluate the chosen candidate on test episodes.
 
     Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
@@ -217,15 +222,18 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
     from tl.pretrain import resolve_weights
 
     t0 = time.time()
+    storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     target = load_target(cfg.target, None, cfg.test_split, cfg.val_split)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
     val_emb = test_emb = None
+    gpus = cluster_gpus()
+    gpu = gpu_share(cfg.gpu_per_trial, gpus) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:
         ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                           cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+                           cpus_per_actor=min(1.0, cfg.cpus_per_trial), use_gpu=gpus >= 1, actors=max(1, int(gpus)))
         val_emb = extract(val, ecfg, str(storage / "cache"), log).vectors
         test_emb = extract(test, ecfg, str(storage / "cache"), log).vectors
     trained = bool(strat0.budget_key)
@@ -250,24 +258,25 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
     path = storage / "tune" / name
     trainable = tune.with_resources(
         tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=weights, fixed=fixed),
-        {"cpu": cfg.cpus_per_trial if trained else min(cfg.cpus_per_trial, 0.25)})
+        {"cpu": cfg.cpus_per_trial if trained else min(cfg.cpus_per_trial, 0.25), "gpu": gpu})
     n_grid = int(np.prod([len(_space_spec(k, v)[1]) for k, v in cfg.space.items()
                           if _space_spec(k, v)[0] == "grid"] or [1]))
     total = n_grid * cfg.num_samples
     log(f"[search] {cfg.strategy} on {cfg.target} {cfg.shots}-shot: {total} candidates x {cfg.val_episodes} "
         f"validation episodes ({cfg.val_split} split), milestones {milestones} steps, scheduler {cfg.scheduler}, "
         f"search {cfg.search_alg}")
-    run_config = tune.RunConfig(name=name, storage_path=str(storage / "tune"), verbose=0,
+    run_config = tune.RunConfig(name=name, **(storage / "tune").ray_storage(), verbose=0,
                                 callbacks=[TrialProgress(log, total, "search", _describe)])
     tuner, resumed = None, False
-    if tune.Tuner.can_restore(str(path)):
+    fs = {"storage_filesystem": path.fs} if not path.is_local else {}
+    if tune.Tuner.can_restore(path.path, **fs):
         try:
-            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(path.path, trainable, resume_unfinished=True, resume_errored=True, **fs)
             resumed = True
             log(f"[search] resuming the search in {path} (finished candidates are kept)")
         except Exception as exc:  # a state file cut short by a crash: keep it aside, start afresh
-            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-            path.rename(aside)
+            aside = path.parent / f"{path.name}.unreadable-{int(time.time())}"
+            path.fs.move(path.path, aside.path)
             log(f"[search] could not restore {path} ({type(exc).__name__}); moved it to {aside}, starting afresh")
     if tuner is None:
         space = tune_space(cfg.space, cfg.seed if cfg.grid_order == "shuffled" else None)
@@ -300,7 +309,7 @@ def run_search(cfg: SearchConfig, storage: Path, output: Path, log: Callable[[st
     table.to_csv(output / "trials.csv", index=False)
     log(f"[search] chosen on validation episodes: {chosen} (validation accuracy {100 * best_row['val_accuracy']:.1f}%, "
         f"compute {int(table['trial_steps'].sum())} episode-steps); evaluating on {cfg.test_episodes} test episodes")
-    rows = _test_phase(cfg, params, weights, {"test": test, "val": val}, test_emb, storage, log)
+    rows = _test_phase(cfg, params, weights, {"test": test, "val": val}, test_emb, storage, log, gpu)
     note = describe(to_dict(cfg), cfg.test_split, rows, weights,
                     f", except {', '.join(cfg.space)}, chosen by a Ray Tune search on {cfg.val_episodes} validation "
                     f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes")
@@ -325,8 +334,8 @@ def _describe(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(flat_config(config).items()))
 
 
-def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict, test_emb, storage: Path,
-                log: Callable[[str], None]) -> pd.DataFrame:
+def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict, test_emb, storage: Location,
+                log: Callable[[str], None], gpu: float = 0.0) -> pd.DataFrame:
     """The chosen candidate on the test episodes: one cell of the grid engine (kept, so a rerun
     of the same search reuses it)."""
     from tl.evaluate import run_cell
@@ -341,7 +350,7 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     cell = Cell.make((cfg.target, f"{cfg.shots}shot", f"seed{cfg.seed}", label), identity,
                      f"{cfg.target} {cfg.shots}-shot seed {cfg.seed} {label} (test episodes)",
                      {"target": cfg.target, "shots": cfg.shots, "seed": cfg.seed, "label": label, "entry": entry.plain()},
-                     cpu=min(1.0, cfg.cpus_per_trial))
+                     cpu=min(1.0, cfg.cpus_per_trial), gpu=gpu)
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
     shared = {"data": {cfg.target: data}, "embeddings": {cfg.target: {"test": test_emb}}, "weights": weights,
               "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,

@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 DESCRIPTION_TAIL = "Settings come from defaults, then --config FILE, then each --set key=value."
 
@@ -19,10 +21,25 @@ def parser(prog: str, description: str, package: str = "workflows") -> argparse.
     p.add_argument("--smoke-test", action="store_true", help="tiny data, finishes in seconds")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--storage", default=None, metavar="PATH",
-                   help="checkpoints, caches and Ray storage (default ~/.cache/tl; never inside the repository)")
-    p.add_argument("--output", default=None, metavar="DIR", help="where results go (default results/<experiment>)")
+    p.add_argument("--storage", default=None, metavar="PATH|URI",
+                   help="checkpoints, caches and Ray storage: a folder or a URI such as s3://bucket/tl (default "
+                        "~/.cache/tl; never inside the repository)")
+    p.add_argument("--output", default=None, metavar="DIR|URI",
+                   help="where results go: a folder or a URI (default results/<experiment>)")
     return p
+
+
+@contextmanager
+def output_folder(output: str) -> Iterator[Path]:
+    """A local folder for a workflow's results: ``output`` itself, or for a URI a temporary folder
+    uploaded there when the workflow ends without an error (checked writable first)."""
+    from tl.storage import Location, check_writable
+
+    loc = Location.of(output)
+    if not loc.is_local:
+        check_writable(loc, "output")
+    with loc.staged() as folder:
+        yield folder
 
 
 def shlex_args() -> list[str]:

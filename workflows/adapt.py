@@ -7,7 +7,6 @@ mnist -> mnistm and mnist -> optdigits over seeds, with three model-selection ru
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from workflows import _cli
 
@@ -21,6 +20,7 @@ def main() -> int:
     from tl.adapt_bench import AdaptExperimentConfig, run_experiment
     from tl.config import load_config
     from tl.runtime import resolve_storage
+    from tl.storage import Location
 
     base: dict = {}
     if args.smoke_test:
@@ -33,11 +33,13 @@ def main() -> int:
         base["use_gpu"] = True
     cfg = load_config(AdaptExperimentConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
-    output = Path(args.output or f"results/{cfg.experiment}")
+    output = args.output or f"results/{cfg.experiment}"
     _cli.init_ray(args.address)
-    out = run_experiment(cfg, storage, output)
-    (output / "command.txt").write_text("python -m workflows.adapt " + " ".join(_cli.shlex_args()) + "\n")
-    print(f"runs: {output / 'runs.csv'}\nsummary: {output / 'summary.md'}")
+    with _cli.output_folder(output) as folder:
+        out = run_experiment(cfg, storage, folder)
+        (folder / "command.txt").write_text("python -m workflows.adapt " + " ".join(_cli.shlex_args()) + "\n")
+    where = Location.of(output)
+    print(f"runs: {where / 'runs.csv'}\nsummary: {where / 'summary.md'}")
     return out.exit_status
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from workflows import _cli
 
@@ -30,6 +29,7 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
     from tl.compare import CompareConfig, dry_run, run_compare
     from tl.config import load_config
     from tl.runtime import resolve_storage
+    from tl.storage import Location
 
     base: dict = dict(preset or {})
     if not (args.address or os.environ.get("RAY_ADDRESS")):
@@ -43,15 +43,17 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
         base |= smoke
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
-    output = Path(args.output or f"results/{cfg.experiment}")
+    output = args.output or f"results/{cfg.experiment}"
     if args.dry_run:
         dry_run(cfg, storage, retry_failed=args.retry_failed)
         return 0
     _cli.init_ray(args.address)
-    out = run_compare(cfg, storage, output, retry_failed=args.retry_failed)
-    (output / "command.txt").write_text(f"python -m workflows.{prog} " + " ".join(_cli.shlex_args()) + "\n")
-    print(f"rows: {output / 'rows.parquet'}\nsummary: {output / 'summary.md'}\nbest: {output / 'best.yaml'}\n"
-          f"plot: {output / 'accuracy_vs_shots.png'}")
+    with _cli.output_folder(output) as folder:
+        out = run_compare(cfg, storage, folder, retry_failed=args.retry_failed)
+        (folder / "command.txt").write_text(f"python -m workflows.{prog} " + " ".join(_cli.shlex_args()) + "\n")
+    where = Location.of(output)
+    print(f"rows: {where / 'rows.parquet'}\nsummary: {where / 'summary.md'}\nbest: {where / 'best.yaml'}\n"
+          f"plot: {where / 'accuracy_vs_shots.png'}")
     return out.exit_status
 
 

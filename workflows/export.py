@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from workflows import _cli
 
@@ -22,6 +21,7 @@ def main() -> int:
     from tl.config import load_config
     from tl.export import ExportConfig, export, needs_ray
     from tl.runtime import resolve_storage
+    from tl.storage import Location
 
     base: dict = {}
     if args.smoke_test:
@@ -29,13 +29,13 @@ def main() -> int:
                 "weights": "random", "train_on": "shots", "shots": 5}
     cfg = load_config(ExportConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
-    name = Path(cfg.data).name if cfg.data else (cfg.target or "best").replace(":", "-")
-    output = Path(args.output or f"models/{name}-{f'{cfg.shots}shot' if cfg.shots else cfg.strategy}")
+    name = Location.of(cfg.data).name if cfg.data else (cfg.target or "best").replace(":", "-")
+    output = args.output or f"models/{name}-{f'{cfg.shots}shot' if cfg.shots else cfg.strategy}"
     if args.address or needs_ray(cfg):
         _cli.init_ray(args.address)
     manifest = export(cfg, storage, output)
     ev = manifest["evaluation"]
-    print(f"model: {output}\nmanifest: {output / 'model.json'}"
+    print(f"model: {output}\nmanifest: {Location.of(output) / 'model.json'}"
           + (f"\naccuracy: {ev['accuracy']:.4f} on {ev['images']} test images" if ev else ""))
     return 0
 

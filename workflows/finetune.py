@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from workflows import _cli
 
@@ -30,9 +29,10 @@ def main() -> int:
         base.update(use_gpu=True, amp=True)
     cfg = load_config(RunConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
-    output = Path(args.output or f"results/finetune/{cfg.key()}")
+    output = args.output or f"results/finetune/{cfg.key()}"
     _cli.init_ray(args.address)
-    record = run(cfg, storage, output)
+    with _cli.output_folder(output) as folder:
+        record = run(cfg, storage, folder)
     print(f"{cfg.test_split} accuracy: {record['history'][-1]['target_test_accuracy']:.4f}")
     print(f"model and run record: {output}")
     return 0

@@ -13,7 +13,6 @@ status is non-zero only when no image could be predicted.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from workflows import _cli
 
@@ -28,6 +27,7 @@ def main() -> int:
     from tl.config import load_config
     from tl.predict import PredictConfig, predict
     from tl.runtime import resolve_storage
+    from tl.storage import Location
 
     cfg = load_config(PredictConfig, args.config, args.overrides)
     storage = resolve_storage(args.storage)
@@ -38,16 +38,17 @@ def main() -> int:
 
         model = str(storage / "smoke" / "model")
         export(ExportConfig(strategy="prototype", target="optdigits", weights="random", train_on="shots", shots=5),
-               storage, Path(model))
+               storage, model)
         source = source or "optdigits:test"
     if model is None or source is None:
         p.error("give MODEL and INPUT (or --smoke-test)")
-    output = Path(args.output or f"results/predict-{Path(model).resolve().name}")
+    output = args.output or f"results/predict-{Location.of(model).name}"
     summary = predict(model, source, output, cfg)
     if summary.get("failed_message"):
         print(summary["failed_message"], file=sys.stderr)
-    print(f"predictions: {output / 'predictions.parquet'} and {output / 'predictions.csv'}\n"
-          f"summary: {output / 'summary.json'}")
+    where = Location.of(output)
+    print(f"predictions: {where / 'predictions.parquet'} and {where / 'predictions.csv'}\n"
+          f"summary: {where / 'summary.json'}")
     return 0
 
 

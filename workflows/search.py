@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from workflows import _cli
 
@@ -17,6 +16,7 @@ def main() -> int:
 
     from tl.config import load_config
     from tl.runtime import resolve_storage
+    from tl.storage import Location
     from tl.search import SearchConfig, run_search
 
     base: dict = {}
@@ -25,11 +25,13 @@ def main() -> int:
                 "max_steps": 9, "space": {"frozen": {"grid": [3, 4]}, "lr": {"grid": [0.01, 0.1]}}}
     cfg = load_config(SearchConfig, args.config, args.overrides, base=base)
     storage = resolve_storage(args.storage)
-    output = Path(args.output or f"results/{cfg.experiment}")
+    output = args.output or f"results/{cfg.experiment}"
     _cli.init_ray(args.address)
-    out = run_search(cfg, storage, output)
-    (output / "command.txt").write_text("python -m workflows.search " + " ".join(_cli.shlex_args()) + "\n")
-    print(f"trials: {output / 'trials.csv'}\nbest: {output / 'best.yaml'}\nsummary: {output / 'summary.md'}")
+    with _cli.output_folder(output) as folder:
+        out = run_search(cfg, storage, folder)
+        (folder / "command.txt").write_text("python -m workflows.search " + " ".join(_cli.shlex_args()) + "\n")
+    where = Location.of(output)
+    print(f"trials: {where / 'trials.csv'}\nbest: {where / 'best.yaml'}\nsummary: {where / 'summary.md'}")
     return 0 if out else 1
 
 

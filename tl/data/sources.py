@@ -2,14 +2,16 @@
 
 Each becomes the one ImageSet schema. Images are read as bytes (``read_binary_files``) and decoded in
 a function that records a per-row error instead of failing the whole dataset, so one corrupt file
-stops the load with the list of bad files, by name (DESIGN section 5). Images of any channel count
-(grey, grey+alpha, RGBA, palette, CMYK) are converted to RGB; every image is resized to ``size``.
+stops the load with the list of bad files, by name (DESIGN section 5). Every image is decoded to what
+a viewer shows (``decode_image``: EXIF orientation, 16-bit scaled, transparency over white, first
+frame) as RGB and resized to ``size``. Folders, manifests and Parquet files may be local or at a URI.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -18,21 +20,43 @@ import pandas as pd
 
 from tl.data.imageset import ImageSet
 from tl.errors import DataError
+from tl.storage import Location, is_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_LISTED = 10
 
 
 def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Bytes of any common image format -> float32 3 x H x W in [0, 1]."""
-    from PIL import Image
+    """Bytes of any common image format -> float32 3 x H x W in [0, 1], as an image viewer shows the
+    file: the camera's EXIF orientation applied, 16-bit and float images scaled (not clipped) to
+    8 bits, transparency composited over white, the first frame of an animation, CMYK and palettes
+    converted to RGB; then resized to ``size``."""
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
+        img.seek(0)
         img.load()
-        rgb = img.convert("RGB")
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
         if rgb.size != (size[1], size[0]):
             rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def _to_rgb(img):
+    """One PIL image in any mode -> mode RGB, without clipping deep images or blackening transparency."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG, TIFF): 0..65535 -> 0..255
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":  # float images are taken to hold 0..1
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class _Decode:
@@ -66,18 +90,32 @@ def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
         raise DataError(f"{len(bad)} unreadable {what}, first '{first[key]}':\n" + "\n".join(lines) + more)
 
 
-def _decode_files(paths: list[str], size: tuple[int, int]) -> pd.DataFrame:
-    """Read and decode files with Ray Data; returns columns path, image, error (in input order)."""
+def _is_image_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath("/" + path.lstrip("/"))
+
+
+def _decode_files(paths: list[str], size: tuple[int, int], fs=None) -> pd.DataFrame:
+    """Read and decode files with Ray Data (``paths`` on ``fs``, a pyarrow filesystem; local when
+    None); returns columns path, image, error (in input order)."""
     import ray.data
 
-    ds = ray.data.read_binary_files(paths, include_paths=True, shuffle=None)
-    rows = ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64).to_pandas()
-    rows["path"] = [os.path.normpath(p if p.startswith("/") else "/" + p) for p in rows["path"]]
-    order = {p: i for i, p in enumerate(paths)}
+    try:
+        ds = ray.data.read_binary_files(paths, include_paths=True, shuffle=None, filesystem=fs)
+        rows = ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64).to_pandas()
+    except Exception as exc:  # a file that vanished or cannot be opened fails the whole read
+        raise DataError(f"could not read the {len(paths)} image files (first '{paths[0]}'): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    order = {_norm(p): i for i, p in enumerate(paths)}
+    rows["path"] = [paths[order[_norm(p)]] if _norm(p) in order else p for p in rows["path"]]
     missing = set(paths) - set(rows["path"])
     if missing:
         raise DataError(f"could not read {len(missing)} files, for example '{sorted(missing)[0]}'")
-    return rows.assign(_o=rows["path"].map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
+    return rows.assign(_o=rows["path"].map(dict(zip(paths, range(len(paths)))))).sort_values("_o") \
+        .drop(columns="_o").reset_index(drop=True)
 
 
 def _class_list(found: Sequence[str], classes: Sequence[str] | None, where: str) -> tuple[str, ...]:
@@ -103,37 +141,60 @@ def _build(name: str, domain: str, images, label_names: Sequence[str], classes: 
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None) -> ImageSet:
-    """One subfolder per class under ``root``; every image file in it is one labelled image."""
-    root = Path(root)
-    if not root.exists():
+    """One subfolder per class under ``root`` (a local folder or a URI such as ``s3://bucket/digits``);
+    every file in it with an image suffix, at any depth, is one labelled image; other files (notes,
+    ``Thumbs.db``) are skipped with a warning, as torchvision's ``ImageFolder`` skips them, and a file
+    with an image suffix that does not decode is an error naming it. One listing finds them all."""
+    import pyarrow.fs as pafs
+
+    loc = Location.of(root)
+    kind = loc._type()
+    if kind == pafs.FileType.NotFound:
         raise DataError(f"image folder '{root}' does not exist")
-    if not root.is_dir():
+    if kind != pafs.FileType.Directory:
         raise DataError(f"image folder '{root}' is not a folder")
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural(p.name))
-    if not folders:
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    by_class: dict[str, list[str]] = {}
+    for info in infos:
+        rel = info.path[len(loc.path):].strip("/").split("/")
+        if any(part.startswith(".") for part in rel):
+            continue
+        if info.type == pafs.FileType.Directory and len(rel) == 1:
+            by_class.setdefault(rel[0], [])
+        elif info.type == pafs.FileType.File and len(rel) > 1:
+            by_class.setdefault(rel[0], []).append(info.path)
+    if not by_class:
         raise DataError(f"image folder '{root}' has no class subfolders")
-    paths, labels = [], []
-    for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"class folder '{folder}' is empty")
-        for f in files:
-            paths.append(os.path.normpath(str(f.resolve())))
-            labels.append(folder.name)
+    paths, labels, skipped = [], [], []
+    for name in sorted(by_class, key=_natural):
+        if not by_class[name]:
+            raise DataError(f"class folder '{loc / name}' is empty")
+        images = [f for f in sorted(by_class[name]) if _is_image_name(f)]
+        skipped += [f for f in by_class[name] if not _is_image_name(f)]
+        if not images:
+            raise DataError(f"class folder '{loc / name}' has no image files (only {len(by_class[name])} other "
+                            f"file(s), for example '{by_class[name][0].rsplit('/', 1)[-1]}')")
+        paths += images
+        labels += [name] * len(images)
+    if skipped:  # the rule of torchvision's ImageFolder: a file without an image suffix is not an image
+        warnings.warn(f"image folder '{root}': skipped {len(skipped)} file(s) without an image suffix "
+                      f"({', '.join(sorted(IMAGE_SUFFIXES))}), for example '{skipped[0][len(loc.path):].strip('/')}'",
+                      stacklevel=2)
     class_tuple = _class_list(labels, classes, f"image folder '{root}'")
-    rows = _decode_files(paths, size)
+    rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images in '{root}'")
-    ids = [os.path.relpath(p, root.resolve()) for p in paths]
-    return _build(root.name, root.name, rows["image"].tolist(), labels, class_tuple, ids)
+    ids = [p[len(loc.path):].strip("/") for p in paths]
+    return _build(loc.name, loc.name, rows["image"].tolist(), labels, class_tuple, ids)
 
 
 def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None) -> ImageSet:
-    """A CSV with columns ``path`` and ``label``; relative paths are relative to the CSV's folder."""
-    path = Path(path)
-    if not path.is_file():
+    """A CSV with columns ``path`` and ``label``; relative paths are relative to the CSV's folder
+    (the CSV and its images may be local or at a URI; the images on the CSV's filesystem)."""
+    loc = Location.of(path)
+    if not loc.is_file():
         raise DataError(f"CSV manifest '{path}' does not exist")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.BytesIO(loc.read_bytes()), dtype=str, keep_default_na=False)
     except Exception as exc:
         raise DataError(f"CSV manifest '{path}' cannot be read: {exc}") from exc
     for col in ("path", "label"):
@@ -141,18 +202,22 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
             raise DataError(f"CSV manifest '{path}' has no column '{col}' (columns: {list(table.columns)})")
     if table.empty:
         raise DataError(f"CSV manifest '{path}' lists no images")
-    base = path.resolve().parent
+    base = loc.parent
     paths = []
     for i, p in enumerate(table["path"]):
-        full = Path(p) if os.path.isabs(p) else base / p
-        if not full.is_file():
+        if is_uri(p):
+            full = Location.of(p)
+        else:
+            full = Location(loc.fs, os.path.normpath(p), loc.scheme, loc.query) if p.startswith("/") else base / p
+        if loc.is_local and not full.is_file():  # one listing per row is cheap here, not on an object store
             raise DataError(f"CSV manifest '{path}', row {i + 2}: image '{p}' does not exist")
-        paths.append(os.path.normpath(str(full.resolve())))
+        paths.append(os.path.normpath(full.path) if loc.is_local else full.path)
     labels = table["label"].tolist()
     class_tuple = _class_list(labels, classes, f"CSV manifest '{path}'")
-    rows = _decode_files(paths, size)
+    rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images listed in '{path}'")
-    return _build(path.stem, path.stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
+    stem = loc.name.rsplit(".", 1)[0]
+    return _build(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
 
 
 def load_parquet(
@@ -166,18 +231,21 @@ def load_parquet(
     import pyarrow.parquet as pq
     import ray.data
 
-    path = Path(path)
-    if not path.exists():
+    shown = str(path)
+    loc = Location.of(path)
+    if not loc.exists():
         raise DataError(f"Parquet file '{path}' does not exist")
+    path = Path(loc.path)
     try:
-        schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(str(path)).schema
+        schema = pq.read_schema(loc.path, filesystem=loc.fs) if loc.is_file() else \
+            pq.ParquetDataset(loc.path, filesystem=loc.fs).schema
     except Exception as exc:
-        raise DataError(f"Parquet file '{path}' is not readable Parquet: {exc}") from exc
+        raise DataError(f"Parquet file '{shown}' is not readable Parquet: {exc}") from exc
     for col in (image_column, label_column):
         if col not in schema.names:
-            raise DataError(f"Parquet file '{path}' has no column '{col}' (columns: {schema.names})")
+            raise DataError(f"Parquet file '{shown}' has no column '{col}' (columns: {schema.names})")
     try:
-        ds = ray.data.read_parquet(str(path), columns=[image_column, label_column])
+        ds = ray.data.read_parquet(loc.path, columns=[image_column, label_column], filesystem=loc.fs)
         ds = ds.map_batches(
             lambda b: b.rename(columns={image_column: "bytes", label_column: "label"}), batch_format="pandas"
         )
@@ -185,13 +253,13 @@ def load_parquet(
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"Parquet file '{path}' could not be read: {str(exc).splitlines()[0]}") from exc
+        raise DataError(f"Parquet file '{shown}' could not be read: {str(exc).splitlines()[0]}") from exc
     if rows.empty:
-        raise DataError(f"Parquet file '{path}' has no rows")
+        raise DataError(f"Parquet file '{shown}' has no rows")
     rows["row"] = [f"{path.name}#row{i}" for i in range(len(rows))]
-    _raise_bad(rows, "row", f"images in '{path}'")
+    _raise_bad(rows, "row", f"images in '{shown}'")
     labels = [str(v) for v in rows["label"]]
-    class_tuple = _class_list(labels, classes, f"Parquet file '{path}'")
+    class_tuple = _class_list(labels, classes, f"Parquet file '{shown}'")
     return _build(path.stem, path.stem, rows["image"].tolist(), labels, class_tuple, rows["row"].tolist())
 
 

@@ -1,7 +1,8 @@
 """Where backbone weights come from, every source beside the others: a torchvision weights name or a
 timm pretrained release (``timm:NAME[.TAG]``), both only from the user's caches and never downloaded;
-a local ``.safetensors`` file; a ``.pt`` file loaded with ``weights_only=True``; or a folder written by
-this project's pretraining workflow. A file that does not fit the backbone is an error naming the
+a ``.safetensors`` file; a ``.pt`` file loaded with ``weights_only=True``; or a folder written by
+this project's pretraining workflow; files and folders may be local or at a URI
+(``s3://…``, copied locally once). A file that does not fit the backbone is an error naming the
 missing, unexpected and mis-shaped keys.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tl.errors import WeightsError
+from tl.storage import Location, is_uri
 from tl.models.backbone import Backbone
 from tl.models.timm_extra import is_timm, timm_arch, timm_module
 
@@ -125,7 +127,7 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
     if source.startswith("torchvision:"):
         path = torchvision_weights_file(source.split(":", 1)[1])
         return _read_file(path), {"source": source, "file": str(path)}
-    path = Path(source).expanduser()
+    path = Location.of(source).fetch() if is_uri(source) else Path(source).expanduser()  # a bucket: a local copy
     if path.is_dir():
         model, meta = path / MODEL_FILE, path / META_FILE
         if not model.is_file() or not meta.is_file():

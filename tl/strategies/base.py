@@ -42,6 +42,7 @@ class EpisodeTask:
     source_x: torch.Tensor | None = None
     source_y: np.ndarray | None = None
     backbone: Callable[[], Backbone] | None = None
+    device: str = "cpu"  # where a trained strategy trains: "cuda" inside a trial that holds a GPU share
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,13 @@ class EpisodeRun:
         self.lr_scale: Callable[[int], float] | None = None
         torch.manual_seed(task.seed)
         # channels-last convolutions: about a quarter faster per step on CPU (oneDNN) than the default
-        # layout, the same arithmetic up to rounding
-        model = strategy.prepare(task.backbone(), task.n_way).to(memory_format=torch.channels_last)
-        x, y, q = _channels_last(task.support_x), torch.as_tensor(task.support_y), _channels_last(task.query_x)
-        extra = {name: _channels_last(t) for name, t in (extra or {}).items()}
+        # layout, the same arithmetic up to rounding. On a GPU every tensor of the episode lives there
+        # and the steps run in bf16 autocast (mixed precision); the CPU path is unchanged.
+        self.device = torch.device(task.device)
+        model = strategy.prepare(task.backbone(), task.n_way).to(self.device, memory_format=torch.channels_last)
+        x, q = _channels_last(_on(task.support_x, self.device)), _channels_last(_on(task.query_x, self.device))
+        y = torch.as_tensor(task.support_y).to(self.device)
+        extra = {name: _channels_last(_on(t, self.device)) for name, t in (extra or {}).items()}
         k = model.backbone.frozen_stages
         if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
             # frozen stages in eval mode are a fixed function: run them once, train the rest
@@ -226,13 +230,18 @@ class EpisodeRun:
 
         if steps > self.step:
             train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer, start_step=self.step,
-                        target_batches=self.second, lr_scale=self.lr_scale)
+                        target_batches=self.second, lr_scale=self.lr_scale, device=self.device,
+                        autocast=self.device.type == "cuda")
             self.step = steps
 
     def predict(self) -> np.ndarray:
         from tl.train.loop import predict
 
         return predict(self.model, self.query)
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t.to(device) if t is not None else None
 
 
 def _channels_last(t: torch.Tensor | None) -> torch.Tensor | None:

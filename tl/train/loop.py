@@ -96,7 +96,8 @@ def train_steps(
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     model.eval()
     out = []
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            out.append(model(x[i : i + batch_size]).argmax(1).cpu().numpy())
+            out.append(model(x[i : i + batch_size].to(dev)).argmax(1).cpu().numpy())
     return np.concatenate(out)

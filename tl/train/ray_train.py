@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from tl.errors import TrainingError
 from tl.runtime import cpus_per_worker
+from tl.storage import Location
 
 STATE_FILE = "state.pt"
 
@@ -28,7 +28,7 @@ def fit(
     datasets: dict[str, Any],
     *,
     name: str,
-    storage: Path,
+    storage: "str | os.PathLike | Location",
     workers: int,
     use_gpu: bool = False,
     split: tuple[str, ...] = ("train",),
@@ -48,7 +48,7 @@ def fit(
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            **Location.of(storage).ray_storage(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
