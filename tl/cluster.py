@@ -1,10 +1,10 @@
 """Running a workflow on a Ray cluster through the Jobs API (DESIGN section 5).
 
-Why a job and not ``ray.init("ray://...")`` from a laptop: a job's driver runs on the head, next
+Why a job and not a Ray Client connection from a laptop: a job's driver runs on the head, next
 to the cluster's storage, and outlives the submitter's connection; the code travels as a runtime
 environment (the repository, without results, caches or virtual environments), and the cluster's
 token authentication guards it. This module holds the logic; ``python -m workflows.submit`` only
-parses arguments. It never calls ``ray.init``.
+parses arguments. It never starts or connects a Ray driver itself.
 """
 
 from __future__ import annotations

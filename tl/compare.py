@@ -156,7 +156,7 @@ def target_data(cfg: CompareConfig, target: str) -> dict:
     return load_target(target, cfg.data.get(target), cfg.test_split, cfg.val_split)
 
 
-def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: Location,
+def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: "str | os.PathLike | Location",
             log: Callable[[str], None] = print) -> dict:
     """What every cell function shares: target splits, cached embeddings (for the targets whose
     todo cells have a feature strategy) and the episode settings."""
@@ -167,11 +167,10 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     featured = {c.spec["target"] for c in todo if StrategyEntry(**c.spec["entry"]).build().uses_embeddings}
     embeddings: dict = {}
     if featured:
-        gpus = int(cluster_gpus())  # extraction is the big axis: one actor per GPU where there are GPUs
-        ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                           cpus_per_actor=min(1.0, cfg.cpus_per_trial), use_gpu=gpus > 0, actors=max(1, gpus))
+        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
+                                      cpus_per_actor=min(1.0, cfg.cpus_per_trial))
         for t in sorted(featured):
-            embeddings[t] = {s: extract(data[t][s], ecfg, str(Location.of(storage) / "cache"), log).vectors
+            embeddings[t] = {s: extract(data[t][s], ecfg, Location.of(storage) / "cache", log).vectors
                              for s in ("test", "val") if data[t][s] is not None}
     fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
              "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "val_rule": cfg.val_rule}

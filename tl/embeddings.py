@@ -27,6 +27,7 @@ from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder
+from tl.runtime import cluster_gpus
 from tl.storage import Location
 
 MANIFEST = "manifest.json"
@@ -45,6 +46,13 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0
     use_gpu: bool = False
+
+    @staticmethod
+    def on_cluster(**fields) -> "EmbedConfig":
+        """``fields`` with the actor pool the running cluster offers: one Ray Data GPU actor per GPU
+        where it has GPUs (extraction is the big axis), one CPU actor otherwise."""
+        gpus = int(cluster_gpus())
+        return EmbedConfig(**fields, use_gpu=gpus > 0, actors=max(1, gpus))
 
 
 @dataclass

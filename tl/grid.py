@@ -66,13 +66,9 @@ class CellStore:
     def _path(self, cell: Cell, suffix: str) -> Location:
         return self.root / (cell.name + suffix)
 
-    def status(self, cell: Cell) -> str:
-        if self._path(cell, ".parquet").exists():
-            return "done"
-        return "failed" if self._path(cell, ".failed.json").exists() else "todo"
-
     def statuses(self, cells: list[Cell]) -> list[str]:
-        """``status`` of each cell from one listing of the folder (one request on an object store)."""
+        """``done``, ``failed`` or ``todo`` for each cell, from one listing of the folder (one request
+        on an object store)."""
         names = {loc.name for loc in self.root.iterdir()}
         return ["done" if c.name + ".parquet" in names else "failed" if c.name + ".failed.json" in names else "todo"
                 for c in cells]

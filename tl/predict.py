@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from tl.data.sources import path_key
 from tl.errors import ConfigError, DataError
 from tl.storage import Location, check_writable, is_uri
 
@@ -105,14 +106,14 @@ def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.
     its filesystem); notes on skipped files. One listing finds a folder's files."""
     import pyarrow.fs as pafs
 
-    from tl.data.sources import IMAGE_SUFFIXES
+    from tl.data.sources import is_image_name
 
     loc = Location.of(source)
     notes: list[str] = []
     if loc.is_dir():
         files = [f for f in loc.files() if not any(s.startswith(".") for s in loc.relative(f).split("/"))]
-        images = [f for f in files if Path(f.name).suffix.lower() in IMAGE_SUFFIXES]
-        others = [f for f in files if Path(f.name).suffix.lower() not in IMAGE_SUFFIXES]
+        images = [f for f in files if is_image_name(f.name)]
+        others = [f for f in files if not is_image_name(f.name)]
         if others:
             notes.append(f"skipped {len(others)} file(s) without an image suffix, e.g. {loc.relative(others[0])}")
         rel = [loc.relative(f) for f in images]
@@ -199,8 +200,8 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
     from tl.model_file import MODEL_FILE, load_model
 
     t0 = time.time()
-    model_uri = str(Location.of(model_dir))
-    model_dir = Location.of(model_dir).fetch()  # a model in a bucket: a local copy (it is small)
+    model_loc = Location.of(model_dir)
+    model_dir = model_loc.fetch()  # a model in a bucket: a local copy (it is small)
     _, classes, manifest = load_model(model_dir)  # checks the folder here, before any actor starts
     size = tuple(manifest.get("decode_size") or manifest["preprocessing"]["size"])
     ds, rows, notes = _dataset(source, cfg, size, classes)
@@ -222,7 +223,7 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
         ds.context.enable_progress_bars = sys.stderr.isatty()  # rows done, on a terminal (tl.embeddings)
         out = ds.to_pandas()
     table = _table(out, rows, classes, source)
-    return _write(table, classes, manifest, model_uri, source, Location.of(output), time.time() - t0, log)
+    return _write(table, classes, manifest, str(model_loc), source, Location.of(output), time.time() - t0, log)
 
 
 def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], source: str) -> pd.DataFrame:
@@ -237,11 +238,8 @@ def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], sou
         table = rows.copy()
         read = (table["error"] == "").to_numpy()
         if len(out):
-            def key(q: str) -> str:  # Ray Data gives local paths without the leading slash, bucket paths as given
-                return os.path.normpath("/" + q.lstrip("/"))
-
-            scored["path"] = [key(q) for q in out["path"]]
-            hit = scored.drop_duplicates("path").set_index("path").reindex([key(q) for q in table["path"]]) \
+            scored["path"] = [path_key(q) for q in out["path"]]
+            hit = scored.drop_duplicates("path").set_index("path").reindex([path_key(q) for q in table["path"]]) \
                 .reset_index(drop=True)
         else:
             hit = pd.DataFrame(np.nan, index=range(len(table)), columns=scored.columns)

@@ -229,13 +229,12 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
     val_emb = test_emb = None
-    gpus = cluster_gpus()
-    gpu = gpu_share(cfg.gpu_per_trial, gpus) if strat0.budget_key else 0.0  # trained candidates only
+    gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus()) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:
-        ecfg = EmbedConfig(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                           cpus_per_actor=min(1.0, cfg.cpus_per_trial), use_gpu=gpus >= 1, actors=max(1, int(gpus)))
-        val_emb = extract(val, ecfg, str(storage / "cache"), log).vectors
-        test_emb = extract(test, ecfg, str(storage / "cache"), log).vectors
+        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
+                                      cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+        val_emb = extract(val, ecfg, storage / "cache", log).vectors
+        test_emb = extract(test, ecfg, storage / "cache", log).vectors
     trained = bool(strat0.budget_key)
     milestones = cfg.milestones() if trained else [cfg.max_steps]
     fixed = {"strategy": cfg.strategy, "params": dict(cfg.params), "keys": sorted(cfg.space), "backbone": cfg.backbone,
@@ -268,10 +267,10 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     run_config = tune.RunConfig(name=name, **(storage / "tune").ray_storage(), verbose=0,
                                 callbacks=[TrialProgress(log, total, "search", _describe)])
     tuner, resumed = None, False
-    fs = {"storage_filesystem": path.fs} if not path.is_local else {}
-    if tune.Tuner.can_restore(path.path, **fs):
+    if tune.Tuner.can_restore(path.path, storage_filesystem=path.ray_filesystem):
         try:
-            tuner = tune.Tuner.restore(path.path, trainable, resume_unfinished=True, resume_errored=True, **fs)
+            tuner = tune.Tuner.restore(path.path, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=path.ray_filesystem)
             resumed = True
             log(f"[search] resuming the search in {path} (finished candidates are kept)")
         except Exception as exc:  # a state file cut short by a crash: keep it aside, start afresh

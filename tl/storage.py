@@ -89,20 +89,21 @@ class Location:
     def __hash__(self) -> int:
         return hash(str(self))
 
-    def _type(self) -> pafs.FileType:
+    def kind(self) -> pafs.FileType:
+        """File, Directory or NotFound; an unreachable filesystem is a ``ConfigError`` naming the URI."""
         try:
             return self.fs.get_file_info(self.path).type
         except OSError as exc:
             raise ConfigError(f"'{self}' cannot be reached: {_first_line(exc)}") from exc
 
     def exists(self) -> bool:
-        return self._type() != pafs.FileType.NotFound
+        return self.kind() != pafs.FileType.NotFound
 
     def is_file(self) -> bool:
-        return self._type() == pafs.FileType.File
+        return self.kind() == pafs.FileType.File
 
     def is_dir(self) -> bool:
-        return self._type() == pafs.FileType.Directory
+        return self.kind() == pafs.FileType.Directory
 
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
@@ -155,31 +156,19 @@ class Location:
     def relative(self, child: "Location") -> str:
         return child.path[len(self.path):].lstrip("/")
 
+    @property
+    def ray_filesystem(self) -> pafs.FileSystem | None:
+        """The ``storage_filesystem`` Ray Tune and Train take: None (Ray's own local path) for a local folder."""
+        return None if self.is_local else self.fs
+
     def ray_storage(self) -> dict:
         """``storage_path`` and ``storage_filesystem`` for a Ray Tune or Train ``RunConfig``."""
-        if self.is_local:
-            return {"storage_path": self.path}
-        return {"storage_path": self.path, "storage_filesystem": self.fs}
+        return {"storage_path": self.path, "storage_filesystem": self.ray_filesystem}
 
     def upload(self, folder: Path, last: tuple[str, ...] = ()) -> None:
-        """Copy the files of local ``folder`` here (a local target: replaced whole by a rename);
-        the files named in ``last`` are written after every other, so a reader that waits for
-        them never sees a half-copied folder."""
-        if self.is_local:
-            dst = Path(self.path)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(folder, tmp)
-            if dst.exists():  # merge into an existing folder: keep what is not replaced, ``last`` last
-                for f in sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f))):
-                    target = dst / f.relative_to(tmp)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(f, target)
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-            return
+        """Copy the files of local ``folder`` here, each whole (``write_bytes``); the files named in
+        ``last`` are written after every other, so a reader that waits for them never sees a
+        half-copied folder."""
         files = sorted((f for f in folder.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f)))
         for f in files:
             (self / f.relative_to(folder).as_posix()).write_bytes(f.read_bytes())

@@ -46,12 +46,11 @@ def _to_rgb(img):
     """One PIL image in any mode -> mode RGB, without clipping deep images or blackening transparency."""
     from PIL import Image
 
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG, TIFF): 0..65535 -> 0..255
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":  # float images are taken to hold 0..1
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), "L")
+    # 16-bit grey (PNG, TIFF) holds 0..65535, a float image is taken to hold 0..1: both scaled to 0..255
+    scale = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257, "I": 1 / 257, "F": 255.0}
+    if img.mode in scale:
+        a = np.asarray(img, dtype=np.float64) * scale[img.mode]
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -90,11 +89,14 @@ def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
         raise DataError(f"{len(bad)} unreadable {what}, first '{first[key]}':\n" + "\n".join(lines) + more)
 
 
-def _is_image_name(path: str) -> bool:
+def is_image_name(path: str) -> bool:
+    """The rule for what counts as an image file: its suffix (torchvision's ``ImageFolder`` rule)."""
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
 
 
-def _norm(path: str) -> str:
+def path_key(path: str) -> str:
+    """One spelling of a file's path for matching Ray Data's ``path`` column back to the input
+    (Ray gives local paths without their leading slash, bucket paths as ``bucket/key``)."""
     return os.path.normpath("/" + path.lstrip("/"))
 
 
@@ -109,13 +111,13 @@ def _decode_files(paths: list[str], size: tuple[int, int], fs=None) -> pd.DataFr
     except Exception as exc:  # a file that vanished or cannot be opened fails the whole read
         raise DataError(f"could not read the {len(paths)} image files (first '{paths[0]}'): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    order = {_norm(p): i for i, p in enumerate(paths)}
-    rows["path"] = [paths[order[_norm(p)]] if _norm(p) in order else p for p in rows["path"]]
-    missing = set(paths) - set(rows["path"])
+    order = {path_key(p): i for i, p in enumerate(paths)}
+    index = [order.get(path_key(p), -1) for p in rows["path"]]
+    missing = sorted(set(range(len(paths))) - set(index))
     if missing:
-        raise DataError(f"could not read {len(missing)} files, for example '{sorted(missing)[0]}'")
-    return rows.assign(_o=rows["path"].map(dict(zip(paths, range(len(paths)))))).sort_values("_o") \
-        .drop(columns="_o").reset_index(drop=True)
+        raise DataError(f"could not read {len(missing)} files, for example '{paths[missing[0]]}'")
+    rows["path"] = [paths[i] for i in index]
+    return rows.assign(_o=index).sort_values("_o").drop(columns="_o").reset_index(drop=True)
 
 
 def _class_list(found: Sequence[str], classes: Sequence[str] | None, where: str) -> tuple[str, ...]:
@@ -148,7 +150,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
     import pyarrow.fs as pafs
 
     loc = Location.of(root)
-    kind = loc._type()
+    kind = loc.kind()
     if kind == pafs.FileType.NotFound:
         raise DataError(f"image folder '{root}' does not exist")
     if kind != pafs.FileType.Directory:
@@ -169,8 +171,8 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
     for name in sorted(by_class, key=_natural):
         if not by_class[name]:
             raise DataError(f"class folder '{loc / name}' is empty")
-        images = [f for f in sorted(by_class[name]) if _is_image_name(f)]
-        skipped += [f for f in by_class[name] if not _is_image_name(f)]
+        images = [f for f in sorted(by_class[name]) if is_image_name(f)]
+        skipped += [f for f in by_class[name] if not is_image_name(f)]
         if not images:
             raise DataError(f"class folder '{loc / name}' has no image files (only {len(by_class[name])} other "
                             f"file(s), for example '{by_class[name][0].rsplit('/', 1)[-1]}')")
