@@ -80,6 +80,29 @@ def _case_label_not_in_class_list(tmp):
     return "compare", _mine("folder", root) + ["--set", "data.mine.classes=[c0, c1]"], "c2"
 
 
+def _case_mixed_sizes(tmp):
+    root = _folder(tmp / "imgs")
+    Image.new("L", (40, 30), 90).save(root / "c1" / "big.png")
+    return "compare", _mine("folder", root), "have 2 different sizes: '" + str(root / "c1" / "big.png") + "' is 40x30"
+
+
+def _case_unlabelled_folder_where_labels_are_needed(tmp):
+    root = _folder(tmp / "imgs")
+    flat = tmp / "flat"
+    flat.mkdir()
+    for f in sorted(root.glob("c*/*.png")):
+        f.rename(flat / f"{f.parent.name}_{f.name}")
+    return "finetune", ["--set", f"target={flat}", "--set", "weights=random"], \
+        f"image folder '{flat}' holds 24 images but no class subfolders"
+
+
+def _case_target_label_not_in_source(tmp):
+    src = _folder(tmp / "src")
+    tgt = _folder(tmp / "tgt", classes=4)
+    return "adapt", ["--set", f"source={src}", "--set", f"targets=[{tgt}]", "--set", "weights=random",
+                     "--set", "seeds=[0]"], "target 'tgt' has a label that source 'src' does not have"
+
+
 def _case_unknown_backbone(tmp):
     return "compare", ["--set", "backbone=vgg99"], "unknown backbone 'vgg99'"
 
@@ -139,7 +162,7 @@ def _case_frozen_out_of_range(tmp):
 
 
 def _case_unknown_target(tmp):
-    return "compare", ["--set", "targets=[mnistx]"], "unknown embedded dataset 'mnistx'"
+    return "compare", ["--set", "targets=[mnistx]"], "'mnistx' is neither an embedded dataset"
 
 
 def _case_missing_config_file(tmp):
@@ -160,7 +183,8 @@ def _case_bad_augment(tmp):
 
 
 CASES = [_case_corrupt, _case_truncated_parquet, _case_csv_missing_column, _case_missing_path, _case_too_few_images,
-         _case_empty_class_folder, _case_label_not_in_class_list, _case_unknown_backbone, _case_unknown_strategy,
+         _case_empty_class_folder, _case_label_not_in_class_list, _case_mixed_sizes,
+         _case_unlabelled_folder_where_labels_are_needed, _case_target_label_not_in_source, _case_unknown_backbone, _case_unknown_strategy,
          _case_unknown_key, _case_wrong_type, _case_negative_shots, _case_weights_other_arch, _case_not_weights,
          _case_pickle, _case_empty_choice, _case_dead_address, _case_storage_not_writable, _case_frozen_out_of_range,
          _case_unknown_target, _case_missing_config_file, _case_bad_yaml, _case_same_val_and_test_split,

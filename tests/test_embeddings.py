@@ -94,7 +94,7 @@ def test_corrupt_image_stops_extraction_with_its_name(tmp_path):
     storage = tmp_path / "home"
     env = dict(os.environ, RAY_ADDRESS="")
     out = subprocess.run([sys.executable, "-m", "workflows.embed", "--storage", str(storage),
-                          "--set", f"folder={root}", "--set", "weights=random"],
+                          "--set", f"data={root}", "--set", "weights=random"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "bad.png" in out.stderr and "error:" in out.stderr

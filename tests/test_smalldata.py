@@ -50,7 +50,13 @@ def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretraine
 
 def test_small_folder_refuses_a_search_without_validation_images(tmp_path):
     with pytest.raises(ConfigError, match="data.mine.split' is none.*no validation images"):
-        load_config(CompareConfig, base={"targets": ["mine"], "data": {"mine": {"folder": str(tmp_path)}}})
+        load_config(CompareConfig, base={"targets": ["mine"], "data": {"mine": {"folder": str(tmp_path),
+                                                                                "split": "none"}}})
+    # unset, the rule follows the strategies: halves when one searches, every image for test otherwise
+    cfg = load_config(CompareConfig, base={"targets": [str(tmp_path / "mine")]})
+    assert cfg.targets == ("mine",) and cfg.spec("mine").split == "halves" and cfg.spec("mine").size == (28, 28)
+    cfg = load_config(CompareConfig, base={"targets": [str(tmp_path / "mine")], "strategies": [{"strategy": "prototype"}]})
+    assert cfg.spec("mine").split == "none"
 
 
 def test_dry_run_runs_no_trial(tmp_path):

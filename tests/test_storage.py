@@ -194,6 +194,6 @@ def test_a_bucket_without_class_folders_is_one_clear_error_naming_the_uri(s3):
     assert f"s3://{BUCKET}/nothing/here" in str(err.value)
     flat = Location.of(s3("flat"))
     (flat / "a.png").write_bytes(b"not really a png")
-    with pytest.raises(DataError, match="has no class subfolders") as err:
+    with pytest.raises(DataError, match="holds 1 images but no class subfolders") as err:
         load_image_folder(str(flat), (28, 28))
     assert f"s3://{BUCKET}/flat" in str(err.value)

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 
 from tl.config import BackboneFields, config_hash, to_dict
+from tl.data.spec import DataSpec, resolve
 from tl.errors import ConfigError, TrainingError
 from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
 from tl.report import write_config
-from tl.runs import UDA_RECIPE, RunConfig, run
+from tl.runs import UDA_RECIPE, RunConfig, check_data, run
 from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
 
@@ -51,8 +52,9 @@ class AdaptExperimentConfig(BackboneFields):
     ``max_concurrent``: runs at once (0: as many as the cluster's CPUs hold, ``workers`` each)."""
 
     experiment: str = "adapt"
-    source: str = "mnist"
-    targets: tuple[str, ...] = ("mnistm", "optdigits")
+    source: str | DataSpec = "mnist"
+    targets: tuple[str | DataSpec, ...] = ("mnistm", "optdigits")
+    test: dict[str, str | DataSpec] = field(default_factory=dict)
     methods: tuple[StrategyEntry, ...] = field(default_factory=_default_methods)
     params: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -70,14 +72,26 @@ class AdaptExperimentConfig(BackboneFields):
         if self.score not in ("im", "snd"):
             raise ConfigError(f"config key 'score' must be 'im' or 'snd', got '{self.score}'")
         check_labels(self.methods, "methods")
+        unknown = sorted(set(self.test) - set(self.target_names()))
+        if unknown:
+            raise ConfigError(f"config key 'test.{unknown[0]}': no target is named '{unknown[0]}' "
+                              f"(targets: {self.target_names()})")
         for t in self.targets:
             for m in self.methods:
                 self.run_config(t, m, self.seeds[0])  # every run's config is valid before any work starts
 
-    def run_config(self, target: str, method: StrategyEntry, seed: int) -> RunConfig:
+    @property
+    def source_name(self) -> str:
+        return resolve(self.source, "source")[0]
+
+    def target_names(self) -> list[str]:
+        return [resolve(t, f"targets[{i}]")[0] for i, t in enumerate(self.targets)]
+
+    def run_config(self, target: "str | DataSpec", method: StrategyEntry, seed: int) -> RunConfig:
+        name = resolve(target, "targets")[0]
         try:
             return RunConfig(backbone=self.backbone, weights=self.weights, input_size=self.input_size,
-                               source=self.source, target=target, strategy=method.strategy,
+                               source=self.source, target=target, test=self.test.get(name), strategy=method.strategy,
                                params={**self.params, **method.params}, limit=self.limit, workers=self.workers,
                                use_gpu=self.use_gpu, checkpoint_every=self.checkpoint_every, seed=seed,
                                max_failures=self.max_failures)
@@ -90,7 +104,10 @@ def pick(history: list[dict], rule: str) -> dict:
     if rule == "last":
         return history[-1]
     key = RULES[rule][1]
-    best = max(range(len(history)), key=lambda i: (history[i][key], i))
+    values = [history[i].get(key, float("nan")) for i in range(len(history))]
+    if all(v != v for v in values):  # a score the run could not compute (no labelled target test images)
+        return history[-1]
+    best = max((i for i in range(len(history)) if values[i] == values[i]), key=lambda i: (values[i], i))
     return history[best]
 
 
@@ -120,17 +137,19 @@ def _run_cell(spec: dict, storage: str) -> tuple[pd.DataFrame, str]:
     rows = pd.DataFrame(run_rows(record, spec["label"]))
     rows["started_at"], rows["finished_at"] = started, time.time()
     last = record["history"][-1]
-    return rows, f"target test {100 * last['target_test_accuracy']:.1f}% (last iterate), {record['wall_s']:.0f} s"
+    test = last["target_test_accuracy"]
+    said = f"target test {100 * test:.1f}% (last iterate)" if test == test else f"target IM {last['target_im']:.3f}"
+    return rows, f"{said}, {record['wall_s']:.0f} s"
 
 
 def cells(cfg: AdaptExperimentConfig) -> list[Cell]:
     """One cell per (target, method, seed); its identity is the run's own key."""
     out = []
-    for t in cfg.targets:
+    for t, name in zip(cfg.targets, cfg.target_names()):
         for m in cfg.methods:
             for s in cfg.seeds:
                 rc = cfg.run_config(t, m, s)
-                out.append(Cell((t, m.name(), f"seed{s}"), rc.key(), f"{cfg.source}->{t} {m.name()} seed {s}",
+                out.append(Cell((name, m.name(), f"seed{s}"), rc.key(), f"{cfg.source_name}->{name} {m.name()} seed {s}",
                                 {"label": m.name(), "run": to_dict(rc)}, cpu=TRIAL_CPU))
     return out
 
@@ -197,6 +216,8 @@ def plot_curves(c: pd.DataFrame, path: Path, source: str) -> Path:
 
 
 def _pm(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "—"  # no labelled target test images
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if np.isfinite(std) else f"{100 * mean:.1f}"
 
 
@@ -229,7 +250,7 @@ def summary_markdown(summary: pd.DataFrame, note: str, score: str) -> str:
 def describe(cfg: AdaptExperimentConfig, rows: pd.DataFrame) -> str:
     p = {**UDA_RECIPE, **cfg.params}
     first = rows.iloc[0]
-    return (f"Unsupervised domain adaptation {cfg.source} → each target: labelled `{cfg.source}` train split "
+    return (f"Unsupervised domain adaptation {cfg.source_name} → each target: labelled `{cfg.source_name}` train split "
             f"({first['source_images']} images), the target's unlabelled `adapt` split as the target stream "
             f"({first['target_images']} images for {first['target']}), scored on the target's `test` split. "
             f"Backbone {cfg.backbone} ({cfg.weights}), {p['steps']} steps of {p['batch_size']} source + "
@@ -265,6 +286,8 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: "str | os.PathLike | Loc
     t0 = time.time()
     storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
+    for t in cfg.targets:  # bad data stops here, before any pretraining or trial
+        check_data(cfg.run_config(t, cfg.methods[0], cfg.seeds[0]))
     resolve_weights(cfg.weights, cfg.backbone, storage, log)  # pretrain once here, never inside a trial
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
     grid = cells(cfg)
@@ -279,7 +302,7 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: "str | os.PathLike | Loc
     if rows.empty:
         raise TrainingError("no adaptation run finished:\n" + "\n".join(failures))
     summary = summarize(rows)
-    summary.insert(0, "source", cfg.source)
+    summary.insert(0, "source", cfg.source_name)
     rows = stamp(rows, to_dict(cfg))
     rows.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "summary.csv", index=False)
@@ -294,7 +317,7 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: "str | os.PathLike | Loc
              f"run's wall time, Ray Train start-up included), {span / 60:.1f} min from the first start to the last end "
              f"(up to {concurrent} at once); this invocation took {wall / 60:.1f} min (finished runs are reused).")
     curve = curves(rows)
-    plot_curves(curve, output / "curves.png", cfg.source)
+    plot_curves(curve, output / "curves.png", cfg.source_name)
     text = summary_markdown(summary, note, cfg.score) + "\n" + "\n".join(curves_markdown(curve)) + \
         "\n![training curves](curves.png)\n"
     (output / "summary.md").write_text(text)

@@ -19,11 +19,11 @@ from typing import Callable
 
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
-from tl.data.targets import DataSource, check_target, load_target
+from tl.data.spec import DataSpec, check_target, load_target, resolve
 from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
-from tl.models import num_stages
+from tl.models import input_size_of, num_stages
 from tl.runtime import cluster_gpus, gpu_share
 from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
@@ -49,7 +49,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
     tracking URI (or a local folder) that also gets every cell as a run (the ``mlflow`` extra)."""
 
     experiment: str = "compare"
-    targets: tuple[str, ...] = ("optdigits", "mnistm")
+    targets: tuple[str | DataSpec, ...] = ("optdigits", "mnistm")
     test_split: str = "test"
     val_split: str = "adapt"
     shots: tuple[int, ...] = (1, 5, 10)
@@ -64,9 +64,22 @@ class CompareConfig(BackboneFields, EpisodeFields):
     max_concurrent: int = 0
     max_failures: int = 2
     mlflow: str = ""
-    data: dict[str, DataSource] = field(default_factory=dict)
+    data: dict[str, DataSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # every target becomes a name, the user's data an entry of ``data`` under it (one spelling
+        # in config.yaml and in cell identities, whether it came as a path, a mapping or a name)
+        names, data = [], dict(self.data)
+        for i, t in enumerate(self.targets):
+            name, spec = resolve(t, f"targets[{i}]", data)
+            if spec is not None and data.get(name, spec) != spec:
+                raise ConfigError(f"config key 'targets[{i}]': two different datasets are named '{name}' (give "
+                                  f"one of them a 'name')")
+            names.append(name)
+            if spec is not None:
+                data[name] = spec
+        object.__setattr__(self, "targets", tuple(names))
+        object.__setattr__(self, "data", data)
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"config key 'shots': every shot count must be at least 1, got {list(self.shots)}")
         if self.queries < 1 or self.episodes < 1 or self.val_episodes < 1 or not self.seeds or not self.targets:
@@ -90,6 +103,16 @@ class CompareConfig(BackboneFields, EpisodeFields):
         stages = num_stages(self.backbone)
         for e in self.strategies:
             e.check(stages)
+
+    def default_split(self) -> str:
+        """A user's data without a split rule: halves when a strategy searches (its validation
+        episodes need images the test episodes never see), else every image for test episodes."""
+        return "halves" if any(e.search for e in self.strategies) else "none"
+
+    def spec(self, target: str) -> DataSpec | None:
+        """The user's data of ``target`` with the defaults filled in (None: an embedded target)."""
+        spec = self.data.get(target)
+        return spec.with_defaults(input_size_of(self.backbone, self.input_size), self.default_split()) if spec else None
 
     def cells_dir(self, storage: "str | os.PathLike | Location") -> Location:
         return Location.of(storage) / "runs" / self.experiment / "cells"
@@ -124,7 +147,7 @@ def _identity(plain: dict, entry: StrategyEntry) -> dict:
     if entry.search and plain["val_rule"] != "full":  # the full rule is the one cells were keyed without
         keep["val_rule"] = plain["val_rule"]
     if plain.get("data"):
-        keep["data"] = plain["data"]  # a user's data source (folder, size, split) changes every row
+        keep["data"] = plain["data"]  # a user's data (where, size, split: DataSpec.identity) changes every row
     return {**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}
 
 
@@ -133,6 +156,7 @@ def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
     cell, ``tl.runtime.gpu_share``; a feature cell classifies cached embeddings on its CPU) and
     relative cost. Resources are not part of a cell's identity."""
     plain = to_dict(cfg)
+    plain["data"] = {k: cfg.spec(k).identity() for k in cfg.data}
     out = []
     for e in cfg.strategies:
         label, ident = e.name(), _identity(plain, e)
@@ -153,7 +177,7 @@ def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
 
 
 def target_data(cfg: CompareConfig, target: str) -> dict:
-    return load_target(target, cfg.data.get(target), cfg.test_split, cfg.val_split)
+    return load_target(target, cfg.spec(target), cfg.test_split, cfg.val_split)
 
 
 def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: "str | os.PathLike | Location",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tl.config import to_dict
-from tl.data.targets import DataSource, load_target
+from tl.data.spec import DataSpec, load_data, load_target, resolve
 from tl.errors import ConfigError, DataError
 from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
                            model_from_parts, scores, torch_head, write_manifest, write_weights)
@@ -59,8 +59,8 @@ class ExportConfig:
     backbone: str | None = None
     weights: str | None = None
     input_size: int | None = None
-    data: str | None = None
-    test_data: str | None = None
+    data: str | DataSpec | None = None
+    test_data: str | DataSpec | None = None
     train_split: str = "adapt"
     test_split: str = "test"
     train_on: str = "all"
@@ -150,32 +150,37 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
 def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], best: dict | None):
     """Training images, evaluation images (or None), what they are, and the size files were decoded
     to (None for the embedded suite's arrays). A user's data trains with every image."""
+    from dataclasses import replace
+
+    from tl.config import from_dict
+
     src = (best or {}).get("data") if not cfg.data else None
     if cfg.data or src:
         if cfg.data:
-            source = _path_source(cfg.data, size, None)
+            name, spec = resolve(cfg.data, "data")
+            if spec is None:
+                raise ConfigError(f"config key 'data': '{name}' is an embedded dataset: give it as 'target' (trained "
+                                  f"on its '{cfg.train_split}' split)")
         else:  # the user's data entry of the comparison best.yaml came from
-            source = DataSource(folder=src.get("folder"), csv=src.get("csv"), parquet=src.get("parquet"),
-                                size=tuple(src.get("size") or size),
-                                classes=tuple(src["classes"]) if src.get("classes") else None)
-        where = source.folder or source.csv or source.parquet
-        train = load_target(where, source)["test"]
-        test = load_target(cfg.test_data, _path_source(cfg.test_data, source.size, train.classes))["test"] \
-            if cfg.test_data else None
-        return (train, test, {"data": where, "split": "all"}, ({"data": cfg.test_data, "split": "all"} if test else None),
-                source.size)
+            spec = from_dict(DataSpec, {k: v for k, v in src.items() if v is not None}, "best.yaml data")
+            name = spec.label()
+        spec = replace(spec.with_defaults(size, "none"), split="none")  # every image trains
+        train = load_data(name, spec, size)
+        test = None
+        if cfg.test_data:
+            test_name, test_spec = resolve(cfg.test_data, "test_data")
+            if test_spec is None:
+                raise ConfigError(f"config key 'test_data': '{test_name}' is an embedded dataset, whose classes are "
+                                  f"not those of '{spec.where}'")
+            test = load_data(test_name, replace(test_spec.with_defaults(spec.size, "none"), split="none"), spec.size,
+                             classes=train.classes)
+        return (train, test, {"data": spec.where, "split": "all"},
+                ({"data": test_spec.where, "split": "all"} if test is not None else None), spec.size)
     if not target:
         raise ConfigError("config key 'target' (an embedded target such as mnistm) or 'data' (your images) is required")
     parts = load_target(target, None, test_split=cfg.test_split, val_split=cfg.train_split)
     return (parts["val"], parts["test"], {"data": target, "split": cfg.train_split},
             {"data": target, "split": cfg.test_split}, None)
-
-
-def _path_source(path: str, size: tuple[int, int], classes) -> DataSource:
-    """A ``data``/``test_data`` path as a ``DataSource`` (its suffix says the kind), split: none."""
-    suffix = Path(Location.of(path).name).suffix  # a URI's query (endpoint options) is not its suffix
-    kind = "csv" if suffix == ".csv" else "parquet" if suffix == ".parquet" else "folder"
-    return DataSource(**{kind: path}, size=tuple(size), classes=tuple(classes) if classes else None)
 
 
 def _take_shots(data, shots: int, seed: int):

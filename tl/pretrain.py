@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from tl.config import config_hash, to_dict
-from tl.data import ImageSet, load_embedded
+from tl.data import ImageSet
+from tl.data.spec import TRAIN_VAL, DataSpec, load_data, part, resolve
 from tl.errors import ConfigError
-from tl.models import Classifier, build_backbone, get_spec, save_weights
+from tl.models import Classifier, build_backbone, get_spec, input_size_of, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
 from tl.runtime import provenance, torch_threads
 from tl.storage import Location
@@ -37,10 +38,13 @@ HEAD_FILE = "head.safetensors"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Source pretraining. ``data`` is ``mnist`` (10 classes) or ``mnist:base`` (classes 0-4)."""
+    """Source pretraining. ``data`` is a data spec (``tl.data.spec``): ``mnist`` (10 classes),
+    ``mnist:base`` (classes 0-4), or the user's labelled images (a folder with one subfolder per
+    class, a CSV or Parquet, local or at a URI), split ``train``/``val`` (0.9/0.1, stratified)
+    unless its spec gives a split with those names."""
 
     backbone: str = "digits_cnn"
-    data: str = "mnist"
+    data: str | DataSpec = "mnist"
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
@@ -63,11 +67,16 @@ class PretrainConfig:
             raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
         if self.limit < 0:
             raise ConfigError(f"config key 'limit' must be 0 (all) or positive, got {self.limit}")
+        resolve(self.data, "data")
+
+    @property
+    def data_name(self) -> str:
+        return resolve(self.data, "data")[0]
 
     def key(self) -> str:
         """Identity of the trained weights: everything but where it runs."""
         ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")}
-        return f"{self.backbone}-{self.data.replace(':', '_')}-{config_hash(ident)}"
+        return f"{self.backbone}-{self.data_name.replace(':', '_')}-{config_hash(ident)}"
 
 
 @dataclass
@@ -80,8 +89,9 @@ class PretrainResult:
 
 
 def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
-    src = load_embedded(cfg.data)
-    train, val = src.split("train"), src.split("val")
+    name, spec = resolve(cfg.data, "data")
+    src = load_data(name, spec, input_size_of(cfg.backbone, cfg.input_size), TRAIN_VAL)
+    train, val = part(src, "train", spec, "data"), part(src, "val", spec, "data")
     # the source rows come sorted by class: permute them once, so shards and batches mix classes
     order = np.random.default_rng(cfg.seed).permutation(len(train))
     if cfg.limit:
@@ -178,7 +188,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
     train, val = _source_sets(cfg)
     spec = get_spec(cfg.backbone)
     model_pp = build_backbone(cfg.backbone, cfg.input_size).preprocessing
-    log(f"[pretrain] {cfg.backbone} on {cfg.data}: {len(train)} train / {len(val)} val images, "
+    log(f"[pretrain] {cfg.backbone} on {cfg.data_name}: {len(train)} train / {len(val)} val images, "
         f"{cfg.epochs} epochs, {cfg.workers} Ray Train workers{' on GPUs' if cfg.use_gpu else ''}")
     worker_cfg = dict(dataclasses.asdict(cfg), num_classes=len(train.classes), train_size=len(train),
                       threads=torch_threads(cfg.workers))
@@ -194,7 +204,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
     acc = float(state["val_accuracy"])
     wall = time.time() - t0
     meta = {
-        "backbone": cfg.backbone, "data": cfg.data, "classes": list(train.classes), "val_accuracy": acc,
+        "backbone": cfg.backbone, "data": to_dict(cfg)["data"], "classes": list(train.classes), "val_accuracy": acc,
         "epochs": int(state["epoch"]), "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
         "config": to_dict(cfg), "wall_s": wall, **provenance(),
     }

@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from tl.config import BackboneFields, config_hash, to_dict
-from tl.data import ImageSet, load_embedded
+from tl.data import ImageSet
+from tl.data.spec import TRAIN_VAL, DataSpec, load_data, part, resolve
 from tl.errors import ConfigError, DataError
-from tl.models import Classifier, make_backbone, save_weights
+from tl.models import Classifier, input_size_of, make_backbone, save_weights
 from tl.nn.scores import information_maximization, soft_neighborhood_density
 from tl.pretrain import resolve_weights
 from tl.runtime import provenance, torch_threads
@@ -59,6 +60,8 @@ UDA_RECIPE: dict[str, Any] = {
 PLACE_FIELDS = ("workers", "use_gpu", "max_failures")
 #: Read only by a run with a source: outside a fine-tuning run's key.
 SOURCE_FIELDS = ("init_head", "source", "source_split", "source_val_split")
+#: Newer fields, in a run's key only when set (finished runs keep their keys)
+OPTIONAL_FIELDS = ("test",)
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,22 @@ class RunConfig(BackboneFields):
     ``random``, a weights file, a pretraining folder, or ``torchvision:<weights name>``;
     ``init_head`` (with a source): start the head from that pretraining's head (same classes), so
     step 0 is the source model; ``limit``: at most this many images per set (0: all), for smoke tests.
+
+    ``source``, ``target`` and ``test`` are data specs (``tl.data.spec``): an embedded name, or a
+    user's folder, CSV or Parquet, local or at a URI. A user's target is split into halves
+    (``adapt``/``test``) unless its spec says otherwise, a user's source into ``train``/``val``
+    (0.9/0.1). With a source, the target may be a folder of unlabelled images (no class
+    subfolders): every image is then the unlabelled pool, and the run is scored on ``test`` (labelled
+    images of the target) when given, else on label-free scores only. A target's labels must be
+    among the source's classes.
     """
 
     init_head: bool = True
-    source: str | None = None
+    source: str | DataSpec | None = None
     source_split: str = "train"
     source_val_split: str = "val"
-    target: str = "mnistm"
+    target: str | DataSpec = "mnistm"
+    test: str | DataSpec | None = None
     target_split: str = "adapt"
     test_split: str = "test"
     strategy: str = "finetune"
@@ -105,6 +117,17 @@ class RunConfig(BackboneFields):
         if self.target_split == self.test_split:
             raise ConfigError(f"config keys 'target_split' and 'test_split' are both '{self.test_split}': the "
                               f"target images training sees must not be the test set")
+        for key in ("source", "target", "test"):
+            if getattr(self, key) is not None:
+                resolve(getattr(self, key), key)
+
+    @property
+    def target_name(self) -> str:
+        return resolve(self.target, "target")[0]
+
+    @property
+    def source_name(self) -> str | None:
+        return None if self.source is None else resolve(self.source, "source")[0]
 
     @property
     def kind(self) -> str:
@@ -122,9 +145,10 @@ class RunConfig(BackboneFields):
         with ``params`` resolved over the recipe (adaptation keys are those the former adaptation
         run module gave, so finished benchmark runs stay valid)."""
         ident = {k: v for k, v in to_dict(self).items()
-                 if k not in PLACE_FIELDS and (self.source is not None or k not in SOURCE_FIELDS)}
+                 if k not in PLACE_FIELDS and (self.source is not None or k not in SOURCE_FIELDS)
+                 and not (k in OPTIONAL_FIELDS and v is None)}
         ident["params"] = self.resolved_params()
-        data = self.target if self.source is None else f"{self.source}-{self.target}"
+        data = self.target_name if self.source is None else f"{self.source_name}-{self.target_name}"
         return f"{self.kind}-{self.strategy}-{data.replace(':', '_')}-seed{self.seed}-{config_hash(ident)}"
 
 
@@ -168,8 +192,10 @@ def evaluate_checkpoint(model: torch.nn.Module, shards: dict, device) -> dict[st
         pool, _ = _logits(model, shards["target_pool"], device)
         scores["target_im"] = information_maximization(pool)
         scores["target_snd"] = soft_neighborhood_density(pool)
-    test, test_y = _logits(model, shards["target_test"], device)
-    scores["target_test_accuracy"] = float((test.argmax(1) == test_y).float().mean())
+    scores["target_test_accuracy"] = float("nan")  # an unlabelled target without test images: label-free scores only
+    if "target_test" in shards:
+        test, test_y = _logits(model, shards["target_test"], device)
+        scores["target_test_accuracy"] = float((test.argmax(1) == test_y).float().mean())
     return scores
 
 
@@ -249,19 +275,43 @@ def _worker(c: dict) -> None:
 
 
 def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
-    """The run's images by role: ``target`` (the target images training sees) and ``target_test``;
-    with a source also ``source`` (labelled) and ``source_val``. The training sets are permuted once
-    (the embedded rows are sorted by class, and shards should mix classes); ``limit`` cuts every set."""
-    tgt = load_embedded(cfg.target)
+    """The run's images by role: ``target`` (the target images training sees) and ``target_test``
+    (absent for an unlabelled target without ``test``); with a source also ``source`` (labelled)
+    and ``source_val``. The training sets are permuted once (the embedded rows are sorted by class,
+    and shards should mix classes); ``limit`` cuts every set."""
+    size = input_size_of(cfg.backbone, cfg.input_size)
+    tname, tspec = resolve(cfg.target, "target")
     sets: dict[str, ImageSet] = {}
+    classes = None
     if cfg.source is not None:
-        src = load_embedded(cfg.source)
-        if src.classes != tgt.classes:
-            raise DataError(f"source '{cfg.source}' and target '{cfg.target}' have different classes "
-                            f"({list(src.classes)} vs {list(tgt.classes)}): unsupervised adaptation needs one label "
-                            f"space")
-        sets = {"source": src.split(cfg.source_split), "source_val": src.split(cfg.source_val_split)}
-    sets.update(target=tgt.split(cfg.target_split), target_test=tgt.split(cfg.test_split))
+        sname, sspec = resolve(cfg.source, "source")
+        src = load_data(sname, sspec, size, TRAIN_VAL)
+        classes = src.classes
+        sets = {"source": part(src, cfg.source_split, sspec, "source"),
+                "source_val": part(src, cfg.source_val_split, sspec, "source")}
+    try:
+        tgt = load_data(tname, tspec, size, "halves", classes=classes if tspec is not None else None,
+                        unlabelled=cfg.source is not None)
+    except DataError as exc:
+        if classes is None or "is not in the class list" not in str(exc):
+            raise
+        raise DataError(f"target '{tname}' has a label that source '{cfg.source_name}' does not have, so no source "
+                        f"model can predict it: {exc}") from exc
+    if classes is not None and tgt.classes != classes and (tgt.labels >= 0).any():
+        raise DataError(f"source '{cfg.source_name}' and target '{tname}' have different classes "
+                        f"({list(classes)} vs {list(tgt.classes)}): unsupervised adaptation needs one label space")
+    if (tgt.labels < 0).all():  # an unlabelled folder: every image is the pool, test images come from ``test``
+        sets["target"] = tgt
+    else:
+        sets.update(target=part(tgt, cfg.target_split, tspec, "target"),
+                    target_test=part(tgt, cfg.test_split, tspec, "target"))
+    if cfg.test is not None:
+        test_name, test_spec = resolve(cfg.test, "test")
+        test = load_data(test_name, replace(test_spec, split="none") if test_spec else None, size, "none",
+                         classes=sets["target"].classes or None)
+        sets["target_test"] = test if test_spec is not None else part(test, cfg.test_split, None, "test")
+        if (sets["target_test"].labels < 0).any():
+            raise DataError(f"test '{test_name}': test images need labels (one subfolder per class)")
     rng = np.random.default_rng(cfg.seed)
     for k in ("source", "target"):
         if k in sets:
@@ -272,6 +322,13 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
             if k in sets:
                 sets[k] = sets[k].subset(np.arange(min(cfg.limit, len(sets[k]))))
     return sets
+
+
+def check_data(cfg: RunConfig) -> dict[str, int]:
+    """Read the run's data once, so bad data is one clear error before any trial starts (a missing
+    split, a target label the source lacks, an unlabelled folder where labels are needed); returns
+    the set sizes."""
+    return {k: len(v) for k, v in _sets(cfg).items()}
 
 
 def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
@@ -303,7 +360,8 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     adapting = cfg.source is not None
     labelled = "source" if adapting else "target"
     unlabelled = "target" if adapting and strategy.needs_target else None
-    label = f"{strategy.name} {cfg.source}->{cfg.target}" if adapting else f"{strategy.name} on {cfg.target}"
+    label = (f"{strategy.name} {cfg.source_name}->{cfg.target_name}" if adapting
+             else f"{strategy.name} on {cfg.target_name}")
     label += f" seed {cfg.seed}"
     log(f"[{cfg.kind}] {label}: {len(sets[labelled])} labelled {labelled}"
         f"{f' and {len(sets[unlabelled])} unlabelled target' if unlabelled else ''} images, {strategy.steps} steps "
@@ -320,7 +378,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
                            use_gpu=cfg.use_gpu, split=(labelled, "target") if adapting else (labelled,),
                            max_failures=cfg.max_failures)
     state = ray_train.load_result_state(result)
-    record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source, "target": cfg.target,
+    record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source_name, "target": cfg.target_name,
               "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"], "weights": weights,
               "config": to_dict(cfg), "params": cfg.resolved_params(), "classes": list(classes),
               "wall_s": time.time() - t0, "sizes": {k: len(v) for k, v in sets.items()}, **provenance()}

@@ -28,7 +28,8 @@ from ray import tune
 from tl.config import BackboneFields, EpisodeFields, config_hash, to_dict
 from tl.errors import ConfigError, TLError
 from tl.grid import TrialProgress
-from tl.models import num_stages
+from tl.data.spec import DataSpec, resolve
+from tl.models import input_size_of, num_stages
 from tl.report import describe, write_best, write_config, write_reports
 from tl.runtime import cluster_gpus, gpu_share
 from tl.storage import Location
@@ -133,7 +134,7 @@ class SearchConfig(BackboneFields, EpisodeFields):
     in an order seeded by ``seed``: ASHA wastes less on it, see :func:`tune_space`) or ``given``."""
 
     experiment: str = "search"
-    target: str = "mnistm"
+    target: str | DataSpec = "mnistm"
     shots: int = 5
     val_split: str = "adapt"
     test_split: str = "test"
@@ -170,6 +171,7 @@ class SearchConfig(BackboneFields, EpisodeFields):
         if self.val_split == self.test_split:
             raise ConfigError(f"config keys 'val_split' and 'test_split' are both '{self.test_split}': validation "
                               f"episodes must share no image with test episodes")
+        resolve(self.target, "target")
         make_strategy(self.strategy, self.params)
         check_space(self.space, self.strategy, self.params, self.backbone)
         if self.search_alg == "optuna":
@@ -177,6 +179,16 @@ class SearchConfig(BackboneFields, EpisodeFields):
             if grids:
                 raise ConfigError(f"search space keys {grids}: 'grid' cannot be used with search_alg optuna "
                                   f"(use choice)")
+
+    @property
+    def target_name(self) -> str:
+        return resolve(self.target, "target")[0]
+
+    @property
+    def target_spec(self) -> "DataSpec | None":
+        """The user's data (``split`` unset: halves, since the search needs validation images)."""
+        spec = resolve(self.target, "target")[1]
+        return spec.with_defaults(input_size_of(self.backbone, self.input_size), "halves") if spec is not None else None
 
     def milestones(self) -> list[int]:
         grace = self.grace_steps or max(1, int(round(self.max_steps / self.reduction_factor**2)))
@@ -217,7 +229,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
     ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
     """
-    from tl.data.targets import load_target
+    from tl.data.spec import check_target, load_target
     from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
 
@@ -225,7 +237,11 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
-    target = load_target(cfg.target, None, cfg.test_split, cfg.val_split)
+    target = load_target(cfg.target_name, cfg.target_spec, cfg.test_split, cfg.val_split, input_size_of(cfg.backbone, cfg.input_size))
+    if target["val"] is None:
+        raise ConfigError(f"config key 'target': the search needs validation images, and split none keeps every image "
+                          f"of '{cfg.target_name}' for test episodes: use split halves")
+    check_target(target, cfg.target_name, cfg.shots)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
     val_emb = test_emb = None
@@ -261,7 +277,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     n_grid = int(np.prod([len(_space_spec(k, v)[1]) for k, v in cfg.space.items()
                           if _space_spec(k, v)[0] == "grid"] or [1]))
     total = n_grid * cfg.num_samples
-    log(f"[search] {cfg.strategy} on {cfg.target} {cfg.shots}-shot: {total} candidates x {cfg.val_episodes} "
+    log(f"[search] {cfg.strategy} on {cfg.target_name} {cfg.shots}-shot: {total} candidates x {cfg.val_episodes} "
         f"validation episodes ({cfg.val_split} split), milestones {milestones} steps, scheduler {cfg.scheduler}, "
         f"search {cfg.search_alg}")
     run_config = tune.RunConfig(name=name, **(storage / "tune").ray_storage(), verbose=0,
@@ -312,14 +328,14 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     note = describe(to_dict(cfg), cfg.test_split, rows, weights,
                     f", except {', '.join(cfg.space)}, chosen by a Ray Tune search on {cfg.val_episodes} validation "
                     f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes")
-    summary, _ = write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target}")
+    summary, _ = write_reports(rows, output, note, f"{cfg.strategy} chosen by search on {cfg.target_name}")
     write_config(output, to_dict(cfg))
     test_acc = float(rows["accuracy"].mean())
     top = summary.iloc[0]
     entry = {"label": rows["strategy"].iloc[0], "strategy": cfg.strategy, "params": params,
              "accuracy": round(test_acc, 4), "ci95": round(float(top["ci95"]), 4), "episodes": int(top["episodes"]),
              "chosen_on_validation": chosen, "val_accuracy": round(float(best_row["val_accuracy"]), 4)}
-    write_best(output / "best.yaml", cfg, weights, {cfg.target: {cfg.shots: entry}},
+    write_best(output / "best.yaml", cfg, weights, {cfg.target_name: {cfg.shots: entry}},
                f"chosen by a Ray Tune search on {cfg.val_episodes} validation episodes of the `{cfg.val_split}` split",
                search={"trial_steps": int(table["trial_steps"].sum()), "experiment": str(path)})
     log(f"[search] test accuracy {100 * test_acc:.1f}% over {cfg.test_episodes} episodes; {output / 'best.yaml'} "
@@ -346,12 +362,14 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     identity = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
                 "test_split": cfg.test_split, "n_way": cfg.n_way, "queries": cfg.queries,
                 "episodes": cfg.test_episodes, "strategy": cfg.strategy, "params": params}
-    cell = Cell.make((cfg.target, f"{cfg.shots}shot", f"seed{cfg.seed}", label), identity,
-                     f"{cfg.target} {cfg.shots}-shot seed {cfg.seed} {label} (test episodes)",
-                     {"target": cfg.target, "shots": cfg.shots, "seed": cfg.seed, "label": label, "entry": entry.plain()},
+    if cfg.target_spec is not None:
+        identity["data"] = cfg.target_spec.identity()  # the user's images change every row
+    cell = Cell.make((cfg.target_name, f"{cfg.shots}shot", f"seed{cfg.seed}", label), identity,
+                     f"{cfg.target_name} {cfg.shots}-shot seed {cfg.seed} {label} (test episodes)",
+                     {"target": cfg.target_name, "shots": cfg.shots, "seed": cfg.seed, "label": label, "entry": entry.plain()},
                      cpu=min(1.0, cfg.cpus_per_trial), gpu=gpu)
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
-    shared = {"data": {cfg.target: data}, "embeddings": {cfg.target: {"test": test_emb}}, "weights": weights,
+    shared = {"data": {cfg.target_name: data}, "embeddings": {cfg.target_name: {"test": test_emb}}, "weights": weights,
               "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
                         "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes,
                         "validate": False}}  # the search itself was the validation

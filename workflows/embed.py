@@ -1,22 +1,25 @@
 """Extract embeddings with Ray Data into the content-addressed cache (or find them there).
 
-    python -m workflows.embed --set dataset=mnistm --set stage=3
-    python -m workflows.embed --set folder=/data/my_images --set weights=random
+    python -m workflows.embed --set data=mnistm --set split=test --set stage=3
+    python -m workflows.embed --set data=/data/my_images --set weights=random
+    python -m workflows.embed --set data=s3://bucket/pets.csv --set backbone=resnet18 --set weights=torchvision:DEFAULT
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tl.data.spec import DataSpec
 from workflows import _cli
 
 
 @dataclass(frozen=True)
 class EmbedJob:
-    dataset: str | None = None
-    folder: str | None = None
-    csv: str | None = None
-    parquet: str | None = None
+    """``data``: a data spec (an embedded name, or a folder, CSV or Parquet, local or at a URI; a
+    folder without class subfolders is unlabelled); ``split``: one split of it (every image when
+    unset)."""
+
+    data: str | DataSpec = "mnistm"
     split: str | None = None
     backbone: str = "digits_cnn"
     weights: str = "pretrained"
@@ -32,22 +35,20 @@ def main() -> int:
     args = p.parse_args()
 
     from tl.config import load_config
-    from tl.data import load_source
+    from tl.data.spec import load_data, part, resolve
     from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
-    from tl.models import build_backbone
+    from tl.models import input_size_of
     from tl.runtime import resolve_storage
 
-    base: dict = {"dataset": "optdigits", "split": "test"} if args.smoke_test else {}
+    base: dict = {"data": "optdigits", "split": "test"} if args.smoke_test else {}
     job = load_config(EmbedJob, args.config, args.overrides, base=base)
-    if not any((job.dataset, job.folder, job.csv, job.parquet)):
-        job = load_config(EmbedJob, args.config, args.overrides, base={**base, "dataset": "mnistm"})
+    name, spec = resolve(job.data, "data")
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)
-    size = build_backbone(job.backbone, job.input_size).preprocessing.size
-    data = load_source(job.dataset, job.folder, job.csv, job.parquet, size=size)
+    data = load_data(name, spec, input_size_of(job.backbone, job.input_size), "none", unlabelled=True)
     if job.split:
-        data = data.split(job.split)
+        data = part(data, job.split, spec, "data")
     weights = resolve_weights(job.weights, job.backbone, storage, print)
     emb = extract(data, EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage,
                                     input_size=job.input_size, batch_size=job.batch_size, actors=job.actors,

@@ -26,17 +26,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 MAX_LISTED = 10
 
 
-def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def decode_image(data: bytes, size: tuple[int, int], shape: list | None = None) -> np.ndarray:
     """Bytes of any common image format -> float32 3 x H x W in [0, 1], as an image viewer shows the
     file: the camera's EXIF orientation applied, 16-bit and float images scaled (not clipped) to
     8 bits, transparency composited over white, the first frame of an animation, CMYK and palettes
-    converted to RGB; then resized to ``size``."""
+    converted to RGB; then resized to ``size``. ``shape``, when given, receives the size the viewer
+    shows (width, height) before the resize."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
         img.seek(0)
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img))
+        if shape is not None:
+            shape[:] = rgb.size
         if rgb.size != (size[1], size[0]):
             rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
@@ -59,25 +62,48 @@ def _to_rgb(img):
 
 
 class _Decode:
-    """Ray Data batch function: decode the ``bytes`` column, one error string per row."""
+    """Ray Data batch function: decode the ``bytes`` column, one error string per row, and the
+    file's own size (``shape``, ``WxH``) for the mixed-size rule."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = tuple(size)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images, errors = [], []
+        images, errors, shapes = [], [], []
         blank = np.zeros((3, *self.size), dtype=np.float32)
         for data in batch["bytes"]:
+            shape: list = []
             try:
-                images.append(decode_image(data, self.size))
+                images.append(decode_image(data, self.size, shape))
                 errors.append("")
             except Exception as exc:  # any decoder failure is that file's error, reported by name
                 images.append(blank)
                 errors.append(f"{type(exc).__name__}: {exc}")
+            shapes.append("x".join(map(str, shape)))
         out = batch.drop(columns=["bytes"])
         out["image"] = images
         out["error"] = errors
+        out["shape"] = shapes
         return out
+
+
+MIXED_SIZES = ("error", "resize")
+
+
+def _check_sizes(rows: pd.DataFrame, key: str, what: str, mixed_sizes: str) -> None:
+    """Images of different sizes in one set are an error unless the spec says ``mixed_sizes: resize``
+    (then each is resized to the backbone's input, as every image is): a folder that mixes sizes is
+    often a folder that mixes things, and a silent resize would hide it."""
+    if mixed_sizes == "resize" or rows.empty:
+        return
+    counts = rows["shape"].value_counts()
+    if len(counts) > 1:
+        common, other = counts.index[0], counts.index[-1]
+        first = rows[rows["shape"] == other].iloc[0]
+        example = rows[rows["shape"] == common].iloc[0]
+        raise DataError(f"{what} have {len(counts)} different sizes: '{first[key]}' is {other} (width x height), "
+                        f"'{example[key]}' is {common} ({counts.iloc[0]} images): give the data spec "
+                        f"'mixed_sizes: resize' to resize every image to the backbone's input")
 
 
 def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
@@ -137,16 +163,20 @@ def _build(name: str, domain: str, images, label_names: Sequence[str], classes: 
     index = {c: i for i, c in enumerate(classes)}
     return ImageSet(
         name=name, images=np.stack(list(images)) if len(images) else np.zeros((0, 3, 1, 1), np.float32),
-        labels=np.array([index[c] for c in label_names], dtype=np.int64), classes=classes,
-        domain=domain, splits=np.full(len(label_names), "all", dtype=object), ids=np.asarray(ids, dtype=object),
+        labels=np.array([index[c] for c in label_names] if len(label_names) else np.full(len(ids), -1), dtype=np.int64),
+        classes=classes, domain=domain, splits=np.full(len(ids), "all", dtype=object), ids=np.asarray(ids, dtype=object),
     )
 
 
-def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None) -> ImageSet:
+def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
+                      mixed_sizes: str = "error", unlabelled: bool = False) -> ImageSet:
     """One subfolder per class under ``root`` (a local folder or a URI such as ``s3://bucket/digits``);
     every file in it with an image suffix, at any depth, is one labelled image; other files (notes,
     ``Thumbs.db``) are skipped with a warning, as torchvision's ``ImageFolder`` skips them, and a file
-    with an image suffix that does not decode is an error naming it. One listing finds them all."""
+    with an image suffix that does not decode is an error naming it. One listing finds them all.
+
+    A folder with images but no class subfolders is unlabelled: allowed where ``unlabelled`` (an
+    adaptation target; labels -1), an error naming the folder elsewhere."""
     import pyarrow.fs as pafs
 
     loc = Location.of(root)
@@ -157,6 +187,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
         raise DataError(f"image folder '{root}' is not a folder")
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
     by_class: dict[str, list[str]] = {}
+    loose: list[str] = []
     for info in infos:
         rel = info.path[len(loc.path):].strip("/").split("/")
         if any(part.startswith(".") for part in rel):
@@ -165,6 +196,19 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
             by_class.setdefault(rel[0], [])
         elif info.type == pafs.FileType.File and len(rel) > 1:
             by_class.setdefault(rel[0], []).append(info.path)
+        elif info.type == pafs.FileType.File and is_image_name(info.path):
+            loose.append(info.path)
+    if not by_class and loose:
+        if not unlabelled:
+            raise DataError(f"image folder '{root}' holds {len(loose)} images but no class subfolders, so they have "
+                            f"no labels, and labels are needed here: put each class's images in a subfolder named "
+                            f"after the class")
+        paths = sorted(loose)
+        rows = _decode_files(paths, size, loc.fs)
+        _raise_bad(rows, "path", f"images in '{root}'")
+        _check_sizes(rows, "path", f"the images in '{root}'", mixed_sizes)
+        ids = [p[len(loc.path):].strip("/") for p in paths]
+        return _build(loc.name, loc.name, rows["image"].tolist(), [], tuple(classes or ()), ids)
     if not by_class:
         raise DataError(f"image folder '{root}' has no class subfolders")
     paths, labels, skipped = [], [], []
@@ -185,11 +229,13 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
     class_tuple = _class_list(labels, classes, f"image folder '{root}'")
     rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images in '{root}'")
+    _check_sizes(rows, "path", f"the images in '{root}'", mixed_sizes)
     ids = [p[len(loc.path):].strip("/") for p in paths]
     return _build(loc.name, loc.name, rows["image"].tolist(), labels, class_tuple, ids)
 
 
-def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None) -> ImageSet:
+def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
+                      mixed_sizes: str = "error") -> ImageSet:
     """A CSV with columns ``path`` and ``label``; relative paths are relative to the CSV's folder
     (the CSV and its images may be local or at a URI; the images on the CSV's filesystem)."""
     loc = Location.of(path)
@@ -218,6 +264,7 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
     class_tuple = _class_list(labels, classes, f"CSV manifest '{path}'")
     rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images listed in '{path}'")
+    _check_sizes(rows, "path", f"the images listed in '{path}'", mixed_sizes)
     stem = loc.name.rsplit(".", 1)[0]
     return _build(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
 
@@ -228,6 +275,7 @@ def load_parquet(
     classes: Sequence[str] | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    mixed_sizes: str = "error",
 ) -> ImageSet:
     """A Parquet file (or folder of files) with encoded image bytes and a label per row."""
     import pyarrow.parquet as pq
@@ -260,6 +308,7 @@ def load_parquet(
         raise DataError(f"Parquet file '{shown}' has no rows")
     rows["row"] = [f"{path.name}#row{i}" for i in range(len(rows))]
     _raise_bad(rows, "row", f"images in '{shown}'")
+    _check_sizes(rows, "row", f"the images in '{shown}'", mixed_sizes)
     labels = [str(v) for v in rows["label"]]
     class_tuple = _class_list(labels, classes, f"Parquet file '{shown}'")
     return _build(path.stem, path.stem, rows["image"].tolist(), labels, class_tuple, rows["row"].tolist())
@@ -272,8 +321,11 @@ def load_source(
     parquet: str | None = None,
     size: tuple[int, int] = (28, 28),
     classes: Sequence[str] | None = None,
+    mixed_sizes: str = "error",
+    unlabelled: bool = False,
 ) -> ImageSet:
-    """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file."""
+    """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file
+    (``unlabelled``: a folder without class subfolders is allowed, its labels -1)."""
     given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet)) if v}
     if len(given) != 1:
         raise DataError(f"give exactly one data source (dataset, folder, csv or parquet); got {sorted(given) or 'none'}")
@@ -282,7 +334,7 @@ def load_source(
 
         return load_embedded(dataset)
     if folder:
-        return load_image_folder(folder, size, classes)
+        return load_image_folder(folder, size, classes, mixed_sizes, unlabelled)
     if csv:
-        return load_csv_manifest(csv, size, classes)
-    return load_parquet(parquet, size, classes)
+        return load_csv_manifest(csv, size, classes, mixed_sizes)
+    return load_parquet(parquet, size, classes, mixed_sizes=mixed_sizes)

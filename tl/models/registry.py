@@ -79,6 +79,13 @@ def build_backbone(name: str, input_size: InputSize = None) -> Backbone:
     return Backbone(spec.name, spec.builder(), spec.feature_dim, pp, spec.key_map)
 
 
+@lru_cache(maxsize=64)
+def input_size_of(name: str, input_size: InputSize = None) -> tuple[int, int]:
+    """The (height, width) a backbone takes: what a user's images are decoded to unless their data
+    spec says otherwise (built once per name and override, then remembered)."""
+    return tuple(int(v) for v in build_backbone(name, input_size).preprocessing.size)  # type: ignore[return-value]
+
+
 def make_backbone(name: str, weights: str | None = None, input_size: int | None = None, seed: int = 0) -> Backbone:
     """Build a registered backbone and load its weights. Without weights the random initialisation
     is drawn from ``seed``, so every process (driver, Ray actors) builds the same model."""

@@ -1,0 +1,133 @@
+"""A user's own folders through every workflow that trains or searches (smoke sizes, real Ray): the
+data spec is the same string everywhere (an embedded name, or a path), and the same mapping."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tl.data import load_embedded
+from tl.errors import DataError
+
+CLASSES = ("c0", "c1", "c2")
+
+
+def _digits(root: Path, name: str, per_class: int, classes=CLASSES, flat: bool = False) -> Path:
+    """``per_class`` PNGs of each digit class from an embedded set, one subfolder per class (or, with
+    ``flat``, all in the folder itself: unlabelled images)."""
+    data = load_embedded(name)
+    for c, cls in enumerate(classes):
+        folder = root if flat else root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(np.flatnonzero(data.labels == c)[:per_class]):
+            img = (data.images[i].transpose(1, 2, 0) * 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{cls}_{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user-data")
+    return {"source": _digits(root / "source", "mnist", 40), "target": _digits(root / "target", "optdigits", 16),
+            "unlabelled": _digits(root / "unlabelled", "optdigits", 16, flat=True),
+            "test": _digits(root / "test", "mnistm", 10)}
+
+
+@pytest.fixture(scope="module")
+def user_backbone(ray_local, folders, tmp_path_factory):
+    """Pretraining on the user's labelled folder: split train/val 0.9/0.1 by the source rule."""
+    from tl.pretrain import PretrainConfig, pretrain
+
+    home = tmp_path_factory.mktemp("user-home")
+    res = pretrain(PretrainConfig(data=str(folders["source"]), epochs=2, batch_size=32, workers=1), home)
+    return res, home
+
+
+def test_pretrain_on_a_user_folder(user_backbone, folders):
+    import json
+
+    res, home = user_backbone
+    meta = json.loads((Path(res.path) / "meta.json").read_text())
+    assert meta["classes"] == list(CLASSES) and meta["data"] == str(folders["source"])
+    assert Path(res.path).name.startswith("digits_cnn-source-")
+    assert 0.0 <= res.val_accuracy <= 1.0
+    from tl.pretrain import PretrainConfig, _source_sets
+
+    train, val = _source_sets(PretrainConfig(data=str(folders["source"])))
+    assert len(train) == 108 and len(val) == 12 and val.class_counts() == {c: 4 for c in CLASSES}
+
+
+def test_user_source_to_user_unlabelled_target(user_backbone, folders, tmp_path):
+    """Adaptation from the user's labelled folder to an unlabelled folder, scored on labelled test
+    images given beside it; the workflow's config spells the data as paths."""
+    from tl.adapt_bench import AdaptExperimentConfig, run_experiment
+    from tl.config import load_config
+
+    res, home = user_backbone
+    cfg = load_config(AdaptExperimentConfig, base={
+        "experiment": "user-adapt", "source": str(folders["source"]), "targets": [str(folders["unlabelled"])],
+        "test": {"unlabelled": str(folders["test"])}, "weights": str(res.path), "seeds": [0], "workers": 1,
+        "checkpoint_every": 2, "methods": [{"strategy": "dann"}],
+        "params": {"steps": 4, "batch_size": 16, "target_batch_size": 16}})
+    out = run_experiment(cfg, home, tmp_path / "out")
+    assert out.exit_status == 0
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert set(runs["target"]) == {"unlabelled"} and set(runs["source"]) == {"source"}
+    assert (runs["target_images"] == 48).all() and (runs["source_images"] == 108).all()
+    assert runs["target_test_accuracy"].between(0, 1).all() and runs["target_im"].notna().all()
+
+
+def test_unlabelled_target_without_test_images_has_label_free_scores_only(user_backbone, folders):
+    from tl.runs import RunConfig, run
+
+    res, home = user_backbone
+    record = run(RunConfig(source=str(folders["source"]), target=str(folders["unlabelled"]), strategy="dann",
+                           weights=str(res.path), workers=1, checkpoint_every=2,
+                           params={"steps": 2, "batch_size": 16, "target_batch_size": 16}), home)
+    last = record["history"][-1]
+    assert np.isnan(last["target_test_accuracy"]) and np.isfinite(last["target_im"])
+    assert record["sizes"] == {"source": 108, "source_val": 12, "target": 48}
+
+
+def test_finetune_on_a_user_folder(ray_local, folders, storage):
+    """Many-shot fine-tuning on the user's labelled folder: halves by default (adapt trains, test scores)."""
+    from tl.runs import RunConfig, check_data, run
+
+    record = run(RunConfig(target=str(folders["target"]), weights="random", workers=1, checkpoint_every=3,
+                           params={"steps": 3, "batch_size": 8, "lr": 0.01}), storage)
+    assert record["target"] == "target" and record["sizes"] == {"target": 24, "target_test": 24}
+    assert 0 <= record["history"][-1]["target_test_accuracy"] <= 1
+    # the mapping form: other split fractions, named as the config asks for them
+    spec = {"path": str(folders["target"]), "split": {"adapt": 0.75, "test": 0.25}}
+    assert check_data(RunConfig(target=spec)) == {"target": 36, "target_test": 12}
+
+
+def test_search_on_a_user_folder(ray_local, folders, storage, tmp_path):
+    from tl.config import load_config
+    from tl.search import SearchConfig, run_search
+
+    cfg = load_config(SearchConfig, base={
+        "experiment": "user-search", "target": str(folders["target"]), "shots": 1, "val_episodes": 2,
+        "test_episodes": 2, "weights": "random", "max_steps": 3, "scheduler": "none", "queries": 2,
+        "space": {"frozen": {"grid": [3, 4]}}, "params": {"lr": 0.01}})
+    out = run_search(cfg, storage, tmp_path / "out")
+    assert len(out.trials) == 2 and 0 <= out.test_accuracy <= 1
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert set(rows["target"]) == {"target"}
+
+
+def test_user_target_label_missing_from_source_is_an_error(ray_local, folders, tmp_path):
+    from tl.runs import RunConfig, check_data
+
+    other = _digits(tmp_path / "other", "optdigits", 4, classes=("c0", "c1", "c7"))
+    with pytest.raises(DataError, match=r"target 'other' has a label that source 'source' does not have.*'c7'"):
+        check_data(RunConfig(source=str(folders["source"]), target=str(other), strategy="dann"))
+
+
+def test_unlabelled_folder_where_labels_are_needed(ray_local, folders):
+    from tl.runs import RunConfig, check_data
+
+    with pytest.raises(DataError, match=r"holds 48 images but no class subfolders, so they have no labels"):
+        check_data(RunConfig(target=str(folders["unlabelled"]), strategy="finetune"))
