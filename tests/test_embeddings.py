@@ -101,6 +101,36 @@ def test_corrupt_image_stops_extraction_with_its_name(tmp_path):
     assert not list(storage.glob(f"cache/embeddings/*/{MANIFEST}")), "no cache may look complete"
 
 
+def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local, tmp_path):
+    """A folder read -> decoded to uint8 -> embedded -> written by Ray Data gives the embeddings the
+    in-memory path gives; the key follows the files' listing (a rewritten file is a new key)."""
+    from PIL import Image
+
+    from tl.data import load_image_folder
+    from tl.data.sources import index_image_folder
+    from tl.embeddings import extract_files
+
+    data = small(30)
+    root = tmp_path / "imgs"
+    for i, (img, y) in enumerate(zip(data.images, data.labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(root / str(y) / f"{i}.png")
+    cfg = EmbedConfig(weights=None, batch_size=8)
+    index = index_image_folder(root)
+    streamed = extract_files(index, (28, 28), cfg, tmp_path / "cache", quiet)
+    assert not streamed.hit and streamed.vectors.shape == (30, build_backbone("digits_cnn").feature_dim)
+    loaded = extract(load_image_folder(root, (28, 28)), cfg, tmp_path / "cache2", quiet)
+    assert list(loaded.ids) == list(streamed.ids) and (loaded.labels == streamed.labels).all()
+    np.testing.assert_allclose(streamed.vectors, loaded.vectors, rtol=1e-4, atol=1e-5)
+    again = extract_files(index_image_folder(root), (28, 28), cfg, tmp_path / "cache", quiet)
+    assert again.hit and again.key == streamed.key and np.array_equal(again.vectors, streamed.vectors)
+    first = sorted(root.glob("*/*.png"))[0]
+    Image.new("RGB", Image.open(first).size, (255, 0, 0)).save(first)
+    os.utime(first, (1, 1))
+    changed = extract_files(index_image_folder(root), (28, 28), cfg, tmp_path / "cache", quiet, load=False)
+    assert not changed.hit and changed.key != streamed.key
+
+
 @pytest.fixture(scope="module")
 def optdigits_embeddings(pretrained, tmp_path_factory):
     data = load_embedded("optdigits").split("test")

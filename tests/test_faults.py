@@ -92,7 +92,7 @@ def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):
 
     home = tmp_path / "home"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "workflows.embed", "--storage", str(home), "--set", "dataset=mnist",
+    cmd = [sys.executable, "-m", "workflows.embed", "--storage", str(home), "--set", "data=mnist",
            "--set", "weights=random", "--set", "input_size=96", "--set", "batch_size=64"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,9 @@ from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder
 from tl.runtime import cluster_gpus
 from tl.storage import Location
+
+if TYPE_CHECKING:
+    from tl.data.sources import FileIndex
 
 MANIFEST = "manifest.json"
 
@@ -118,6 +121,91 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
     secs = time.time() - t0
     log(f"[embed] wrote {len(ids)} x {vectors.shape[1]} embeddings to {where} in {secs:.1f} s")
     return Embeddings(key, vectors, ids, labels, False, str(where), secs, info)
+
+
+def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, cache_root: "str | Location",
+                  log: Callable[[str], None] = print, load: bool = True, mixed_sizes: str = "error") -> Embeddings:
+    """Embeddings of a user's image files, streamed by Ray Data from storage to the cache: read,
+    decode to uint8 (``size``), embed on the actor pool, ``write_parquet``. The driver holds the
+    file listing and, when ``load``, the finished vectors (row-aligned with ``index``); never a
+    pixel. The key hashes the listing's metadata (``index.fingerprint``) and ``size``. A file that
+    does not decode, or files of mixed sizes (unless ``mixed_sizes: resize``), fail the extraction
+    with their names, and no cache is committed."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    from tl.data.sources import _check_sizes, _Decode, path_key
+
+    t0 = time.time()
+    model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
+    stage = cfg.stage if cfg.stage != model.num_stages else None
+    pp = model.preprocessing.describe()
+    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, f"files:{index.fingerprint}:{list(size)}")
+    where = Location.of(cache_root) / "embeddings" / key
+    fs, folder = where.fs, where.path
+    info = _manifest(fs, folder)
+    if info is None:
+        if fs.get_file_info(folder).type != pafs.FileType.NotFound:
+            log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
+            fs.delete_dir(folder)
+        log(f"[embed] extracting {len(index)} image files of '{index.name}' with {cfg.backbone} (stage "
+            f"{cfg.stage or 'last'}), streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), batch "
+            f"{cfg.batch_size}")
+        ds = ray.data.read_binary_files(index.paths, include_paths=True, shuffle=None, filesystem=index.fs)
+        # Ray Data fuses the decoding into the actors (measured no slower than decoding in tasks of
+        # their own: 42.8 s against 46.0 s for 10k files, results/bench/files.md)
+        ds = ds.map_batches(_Decode(size, uint8=True), batch_format="pandas", batch_size=64)
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage,
+                                       input_size=cfg.input_size, threads=cfg.threads_per_actor),
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size, batch_format="numpy",
+            num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
+        ds.context.enable_progress_bars = sys.stderr.isatty()
+        part = f"data-{uuid.uuid4().hex[:8]}"
+        ds.write_parquet(f"{folder}/{part}", filesystem=fs)
+        table = pq.read_table(f"{folder}/{part}", columns=["path", "error", "shape"], filesystem=fs,
+                              partitioning=None)
+        errors = table.filter(pc.not_equal(table.column("error"), ""))
+        try:
+            if errors.num_rows:
+                first = errors.slice(0, 5).to_pylist()
+                raise DataError(f"{errors.num_rows} unreadable images in '{index.name}', first '{first[0]['path']}':\n"
+                                + "\n".join(f"  {r['path']}: {r['error']}" for r in first))
+            if table.num_rows != len(index):
+                raise DataError(f"the extraction of '{index.name}' wrote {table.num_rows} rows for {len(index)} files")
+            _check_sizes(table.to_pandas(), "path", f"the images in '{index.name}'", mixed_sizes)
+        except DataError:
+            fs.delete_dir(folder)  # nothing that looks like a cache is left behind
+            raise
+        info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
+                "preprocessing": pp, "dataset": index.name, "fingerprint": index.fingerprint, "rows": len(index),
+                "size": list(size), "dim": model.stage_dim(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with fs.open_output_stream(f"{folder}/{MANIFEST}") as out:
+            out.write(json.dumps(info, indent=2).encode())
+        hit = False
+        log(f"[embed] wrote {len(index)} x {info['dim']} embeddings of image files to {where} in "
+            f"{time.time() - t0:.1f} s")
+    else:
+        hit = True
+        log(f"[embed] cache hit {key[:12]}: {info['rows']} x {info['dim']} from {where}")
+    if not load:
+        return Embeddings(key, np.zeros((0, info["dim"]), np.float32), np.asarray(index.ids, dtype=object),
+                          index.labels, hit, str(where), time.time() - t0, info)
+    table = pq.read_table(f"{folder}/{info['data']}", columns=["path", "embedding"], filesystem=fs, partitioning=None)
+    order = {path_key(p): i for i, p in enumerate(index.paths)}
+    rows = np.array([order[path_key(p)] for p in table.column("path").to_pylist()], dtype=np.int64)
+    vectors = np.empty((len(index), info["dim"]), np.float32)
+    vectors[rows] = _to_matrix(table.column("embedding").combine_chunks())
+    return Embeddings(key, vectors, np.asarray(index.ids, dtype=object), index.labels, hit, str(where),
+                      time.time() - t0, info)
+
+
+def _manifest(fs: pafs.FileSystem, folder: str) -> dict | None:
+    if fs.get_file_info(f"{folder}/{MANIFEST}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
+        return json.loads(f.read())
 
 
 def _read(fs: pafs.FileSystem, folder: str, rows: int):

@@ -35,8 +35,9 @@ def main() -> int:
     args = p.parse_args()
 
     from tl.config import load_config
+    from tl.data.sources import index_image_folder
     from tl.data.spec import load_data, part, resolve
-    from tl.embeddings import EmbedConfig, extract
+    from tl.embeddings import EmbedConfig, extract, extract_files
     from tl.pretrain import resolve_weights
     from tl.models import input_size_of
     from tl.runtime import resolve_storage
@@ -46,13 +47,21 @@ def main() -> int:
     name, spec = resolve(job.data, "data")
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)
-    data = load_data(name, spec, input_size_of(job.backbone, job.input_size), "none", unlabelled=True)
+    size = input_size_of(job.backbone, job.input_size)
+    weights = resolve_weights(job.weights, job.backbone, storage, print)
+    ecfg = EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage, input_size=job.input_size,
+                       batch_size=job.batch_size, actors=job.actors, use_gpu=job.use_gpu)
+    if spec is not None and spec.kind() == "folder" and not job.split:
+        # a folder streams from storage to the cache through Ray Data: the driver lists it, never decodes it
+        index = index_image_folder(spec.where, spec.classes, unlabelled=True)
+        emb = extract_files(index, tuple(spec.size or size), ecfg, storage / "cache", load=False,
+                            mixed_sizes=spec.mixed_sizes)
+        print(f"embeddings ({len(index)} x {emb.info['dim']}, {'cache hit' if emb.hit else 'extracted'}): {emb.path}")
+        return 0
+    data = load_data(name, spec, size, "none", unlabelled=True)
     if job.split:
         data = part(data, job.split, spec, "data")
-    weights = resolve_weights(job.weights, job.backbone, storage, print)
-    emb = extract(data, EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage,
-                                    input_size=job.input_size, batch_size=job.batch_size, actors=job.actors,
-                                    use_gpu=job.use_gpu), str(storage / "cache"))
+    emb = extract(data, ecfg, storage / "cache")
     print(f"embeddings ({len(emb.ids)} x {emb.vectors.shape[1]}, {'cache hit' if emb.hit else 'extracted'}): {emb.path}")
     return 0
 

@@ -24,9 +24,17 @@ class Embedder:
         self.stage = stage
 
     def __call__(self, batch: dict) -> dict:
+        """Every column but ``image`` passes through; ``embedding`` is added. Images are float32 in
+        [0, 1] or uint8 in 0..255 (files decoded inside Ray Data), moved to the device as they are."""
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
+            images = batch["image"]
+            if images.dtype == object:  # a pandas block's column of arrays (files decoded by tl.data.sources)
+                images = np.stack(list(images))
+            if images.dtype == np.uint8:
+                x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).float().div_(255.0)
+            else:
+                x = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).to(self.device)
             emb = self.model(self.model.preprocessing(x), self.stage).float().cpu().numpy()
-        return {"row": batch["row"], "id": batch["id"], "label": batch["label"], "embedding": emb}
+        return {**{k: v for k, v in batch.items() if k != "image"}, "embedding": emb}

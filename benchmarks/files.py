@@ -1,0 +1,179 @@
+"""Benchmark: embedding extraction streamed from image files on disk (Ray Data: read -> decode to
+uint8 -> embed -> write Parquet, ``tl.embeddings.extract_files``) against a plain PyTorch loop over
+the same files on the same threads, at N = 10,000 and 100,000 synthetic PNGs, with the driver's peak
+RSS at each N. Writes results/bench/files.md and files.csv.
+
+    python -m benchmarks.files                       # 10k and 100k files of 64x64 (about 15 minutes on 2 cores)
+    python -m benchmarks.files --smoke-test          # 500 and 2,000 files
+
+Each measurement runs in its own process, so a peak RSS is that process's own (``ru_maxrss``):
+the driver of the Ray Data run holds the file listing, never the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import _table
+from workflows import _cli
+
+CLASSES = 10
+BACKBONE = "digits_cnn"
+
+
+def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None:
+    """``n`` PNGs of ``size`` x ``size`` in ``CLASSES`` class folders: a smooth pattern per class plus
+    noise, so files compress like photos rather than like blank squares. Files of ``reuse`` (a
+    smaller set made before) are hard-linked rather than written again."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    done = 0
+    if reuse is not None:
+        for f in sorted(reuse.glob("c*/*.png")):
+            (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+            os.link(f, root / f.parent.name / f.name)
+            done += 1
+    for i in range(done, n):
+        c = i % CLASSES
+        base = 127 + 100 * np.sin(2 * np.pi * ((c + 1) * xx + (c % 3) * yy))
+        img = np.clip(base[..., None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / f"c{c}" / f"{i:07d}.png")
+
+
+def child_tl(root: str, size: int) -> dict:
+    """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir)."""
+    from tl.data.sources import index_image_folder
+    from tl.embeddings import EmbedConfig, extract_files
+    from tl.models import input_size_of
+
+    t0 = time.perf_counter()
+    _cli.init_ray(None)
+    start_s = time.perf_counter() - t0
+    cache = tempfile.mkdtemp(prefix="tl-bench-files-")
+    try:
+        t0 = time.perf_counter()
+        index = index_image_folder(root)
+        cfg = EmbedConfig(backbone=BACKBONE, batch_size=256, threads_per_actor=os.cpu_count() or 1)
+        emb = extract_files(index, input_size_of(BACKBONE), cfg, cache, log=lambda _: None, load=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"images": emb.info["rows"], "seconds": seconds, "ray_start_s": start_s,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child_torch(root: str, size: int) -> dict:
+    """The plain loop: list, read, decode (the same ``decode_image``), stack, embed; every core a
+    torch thread."""
+    import numpy as np
+    import torch
+
+    from tl.data.sources import decode_image
+    from tl.models import input_size_of, make_backbone
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = make_backbone(BACKBONE, None).eval()
+    size = input_size_of(BACKBONE)
+    t0 = time.perf_counter()
+    files = sorted(str(p) for p in Path(root).glob("*/*.png"))
+    n = 0
+    with torch.inference_mode():
+        for i in range(0, len(files), 256):
+            batch = np.stack([decode_image(Path(f).read_bytes(), size, uint8=True) for f in files[i:i + 256]])
+            x = torch.from_numpy(batch).float().div_(255.0)
+            model(model.preprocessing(x))
+            n += len(batch)
+    return {"images": n, "seconds": time.perf_counter() - t0,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> int:
+    p = _cli.parser("files", "Benchmark streamed extraction from image files against a plain PyTorch loop.",
+                    package="benchmarks")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="numbers of files")
+    p.add_argument("--image", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--work", default=None, help="where the files are made (default: a temporary folder)")
+    p.add_argument("--child", choices=["tl", "torch"], help=argparse_suppress())
+    p.add_argument("--root", help=argparse_suppress())
+    args = p.parse_args()
+    if args.child:
+        out = (child_tl if args.child == "tl" else child_torch)(args.root, args.image)
+        print("RESULT " + json.dumps(out))
+        return 0
+    sizes = [500, 2000] if args.smoke_test else sorted(args.sizes)
+    work = Path(args.work or tempfile.mkdtemp(prefix="tl-bench-files-"))
+    rows = []
+
+    def record(part: str, what: str, value: float, unit: str, note: str = "") -> None:
+        rows.append({"part": part, "measure": what, "value": round(value, 3), "unit": unit, "note": note})
+        print(f"{part:>6} {what:<52} {value:10.2f} {unit:<9} {note}", flush=True)
+
+    def run_child(kind: str, root: Path) -> dict:
+        r = subprocess.run([sys.executable, "-m", "benchmarks.files", "--child", kind, "--root", str(root),
+                            "--image", str(args.image)], capture_output=True, text=True,
+                           env={**os.environ, "RAY_ADDRESS": ""})
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not line:
+            raise RuntimeError(f"benchmark child {kind} on {root} failed:\n{r.stderr[-3000:]}")
+        return json.loads(line[0][7:])
+
+    try:
+        previous = None
+        results = {}
+        for n in sizes:
+            root = work / f"n{n}"
+            t0 = time.perf_counter()
+            make_files(root, n, args.image, previous)
+            previous = root
+            mb = sum(f.stat().st_size for f in root.glob("*/*.png")) / 1e6
+            print(f"made {n} files ({mb:.0f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
+            ray_r, plain_r = run_child("tl", root), run_child("torch", root)
+            results[n] = ray_r
+            part = f"{n // 1000}k"
+            record(part, f"Ray Data read->decode->embed->Parquet, {n} files", n / ray_r["seconds"], "images/s",
+                   f"{ray_r['seconds']:.1f} s, {os.cpu_count()} torch threads in the actor; Ray start {ray_r['ray_start_s']:.1f} s not included; {mb:.0f} MB of PNG")
+            record(part, "plain PyTorch loop over the same files", n / plain_r["seconds"], "images/s",
+                   f"{plain_r['seconds']:.1f} s, {os.cpu_count()} torch threads")
+            record(part, "ratio Ray Data / plain loop (throughput)", plain_r["seconds"] / ray_r["seconds"], "x",
+                   "target >= 0.9")
+            record(part, "driver peak RSS (Ray Data run)", ray_r["rss_mb"], "MB", "ru_maxrss of the driver process")
+            record(part, "peak RSS of the plain loop", plain_r["rss_mb"], "MB", "")
+        lo, hi = sizes[0], sizes[-1]
+        growth = results[hi]["rss_mb"] / results[lo]["rss_mb"] - 1
+        record("all", f"driver peak RSS growth {lo} -> {hi} files", 100 * growth, "%", "target <= 10")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out_dir = Path(args.output or "results/bench")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "files-smoke" if args.smoke_test else "files"
+    table = _table.merged(rows, out_dir / f"{stem}.csv", "all")
+    table.to_csv(out_dir / f"{stem}.csv", index=False)
+    cmd = p.prog + (" --smoke-test" if args.smoke_test else "")
+    _table.write_markdown(table, out_dir / f"{stem}.md", [
+        "# Extraction from image files", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
+        f"{time.strftime('%Y-%m-%d')}: {BACKBONE} (decoded to its 28x28 input), {args.image}x{args.image} synthetic PNGs in {CLASSES} class "
+        "folders on local disk, each measurement in its own process (the page cache warm after the files were made)."])
+    return 0
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    _cli.run(main)
