@@ -78,16 +78,21 @@ def cache_key(backbone: str, digest: str, stage: int | None, preprocessing: dict
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
+    """The backbone, the stage read (None: the last), the preprocessing, the cache key and folder."""
+    model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
+    stage = cfg.stage if cfg.stage != model.num_stages else None
+    pp = model.preprocessing.describe()
+    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, fingerprint)
+    return model, stage, pp, key, Location.of(cache_root) / "embeddings" / key
+
+
 def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print) -> Embeddings:
     """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached."""
     import ray.data
 
     t0 = time.time()
-    model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
-    stage = cfg.stage if cfg.stage != model.num_stages else None
-    pp = model.preprocessing.describe()
-    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, data.fingerprint())
-    where = Location.of(cache_root) / "embeddings" / key
+    model, stage, pp, key, where = _place(cfg, data.fingerprint(), cache_root)
     fs, folder = where.fs, where.path
     cached = _read(fs, folder, len(data))
     if cached is not None:
@@ -137,13 +142,10 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
     from tl.data.sources import _check_sizes, _Decode, path_key
 
     t0 = time.time()
-    model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
-    stage = cfg.stage if cfg.stage != model.num_stages else None
-    pp = model.preprocessing.describe()
-    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, f"files:{index.fingerprint}:{list(size)}")
-    where = Location.of(cache_root) / "embeddings" / key
+    model, stage, pp, key, where = _place(cfg, f"files:{index.fingerprint}:{list(size)}", cache_root)
     fs, folder = where.fs, where.path
     info = _manifest(fs, folder)
+    table = None
     if info is None:
         if fs.get_file_info(folder).type != pafs.FileType.NotFound:
             log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
@@ -164,8 +166,9 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
         ds.context.enable_progress_bars = sys.stderr.isatty()
         part = f"data-{uuid.uuid4().hex[:8]}"
         ds.write_parquet(f"{folder}/{part}", filesystem=fs)
-        table = pq.read_table(f"{folder}/{part}", columns=["path", "error", "shape"], filesystem=fs,
-                              partitioning=None)
+        # one read: the checks' columns, and the vectors when they are wanted
+        table = pq.read_table(f"{folder}/{part}", columns=["path", "error", "shape"] + (["embedding"] if load else []),
+                              filesystem=fs, partitioning=None)
         errors = table.filter(pc.not_equal(table.column("error"), ""))
         try:
             if errors.num_rows:
@@ -174,7 +177,8 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
                                 + "\n".join(f"  {r['path']}: {r['error']}" for r in first))
             if table.num_rows != len(index):
                 raise DataError(f"the extraction of '{index.name}' wrote {table.num_rows} rows for {len(index)} files")
-            _check_sizes(table.to_pandas(), "path", f"the images in '{index.name}'", mixed_sizes)
+            _check_sizes(table.select(["path", "shape"]).to_pandas(), "path", f"the images in '{index.name}'",
+                         mixed_sizes)
         except DataError:
             fs.delete_dir(folder)  # nothing that looks like a cache is left behind
             raise
@@ -192,7 +196,9 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
     if not load:
         return Embeddings(key, np.zeros((0, info["dim"]), np.float32), np.asarray(index.ids, dtype=object),
                           index.labels, hit, str(where), time.time() - t0, info)
-    table = pq.read_table(f"{folder}/{info['data']}", columns=["path", "embedding"], filesystem=fs, partitioning=None)
+    if table is None:
+        table = pq.read_table(f"{folder}/{info['data']}", columns=["path", "embedding"], filesystem=fs,
+                              partitioning=None)
     order = {path_key(p): i for i, p in enumerate(index.paths)}
     rows = np.array([order[path_key(p)] for p in table.column("path").to_pylist()], dtype=np.int64)
     vectors = np.empty((len(index), info["dim"]), np.float32)
@@ -210,10 +216,9 @@ def _manifest(fs: pafs.FileSystem, folder: str) -> dict | None:
 
 def _read(fs: pafs.FileSystem, folder: str, rows: int):
     """The cached table, or None when there is no complete cache (no manifest, or wrong size)."""
-    if fs.get_file_info(f"{folder}/{MANIFEST}").type != pafs.FileType.File:
+    info = _manifest(fs, folder)
+    if info is None:
         return None
-    with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
-        info = json.loads(f.read())
     try:
         table = pq.read_table(f"{folder}/{info['data']}", filesystem=fs, partitioning=None)
     except (pa.ArrowInvalid, OSError, KeyError) as exc:

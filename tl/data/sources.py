@@ -233,12 +233,18 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None, u
                             f"no labels, and labels are needed here: put each class's images in a subfolder named "
                             f"after the class")
         files = sorted(loose, key=lambda i: i.path)
-        return FileIndex(loc.name, [i.path for i in files], np.full(len(files), -1, dtype=np.int64),
-                         tuple(classes or ()), [i.path[len(loc.path):].strip("/") for i in files], loc.fs,
-                         _fingerprint(files, loc.path, classes or ()))
+        class_tuple, labels = tuple(classes or ()), np.full(len(files), -1, dtype=np.int64)
+    else:
+        files, class_tuple, labels = _class_files(root, loc, by_class, classes)
+    return FileIndex(loc.name, [i.path for i in files], labels, class_tuple,
+                     [i.path[len(loc.path):].strip("/") for i in files], loc.fs, _fingerprint(files, loc.path, class_tuple))
+
+
+def _class_files(root, loc: Location, by_class: dict[str, list], classes: Sequence[str] | None):
+    """The image files of the class folders in order, their class list and label indices."""
     if not by_class:
         raise DataError(f"image folder '{root}' has no class subfolders")
-    files, labels, skipped = [], [], []
+    files, names, skipped = [], [], []
     for name in sorted(by_class, key=_natural):
         if not by_class[name]:
             raise DataError(f"class folder '{loc / name}' is empty")
@@ -248,16 +254,14 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None, u
             raise DataError(f"class folder '{loc / name}' has no image files (only {len(by_class[name])} other "
                             f"file(s), for example '{by_class[name][0].path.rsplit('/', 1)[-1]}')")
         files += images
-        labels += [name] * len(images)
+        names += [name] * len(images)
     if skipped:  # the rule of torchvision's ImageFolder: a file without an image suffix is not an image
         warnings.warn(f"image folder '{root}': skipped {len(skipped)} file(s) without an image suffix "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}), for example '{skipped[0][len(loc.path):].strip('/')}'",
-                      stacklevel=3)
-    class_tuple = _class_list(labels, classes, f"image folder '{root}'")
+                      stacklevel=4)
+    class_tuple = _class_list(names, classes, f"image folder '{root}'")
     index = {c: i for i, c in enumerate(class_tuple)}
-    return FileIndex(loc.name, [i.path for i in files], np.array([index[c] for c in labels], dtype=np.int64),
-                     class_tuple, [i.path[len(loc.path):].strip("/") for i in files], loc.fs,
-                     _fingerprint(files, loc.path, class_tuple))
+    return files, class_tuple, np.array([index[c] for c in names], dtype=np.int64)
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
