@@ -67,10 +67,11 @@ def test_a_validation_episode_never_trains_on_its_own_queries():
     dann = make_strategy("dann")
     eps = _Episodes([dann], data, 1, 5, 2, 0, None, build_backbone("digits_cnn"), None, unlabelled=data)
     for ep in eps.episodes:
-        pool = eps.task(dann, ep).unlabelled_x
+        task = eps.task(dann, ep)
+        pool = task.unlabelled_x
         assert len(pool) == len(data) - len(ep.query)
         rows = lambda t: Counter(map(tuple, t.flatten(1)[:, ::7].tolist()))  # noqa: E731
-        assert rows(pool) == rows(eps.pool) - rows(eps.images[ep.query])  # the pool less exactly its queries
+        assert rows(pool) == rows(eps.pool) - rows(task.query_x)  # the pool less exactly its queries
     other = _Episodes([dann], data, 1, 5, 1, 0, None, build_backbone("digits_cnn"), None,
                       unlabelled=load_embedded("optdigits:novel"))
     assert len(other.task(dann, other.episodes[0]).unlabelled_x) == len(data)

@@ -106,3 +106,43 @@ def test_parquet_errors(ray_local, tmp_path):
     pd.DataFrame({"image": [png()]}).to_parquet(nolabel)
     with pytest.raises(DataError, match="has no column 'label'"):
         load_parquet(nolabel, SIZE)
+
+
+def test_a_lazy_folder_holds_paths_and_decodes_only_the_rows_asked_for(ray_local, folder, tmp_path):
+    """What a comparison's driver holds of a user folder: labels, ids and paths; the pixels of rows
+    asked for are the ones the in-memory load gives, a subset stays lazy, and the fingerprint follows
+    the listing (a rewritten file changes it) without reading the images."""
+    import os
+
+    from tl.data.sources import check_files, files_of
+
+    full, lazy = load_image_folder(folder, SIZE), load_image_folder(folder, SIZE, lazy=True)
+    assert lazy.lazy and not full.lazy and lazy.images.shape == full.images.shape
+    assert list(lazy.ids) == list(full.ids) and (lazy.labels == full.labels).all()
+    np.testing.assert_array_equal(lazy.pixels(np.arange(len(lazy))), full.images)
+    dogs = lazy.subset(lazy.labels == 1)
+    assert dogs.lazy and len(dogs) == 3
+    np.testing.assert_array_equal(dogs.pixels([2, 0]), full.images[full.labels == 1][[2, 0]])
+    with pytest.raises(DataError, match="held as files"):
+        lazy.to_arrow()
+    assert files_of(dogs).fingerprint == dogs.fingerprint() != lazy.fingerprint()
+    before = lazy.fingerprint()
+    target = folder / "cat" / "0.png"
+    target.write_bytes(png("RGB", value=200))
+    os.utime(target, ns=(1, 1))
+    assert load_image_folder(folder, SIZE, lazy=True).fingerprint() != before
+    check_files(lazy)  # every file decodes
+    (folder / "cat" / "1.png").write_bytes(png()[:40])
+    with pytest.raises(DataError, match=r"1 unreadable images.*1\.png"):
+        check_files(load_image_folder(folder, SIZE, lazy=True))
+    with pytest.raises(DataError, match=r"image '.*cat/1\.png' cannot be read"):
+        load_image_folder(folder, SIZE, lazy=True).pixels([1])
+
+
+def test_a_lazy_manifest_names_a_missing_file(ray_local, tmp_path, folder):
+    pd.DataFrame({"path": ["cat/0.png", "dog/9.png"], "label": ["cat", "dog"]}).to_csv(folder / "m.csv", index=False)
+    with pytest.raises(DataError, match=r"row 3: image 'dog/9.png' does not exist"):
+        load_csv_manifest(folder / "m.csv", SIZE, lazy=True)
+    pd.DataFrame({"path": ["cat/0.png", "dog/1.png"], "label": ["cat", "dog"]}).to_csv(folder / "m.csv", index=False)
+    lazy = load_csv_manifest(folder / "m.csv", SIZE, lazy=True)
+    np.testing.assert_array_equal(lazy.pixels([0, 1]), load_csv_manifest(folder / "m.csv", SIZE).images)

@@ -177,18 +177,25 @@ def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
 
 
 def target_data(cfg: CompareConfig, target: str) -> dict:
-    return load_target(target, cfg.spec(target), cfg.test_split, cfg.val_split)
+    """A target's test and validation parts; a user's folder or manifest as files (``ImageSet.lazy``):
+    the driver holds its labels and paths, each episode decodes its own images in its trial."""
+    return load_target(target, cfg.spec(target), cfg.test_split, cfg.val_split, lazy=True)
 
 
 def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: "str | os.PathLike | Location",
             log: Callable[[str], None] = print) -> dict:
     """What every cell function shares: target splits, cached embeddings (for the targets whose
     todo cells have a feature strategy) and the episode settings."""
+    from tl.data.sources import check_files
     from tl.embeddings import EmbedConfig, extract
 
     targets = sorted({c.spec["target"] for c in todo})
     data = {t: target_data(cfg, t) for t in targets}
     featured = {c.spec["target"] for c in todo if StrategyEntry(**c.spec["entry"]).build().uses_embeddings}
+    for t in targets:  # files no extraction reads are checked here, in one Ray Data pass, before any trial
+        for part in data[t].values():
+            if part is not None and part.lazy and t not in featured:
+                check_files(part)
     embeddings: dict = {}
     if featured:
         ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,

@@ -88,9 +88,15 @@ def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
 
 
 def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print) -> Embeddings:
-    """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached."""
+    """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached (a lazy set, held
+    as files, streams from its files: ``extract_files``)."""
     import ray.data
 
+    if data.lazy:
+        from tl.data.sources import files_of
+
+        return extract_files(files_of(data), data.images.size, cfg, cache_root, log,
+                             mixed_sizes=data.images.mixed_sizes)
     t0 = time.time()
     model, stage, pp, key, where = _place(cfg, data.fingerprint(), cache_root)
     fs, folder = where.fs, where.path

@@ -23,29 +23,41 @@ from tl.models import Backbone
 from tl.runtime import episode_device
 from tl.strategies import EpisodeTask, Strategy, StrategyEntry
 
+#: at most this many unlabelled images form an episode's pool (a seeded sample of a larger split):
+#: an adaptation episode draws steps x target batch images from it (100 x 32 by default), so a pool
+#: of a user's 50,000 images would cost memory in every trial and change nothing; the embedded
+#: targets' pools (500 and 898 images) are used whole
+MAX_POOL = 1024
+
+
 class _Episodes:
-    """Seeded episodes of ``data`` and the tensors/embeddings every strategy's task is cut from."""
+    """Seeded episodes of ``data`` and the tensors/embeddings every strategy's task is cut from.
+    A trained strategy's episode decodes and preprocesses its own n_way x (K + Q) images
+    (``ImageSet.pixels``), never the whole split."""
 
     def __init__(self, strategies, data: ImageSet, shots: int, queries: int, episodes: int, seed: int,
                  n_way: int | None, backbone: Backbone | None, embeddings: np.ndarray | None,
                  unlabelled: ImageSet | None, start: int = 0):
-        self.seed, self.backbone, self.embeddings = seed, backbone, embeddings
+        self.seed, self.backbone, self.embeddings, self.data = seed, backbone, embeddings, data
         self.device = episode_device()
         self.episodes = sample_episodes(data.labels, n_way, shots, queries, episodes, seed, data.classes, start=start)
-        self.images = self.pool = None
+        self.pool = self.pool_rows = None
         # validation episodes whose unlabelled pool is their own split: an episode's queries are left
         # out of its pool, so an adaptation strategy never trains on the images it is scored on
         self.pool_is_data = unlabelled is data
-        if any(not s.uses_embeddings for s in strategies):
-            if backbone is None:
-                raise ValueError("trained strategies need a backbone")
-            with torch.no_grad():
-                self.images = backbone.preprocessing(torch.tensor(data.images))
+        if any(not s.uses_embeddings for s in strategies) and backbone is None:
+            raise ValueError("trained strategies need a backbone")
         if any(s.uses_embeddings for s in strategies) and embeddings is None:
             raise ValueError("feature strategies need embeddings")
         if unlabelled is not None and backbone is not None:
-            with torch.no_grad():
-                self.pool = backbone.preprocessing(torch.tensor(unlabelled.images))
+            rows = np.arange(len(unlabelled))
+            if len(rows) > MAX_POOL:
+                rows = np.sort(np.random.default_rng([seed, 7919]).choice(rows, MAX_POOL, replace=False))
+            self.pool_rows, self.pool = rows, self._prepared(unlabelled, rows)
+
+    def _prepared(self, data: ImageSet, rows: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone.preprocessing(torch.from_numpy(data.pixels(rows)))
 
     def task(self, strat: Strategy, ep) -> EpisodeTask:
         task = EpisodeTask(n_way=len(ep.classes), support_y=ep.support_labels, seed=self.seed * 100_003 + ep.index,
@@ -54,12 +66,12 @@ class _Episodes:
             task.support_emb, task.query_emb = self.embeddings[ep.support], self.embeddings[ep.query]
         else:
             backbone = self.backbone
-            task.support_x, task.query_x = self.images[ep.support], self.images[ep.query]
+            x = self._prepared(self.data, np.concatenate([ep.support, ep.query]))
+            task.support_x, task.query_x = x[: len(ep.support)], x[len(ep.support):]
             task.backbone = lambda: copy.deepcopy(backbone)
             task.unlabelled_x = self.pool
             if self.pool is not None and self.pool_is_data:
-                keep = np.ones(len(self.pool), dtype=bool)
-                keep[ep.query] = False
+                keep = ~np.isin(self.pool_rows, ep.query)
                 task.unlabelled_x = self.pool[torch.from_numpy(keep)]
         return task
 

@@ -237,13 +237,21 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
-    target = load_target(cfg.target_name, cfg.target_spec, cfg.test_split, cfg.val_split, input_size_of(cfg.backbone, cfg.input_size))
+    # a user's folder stays files: each trial's episodes decode their own images
+    target = load_target(cfg.target_name, cfg.target_spec, cfg.test_split, cfg.val_split,
+                         input_size_of(cfg.backbone, cfg.input_size), lazy=True)
     if target["val"] is None:
         raise ConfigError(f"config key 'target': the search needs validation images, and split none keeps every image "
                           f"of '{cfg.target_name}' for test episodes: use split halves")
     check_target(target, cfg.target_name, cfg.shots)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
+    if not strat0.uses_embeddings:  # files no extraction reads are checked before any trial
+        from tl.data.sources import check_files
+
+        for part in (val, test):
+            if part.lazy:
+                check_files(part)
     val_emb = test_emb = None
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus()) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:

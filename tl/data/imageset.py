@@ -1,8 +1,10 @@
 """One table schema for every data source: image, label, class name, domain, split, id.
 
-Images are held as float32 arrays in one layout, N x 3 x H x W with values in [0, 1]; the
-backbone's preprocessing later states the size and normalisation, so any backbone can take any
-dataset.
+Images are float32 in one layout, N x 3 x H x W with values in [0, 1]; the backbone's preprocessing
+later states the size and normalisation, so any backbone can take any dataset. They are held either
+as one array (the embedded suite, small user data) or as files decoded only when rows are asked for
+(``lazy``: a user's folder in a comparison, ``tl.data.sources.FileImages``), so a driver that
+samples episodes holds labels and paths, never the pixels of a large set.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ COLUMNS = ("image", "label", "class_name", "domain", "split", "id")
 
 @dataclass
 class ImageSet:
-    """A labelled (or unlabelled: label -1) image table held in memory."""
+    """A labelled (or unlabelled: label -1) image table; ``images`` an N x 3 x H x W float32 array,
+    or a lazy file-backed stand-in (``lazy``) with ``shape``, ``take(rows)`` (a lazy subset),
+    ``load(rows)`` (the decoded array) and ``fingerprint()`` (from the files' listing)."""
 
     name: str
     images: np.ndarray
@@ -33,12 +37,13 @@ class ImageSet:
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.images = np.ascontiguousarray(self.images, dtype=np.float32)
+        if not self.lazy:
+            self.images = np.ascontiguousarray(self.images, dtype=np.float32)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         self.splits = np.asarray(self.splits, dtype=object)
         self.ids = np.asarray(self.ids, dtype=object)
         n = len(self.images)
-        if self.images.ndim != 4 or self.images.shape[1] != 3:
+        if len(self.images.shape) != 4 or self.images.shape[1] != 3:
             raise DataError(f"dataset '{self.name}': images must be N x 3 x H x W, got {self.images.shape}")
         for what, arr in (("labels", self.labels), ("splits", self.splits), ("ids", self.ids)):
             if len(arr) != n:
@@ -51,15 +56,28 @@ class ImageSet:
         return len(self.images)
 
     @property
+    def lazy(self) -> bool:
+        """The images are files, decoded when ``pixels`` asks for rows."""
+        return not isinstance(self.images, np.ndarray) and hasattr(self.images, "take")
+
+    def pixels(self, index: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The float32 images of the given rows (integer index), decoded now when the set is lazy:
+        an episode asks for its n_way x (K + Q) images, never for the whole set."""
+        idx = np.asarray(index, dtype=np.int64)
+        return self.images.load(idx) if self.lazy else self.images[idx]
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def subset(self, index: np.ndarray | Sequence[int], name: str | None = None) -> "ImageSet":
         """Rows by integer index or boolean mask, keeping classes and domain."""
         idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
         return ImageSet(
             name=name or self.name,
-            images=self.images[idx],
+            images=self.images.take(idx) if self.lazy else self.images[idx],
             labels=self.labels[idx],
             classes=self.classes,
             domain=self.domain,
@@ -93,7 +111,8 @@ class ImageSet:
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(str(self.images.shape).encode())
-            h.update(self.images.tobytes())
+            # a lazy set hashes its files' listing (relative path, size, mtime), not their bytes
+            h.update(self.images.fingerprint().encode() if self.lazy else self.images.tobytes())
             h.update(self.labels.tobytes())
             h.update("\0".join(map(str, self.ids)).encode())
             h.update("\0".join(self.classes).encode())
@@ -102,6 +121,7 @@ class ImageSet:
 
     def to_pandas(self) -> pd.DataFrame:
         """The table schema as a DataFrame (image column holds 3 x H x W arrays)."""
+        self._in_memory("a DataFrame")
         names = np.array(list(self.classes) + [""], dtype=object)
         return pd.DataFrame(
             {
@@ -120,6 +140,9 @@ class ImageSet:
         import pyarrow as pa
         from ray.data.extensions import ArrowTensorArray
 
+        if self.lazy and "image" in columns:
+            raise DataError(f"dataset '{self.name}' is held as files: its images stream through Ray Data "
+                            f"(tl.embeddings.extract reads them there), not through a table built in the driver")
         sl = slice(start, stop)
         names = np.array(list(self.classes) + [""], dtype=object)
         make = {
@@ -140,6 +163,11 @@ class ImageSet:
         blocks = [self.to_arrow(columns, i, i + block_rows) for i in range(0, max(1, len(self)), block_rows)]
         return ray.data.from_arrow(blocks)
 
+    def _in_memory(self, what: str) -> None:
+        if self.lazy:
+            raise DataError(f"dataset '{self.name}' is held as files, decoded per episode: it cannot become {what} "
+                            f"in the driver")
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
@@ -148,6 +176,8 @@ class ImageSet:
 def concat(sets: Sequence[ImageSet], name: str) -> ImageSet:
     """Stack image sets that share classes and image shape."""
     first = sets[0]
+    for s in sets:
+        s._in_memory("a joined set")
     for s in sets[1:]:
         if s.classes != first.classes:
             raise DataError(f"cannot join '{s.name}' and '{first.name}': their class lists differ")

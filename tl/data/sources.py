@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,9 +70,10 @@ class _Decode:
     """Ray Data batch function: decode the ``bytes`` column, one error string per row, and the
     file's own size (``shape``, ``WxH``) for the mixed-size rule."""
 
-    def __init__(self, size: tuple[int, int], uint8: bool = False):
+    def __init__(self, size: tuple[int, int], uint8: bool = False, images: bool = True):
         self.size = tuple(size)
         self.uint8 = uint8
+        self.images = images  # False: only the checks' columns come back (a scan of the files)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         images, errors, shapes = [], [], []
@@ -87,7 +88,8 @@ class _Decode:
                 errors.append(f"{type(exc).__name__}: {exc}")
             shapes.append("x".join(map(str, shape)))
         out = batch.drop(columns=["bytes"])
-        out["image"] = images
+        if self.images:
+            out["image"] = images
         out["error"] = errors
         out["shape"] = shapes
         return out
@@ -132,14 +134,14 @@ def path_key(path: str) -> str:
     return os.path.normpath("/" + path.lstrip("/"))
 
 
-def _decode_files(paths: list[str], size: tuple[int, int], fs=None) -> pd.DataFrame:
+def _decode_files(paths: list[str], size: tuple[int, int], fs=None, images: bool = True) -> pd.DataFrame:
     """Read and decode files with Ray Data (``paths`` on ``fs``, a pyarrow filesystem; local when
-    None); returns columns path, image, error (in input order)."""
+    None); returns columns path, image (unless not ``images``: a scan), error, shape (input order)."""
     import ray.data
 
     try:
         ds = ray.data.read_binary_files(paths, include_paths=True, shuffle=None, filesystem=fs)
-        rows = ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64).to_pandas()
+        rows = ds.map_batches(_Decode(size, images=images), batch_format="pandas", batch_size=64).to_pandas()
     except Exception as exc:  # a file that vanished or cannot be opened fails the whole read
         raise DataError(f"could not read the {len(paths)} image files (first '{paths[0]}'): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -188,9 +190,84 @@ class FileIndex:
     ids: list[str]
     fs: Any
     fingerprint: str
+    stamps: list[str] = field(default_factory=list)  # per file "size:mtime_ns", from the listing
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+@dataclass(eq=False)
+class FileImages:
+    """The images of a set as files on a pyarrow filesystem, decoded (``decode_image``, float32,
+    ``size``) only for the rows asked for: what a driver holds of a user's folder in a comparison
+    is its paths and each file's listed size and mtime, never its pixels. An episode decodes its
+    n_way x (K + Q) images inside the trial that runs it."""
+
+    paths: np.ndarray
+    stamps: np.ndarray
+    fs: Any
+    size: tuple[int, int]
+    mixed_sizes: str = "error"
+
+    def __post_init__(self) -> None:
+        self.paths = np.asarray(self.paths, dtype=object)
+        self.stamps = np.asarray(self.stamps, dtype=object)
+        self.size = (int(self.size[0]), int(self.size[1]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, *self.size)
+
+    def take(self, rows: np.ndarray) -> "FileImages":
+        return FileImages(self.paths[rows], self.stamps[rows], self.fs, self.size, self.mixed_sizes)
+
+    def load(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), 3, *self.size), dtype=np.float32)
+        for j, i in enumerate(rows):
+            path = self.paths[i]
+            try:
+                with self.fs.open_input_file(path) as f:
+                    out[j] = decode_image(f.readall(), self.size)
+            except Exception as exc:  # one file's failure, by name
+                raise DataError(f"image '{path}' cannot be read: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def fingerprint(self) -> str:
+        """The listing's sizes and mtimes with the decode size (the set adds the relative paths)."""
+        h = hashlib.sha256(f"{self.size}".encode())
+        h.update("\0".join(self.stamps).encode())
+        return h.hexdigest()
+
+
+def lazy_set(name: str, paths: Sequence[str], stamps: Sequence[str], fs, size: tuple[int, int], label_names,
+             classes: tuple[str, ...], ids: Sequence[str], mixed_sizes: str) -> ImageSet:
+    """An ImageSet whose images are ``FileImages`` (labels, ids and paths in memory)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return ImageSet(name=name, images=FileImages(paths, stamps, fs, size, mixed_sizes),
+                    labels=np.array([index[c] for c in label_names] if len(label_names) else np.full(len(ids), -1),
+                                    dtype=np.int64),
+                    classes=classes, domain=name, splits=np.full(len(ids), "all", dtype=object),
+                    ids=np.asarray(ids, dtype=object))
+
+
+def files_of(data: ImageSet) -> FileIndex:
+    """A lazy set as the file listing that streamed extraction reads (``extract_files``)."""
+    im = data.images
+    return FileIndex(data.name, list(im.paths), data.labels, data.classes, list(data.ids), im.fs, data.fingerprint(),
+                     list(im.stamps))
+
+
+def check_files(data: ImageSet) -> None:
+    """Every file of a lazy set decodes, and its images share one size (unless the spec says
+    ``mixed_sizes: resize``): one pass of Ray Data over the files, before any trial; what comes back
+    to the driver is one short row per file (path, error, size), no pixel."""
+    im = data.images
+    rows = _decode_files(list(im.paths), im.size, im.fs, images=False)
+    _raise_bad(rows, "path", f"images in '{data.name}'")
+    _check_sizes(rows, "path", f"the images in '{data.name}'", im.mixed_sizes)
 
 
 def _fingerprint(infos, root: str, classes: Sequence[str]) -> str:
@@ -237,7 +314,8 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None, u
     else:
         files, class_tuple, labels = _class_files(root, loc, by_class, classes)
     return FileIndex(loc.name, [i.path for i in files], labels, class_tuple,
-                     [i.path[len(loc.path):].strip("/") for i in files], loc.fs, _fingerprint(files, loc.path, class_tuple))
+                     [i.path[len(loc.path):].strip("/") for i in files], loc.fs, _fingerprint(files, loc.path, class_tuple),
+                     [f"{i.size}:{i.mtime_ns}" for i in files])
 
 
 def _class_files(root, loc: Location, by_class: dict[str, list], classes: Sequence[str] | None):
@@ -265,22 +343,26 @@ def _class_files(root, loc: Location, by_class: dict[str, list], classes: Sequen
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
-                      mixed_sizes: str = "error", unlabelled: bool = False) -> ImageSet:
+                      mixed_sizes: str = "error", unlabelled: bool = False, lazy: bool = False) -> ImageSet:
     """The images of an image folder (``index_image_folder``: one subfolder per class, local or at a
     URI), decoded through Ray Data; a file with an image suffix that does not decode is an error
-    naming it."""
+    naming it. ``lazy``: the listing only, decoded per row when asked (``FileImages``; its files are
+    checked by ``check_files`` or by the extraction that reads them)."""
     idx = index_image_folder(root, classes, unlabelled)
+    names = [idx.classes[c] for c in idx.labels] if (idx.labels >= 0).all() else []
+    if lazy:
+        return lazy_set(idx.name, idx.paths, idx.stamps, idx.fs, size, names, idx.classes, idx.ids, mixed_sizes)
     rows = _decode_files(idx.paths, size, idx.fs)
     _raise_bad(rows, "path", f"images in '{root}'")
     _check_sizes(rows, "path", f"the images in '{root}'", mixed_sizes)
-    names = [idx.classes[c] for c in idx.labels] if (idx.labels >= 0).all() else []
     return _build(idx.name, idx.name, rows["image"].tolist(), names, idx.classes, idx.ids)
 
 
 def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
-                      mixed_sizes: str = "error") -> ImageSet:
+                      mixed_sizes: str = "error", lazy: bool = False) -> ImageSet:
     """A CSV with columns ``path`` and ``label``; relative paths are relative to the CSV's folder
-    (the CSV and its images may be local or at a URI; the images on the CSV's filesystem)."""
+    (the CSV and its images may be local or at a URI; the images on the CSV's filesystem).
+    ``lazy``: paths and labels only, as ``load_image_folder``."""
     loc = Location.of(path)
     if not loc.is_file():
         raise DataError(f"CSV manifest '{path}' does not exist")
@@ -305,10 +387,20 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
         paths.append(os.path.normpath(full.path) if loc.is_local else full.path)
     labels = table["label"].tolist()
     class_tuple = _class_list(labels, classes, f"CSV manifest '{path}'")
+    stem = loc.name.rsplit(".", 1)[0]
+    if lazy:
+        import pyarrow.fs as pafs
+
+        infos = loc.fs.get_file_info(paths)  # one call: the stamps of the cache key, and missing files
+        gone = [i for i, info in enumerate(infos) if info.type != pafs.FileType.File]
+        if gone:
+            raise DataError(f"CSV manifest '{path}', row {gone[0] + 2}: image '{table['path'].iloc[gone[0]]}' does "
+                            f"not exist ({len(gone)} listed images are missing)")
+        return lazy_set(stem, paths, [f"{i.size}:{i.mtime_ns}" for i in infos], loc.fs, size, labels, class_tuple,
+                        table["path"].tolist(), mixed_sizes)
     rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images listed in '{path}'")
     _check_sizes(rows, "path", f"the images listed in '{path}'", mixed_sizes)
-    stem = loc.name.rsplit(".", 1)[0]
     return _build(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
 
 
@@ -366,9 +458,12 @@ def load_source(
     classes: Sequence[str] | None = None,
     mixed_sizes: str = "error",
     unlabelled: bool = False,
+    lazy: bool = False,
 ) -> ImageSet:
     """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file
-    (``unlabelled``: a folder without class subfolders is allowed, its labels -1)."""
+    (``unlabelled``: a folder without class subfolders is allowed, its labels -1; ``lazy``: a folder's
+    or a manifest's images stay files, decoded when rows are asked for; a Parquet file holds its
+    images' bytes and is always read whole)."""
     given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet)) if v}
     if len(given) != 1:
         raise DataError(f"give exactly one data source (dataset, folder, csv or parquet); got {sorted(given) or 'none'}")
@@ -377,7 +472,7 @@ def load_source(
 
         return load_embedded(dataset)
     if folder:
-        return load_image_folder(folder, size, classes, mixed_sizes, unlabelled)
+        return load_image_folder(folder, size, classes, mixed_sizes, unlabelled, lazy)
     if csv:
-        return load_csv_manifest(csv, size, classes, mixed_sizes)
+        return load_csv_manifest(csv, size, classes, mixed_sizes, lazy)
     return load_parquet(parquet, size, classes, mixed_sizes=mixed_sizes)

@@ -180,10 +180,11 @@ def stratified_fractions(labels: np.ndarray, fractions: Mapping[str, float], see
 
 def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = None,
               default_split: str | dict[str, float] = "none", classes: tuple[str, ...] | None = None,
-              unlabelled: bool = False) -> ImageSet:
+              unlabelled: bool = False, lazy: bool = False) -> ImageSet:
     """The whole dataset, its rows marked with their split: an embedded set with its own splits, or
     the user's data read through Ray Data and split by its rule (``default_split`` when unset).
-    ``classes`` (a source's) fixes the label order; ``unlabelled`` allows a folder without classes."""
+    ``classes`` (a source's) fixes the label order; ``unlabelled`` allows a folder without classes;
+    ``lazy``: a folder's or manifest's images stay files (``ImageSet.lazy``), only listed here."""
     if spec is None:
         from tl.data.suite import load_embedded
 
@@ -192,20 +193,20 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
     if classes is not None and spec.classes is None:
         spec = replace(spec, classes=tuple(classes))
     blob = json.dumps({**asdict(spec), "kind": spec.kind()}, sort_keys=True)
-    full = _load(blob, unlabelled)
+    full = _load(blob, unlabelled, lazy and spec.kind() != "parquet")
     out = full.subset(np.arange(len(full)), name=name)
     return out
 
 
 @lru_cache(maxsize=8)
-def _load(blob: str, unlabelled: bool) -> ImageSet:
+def _load(blob: str, unlabelled: bool, lazy: bool = False) -> ImageSet:
     from tl.data.sources import load_source
     from tl.data.suite import stratified_halves
 
     s = json.loads(blob)
     kind = s["kind"]
     full = load_source(**{kind: s["path"] or s[kind]}, size=tuple(s["size"]), classes=s["classes"],
-                       mixed_sizes=s["mixed_sizes"], unlabelled=unlabelled)
+                       mixed_sizes=s["mixed_sizes"], unlabelled=unlabelled, lazy=lazy)
     split = s["split"]
     if split == "halves":
         _enough(full, 2, "halves", s)
@@ -235,11 +236,12 @@ def part(data: ImageSet, split: str, spec: DataSpec | None, key: str) -> ImageSe
 
 
 def load_target(name: str, source: DataSpec | None, test_split: str = "test",
-                val_split: str = "adapt", size: tuple[int, int] | None = None
+                val_split: str = "adapt", size: tuple[int, int] | None = None, lazy: bool = False
                 ) -> dict[str, ImageSet | None]:
     """A comparison's or an export's target: ``{"test": ImageSet, "val": ImageSet | None}``; ``val``
-    is None for a user's ``split: none`` (every image a test image: small data)."""
-    full = load_data(name, source, size, "none")
+    is None for a user's ``split: none`` (every image a test image: small data). ``lazy``: a user's
+    folder or manifest stays files (a comparison's episodes decode only their own images)."""
+    full = load_data(name, source, size, "none", lazy=lazy)
     if source is not None and not (full.splits == test_split).any() and (full.splits == "all").all():
         return {"test": full, "val": None}
     return {"test": part(full, test_split, source, f"data.{name}"), "val": part(full, val_split, source, f"data.{name}")}

@@ -1,0 +1,81 @@
+"""A comparison's driver holds a user folder's labels and paths, never its pixel array: the target
+here is 586 MiB at float32, and the driver process (a real run on the session's Ray) must grow by a
+third of that at most, while reading the same folder into memory grows it by more than the array.
+Peak RSS is the kernel's own high-water mark (``VmHWM``), reset after the imports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+N, SIDE, CLASSES = 2000, 160, 5
+FLOAT32_MB = N * 3 * SIDE * SIDE * 4 / 2**20
+
+CHILD = r"""
+import json, sys
+from pathlib import Path
+
+# every module the run imports, before the baseline (torchvision alone is about 150 MB)
+import matplotlib, ray, ray.data, ray.train, ray.tune, torch, torchvision  # noqa: F401,E401
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: F401,E402
+import tl.compare, tl.embeddings, tl.evaluate, tl.report  # noqa: F401,E401,E402
+from tl.compare import CompareConfig, run_compare
+from tl.config import load_config
+from tl.data.sources import load_image_folder
+
+
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+address, base_cfg, home, out, folder = sys.argv[1:6]
+ray.init(address=address)
+cfg = load_config(CompareConfig, base=json.loads(base_cfg))
+base = status("VmRSS:")
+reset_peak()
+res = run_compare(cfg, home, Path(out), log=lambda _: None)
+compare_peak = status("VmHWM:")
+base2 = status("VmRSS:")
+reset_peak()
+held = load_image_folder(folder, (%(side)d, %(side)d))
+print("RESULT " + json.dumps({"compare_growth": compare_peak - base, "rows": res.rows, "exit": res.exit_status,
+                              "in_memory_growth": status("VmHWM:") - base2, "held": held.images.nbytes / 2**20}))
+""" % {"side": SIDE}
+
+
+def test_a_comparison_driver_never_holds_the_pixel_array(ray_local, pretrained, tmp_path):
+    import ray
+
+    folder = tmp_path / "big"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    for i in range(N):
+        c = i % CLASSES
+        base = 127 + 100 * np.sin(2 * np.pi * ((c + 1) * xx + (c % 3) * yy))
+        img = np.clip(base[..., None] + rng.normal(0, 10, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"c{c}" / f"{i:05d}.png")
+    cfg = {"experiment": "driver-memory", "weights": str(pretrained), "shots": [1], "episodes": 2, "queries": 5,
+           "n_way": 5, "targets": [{"path": str(folder), "name": "big", "size": [SIDE, SIDE], "split": "none"}],
+           "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"steps": 2}}]}
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-c", CHILD, address, json.dumps(cfg), str(tmp_path / "home"),
+                           str(tmp_path / "out"), str(folder)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["exit"] == 0 and got["rows"] == 2 * 2
+    assert abs(got["held"] - FLOAT32_MB) < 1  # the array the old driver held: 2000 x 3 x 160 x 160 float32
+    assert got["in_memory_growth"] > FLOAT32_MB, got  # the measurement sees an array of that size
+    # the comparison's driver held no such array (measured: about 120 MB, Ray Data's and Tune's own)
+    assert got["compare_growth"] < FLOAT32_MB / 3, got
