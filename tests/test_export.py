@@ -188,6 +188,7 @@ def test_predict_folder_names_the_corrupt_image_and_predicts_the_rest(ray_local,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predicted"] == 20 and [f["path"] for f in summary["failed"]] == [str(cls / "broken.png")]
     assert len(pd.read_csv(out / "predictions.csv")) == 21
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "predictions.parquet", "summary.json"]
 
 
 def test_predict_csv_and_parquet_inputs(ray_local, models, tmp_path):

@@ -1,14 +1,16 @@
 """Batch inference with an exported model, on Ray Data: an image folder, a CSV manifest, a Parquet file
 of encoded images, or a split of the embedded suite (``mnistm:test``).
 
-Files are read as bytes (``read_binary_files``) and decoded by a function that records an error per
-row (DESIGN section 5: ``read_images`` would fail the whole dataset on one corrupt file); the model
-runs in ``map_batches`` with a callable class over an ``ActorPoolStrategy`` (fractional CPUs per
-actor; one GPU per actor when the cluster has GPUs). The model travels to the actors through the
-object store, so they need no access to the model folder. Every input row gets one output row: the
-predicted class and per-class probabilities, or the reason it could not be read. Rule: a run that
-predicts at least one image succeeds (the unreadable ones are listed by path); a run that predicts
-none is an error.
+The driver holds a folder's or manifest's listing (ids, paths, labels), never an image: Ray Data
+tasks read and decode the files (or a Parquet input's row groups), recording an error per row
+rather than failing the whole dataset on one corrupt file (DESIGN section 5); the model runs in
+``map_batches`` with a callable class over an ``ActorPoolStrategy`` (fractional CPUs per actor; one
+GPU per actor when the cluster has GPUs), and ``write_parquet`` writes the table's parts, which the
+driver joins in input order into one Parquet file and one CSV, a part at a time. The model travels
+to the actors through the object store, so they need no access to the model folder. Every input
+row gets one output row: the predicted class and per-class probabilities, or the reason it could
+not be read. Rule: a run that predicts at least one image succeeds (the unreadable ones are listed
+by path); a run that predicts none is an error.
 """
 
 from __future__ import annotations
@@ -139,8 +141,90 @@ def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.
     return rows, notes
 
 
+#: input rows per Ray Data block of a listed folder or manifest (the listing is the driver's; the
+#: files are read inside the blocks' tasks)
+LISTING_BLOCK = 512
+
+
+class _ReadDecode:
+    """Ray Data batch function over listed files: each row's file read from ``fs`` and decoded as a
+    viewer shows it (``decode_image``); a file that fails is that row's error, by name."""
+
+    def __init__(self, size: tuple[int, int], fs):
+        self.size, self.fs = tuple(size), fs
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from tl.data.sources import decode_image
+
+        blank = np.zeros((3, *self.size), dtype=np.float32)
+        images, errors = [], []
+        for path, err in zip(batch["path"], batch["error"]):
+            image = blank
+            if not err:
+                try:
+                    with self.fs.open_input_file(path) as f:
+                        image = decode_image(f.readall(), self.size)
+                except Exception as exc:  # any read or decode failure is that file's error
+                    err = f"{type(exc).__name__}: {exc}"
+            images.append(image)
+            errors.append(err)
+        out = batch.copy()
+        out["image"], out["error"] = images, errors
+        return out
+
+
+class _ReadGroups:
+    """Ray Data batch function over a Parquet input's row groups (file, group, first row): the image
+    bytes, id and label columns of each group, with the input's row numbers."""
+
+    def __init__(self, fs, keep: dict[str, str], name: str):
+        self.fs, self.keep, self.name = fs, keep, name
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        parts = []
+        for file, group, first in zip(batch["file"], batch["group"], batch["first"]):
+            with self.fs.open_input_file(file) as f:
+                df = pq.ParquetFile(f).read_row_group(int(group), columns=list(self.keep)).to_pandas()
+            df = df.rename(columns=self.keep)
+            df["row"] = np.arange(int(first), int(first) + len(df))
+            if "id" not in df:
+                df["id"] = [f"{self.name}#row{i}" for i in df["row"]]
+            parts.append(df)
+        return pd.concat(parts, ignore_index=True)
+
+
+class _Rows:
+    """Ray Data batch function after the model: the output table's columns (row, id, path, label,
+    predicted, confidence, prob_<class>, error), one row per input row."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = list(classes)
+
+    def __call__(self, batch: dict) -> pd.DataFrame:
+        idx, probs = np.asarray(batch["predicted_index"]), np.asarray(batch["probabilities"], dtype=np.float32)
+        n, ok = len(idx), idx >= 0
+        names = np.array(self.classes + [None], dtype=object)
+
+        def text(values):
+            return pd.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values],
+                            dtype="string")
+
+        out = pd.DataFrame({"row": np.asarray(batch["row"], dtype=np.int64), "id": text(batch["id"]),
+                            "path": text(batch["path"] if "path" in batch else [None] * n),
+                            "label": text(batch["label"] if "label" in batch else [None] * n),
+                            "predicted": text(names[np.where(ok, idx, len(self.classes))]),
+                            "confidence": np.where(ok, np.nan_to_num(probs).max(1, initial=0.0), np.nan).astype(np.float32)})
+        for j, c in enumerate(self.classes):
+            out[f"prob_{c}"] = probs[:, j]
+        out["error"] = text(batch["error"])
+        return out
+
+
 def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: list[str]):
-    """(Ray Dataset of rows to score, driver-side rows in input order or None, notes)."""
+    """(Ray Dataset of every input row decoded, with its input row number and id; notes). The driver
+    holds a folder's or manifest's listing, never an image."""
     import ray.data
 
     from tl.data.sources import _Decode
@@ -153,21 +237,24 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
         rows, notes = _file_rows(source, cfg, classes)
         if rows.empty:
             raise DataError(f"input '{source}' holds no image files")
-        readable = sorted(set(rows.loc[rows["error"] == "", "path"]))
-        if not readable:
-            return None, rows, notes
-        ds = ray.data.read_binary_files(readable, include_paths=True, shuffle=None, filesystem=loc.fs)
-        return ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64), rows, notes
+        rows.insert(0, "row", np.arange(len(rows)))
+        blocks = [rows.iloc[i:i + LISTING_BLOCK] for i in range(0, len(rows), LISTING_BLOCK)]
+        ds = ray.data.from_pandas(blocks)
+        return ds.map_batches(_ReadDecode(size, loc.fs), batch_format="pandas", batch_size=64), notes
     if p.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
         if not loc.exists():
             raise DataError(f"input '{source}' does not exist")
         try:
-            names = pq.read_schema(loc.path, filesystem=loc.fs).names if loc.is_file() else \
-                pq.ParquetDataset(loc.path, filesystem=loc.fs).schema.names
+            files = [loc.path] if loc.is_file() else sorted(pq.ParquetDataset(loc.path, filesystem=loc.fs).files)
+            metas = []
+            for f in files:
+                with loc.fs.open_input_file(f) as fh:  # the footer only
+                    metas.append(pq.ParquetFile(fh).metadata)
         except Exception as exc:
             raise DataError(f"Parquet file '{source}' is not readable Parquet: {exc}") from exc
+        names = metas[0].schema.to_arrow_schema().names if metas else []
         if cfg.image_column not in names:
             raise DataError(f"Parquet file '{source}' has no column '{cfg.image_column}' (columns: {names}; config key "
                             f"'image_column')")
@@ -176,9 +263,16 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
             raise DataError(f"Parquet file '{source}' has no column '{id_col}' (config key 'id_column')")
         keep = {cfg.image_column: "bytes", **({id_col: "id"} if id_col else {}),
                 **({cfg.label_column: "label"} if cfg.label_column in names else {})}
-        ds = ray.data.read_parquet(loc.path, columns=list(keep), filesystem=loc.fs).map_batches(
-            lambda b: b.rename(columns=keep), batch_format="pandas")
-        return ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64), None, []
+        groups, first = [], 0
+        for f, meta in zip(files, metas):
+            for g in range(meta.num_row_groups):
+                groups.append({"file": f, "group": g, "first": first})
+                first += meta.row_group(g).num_rows
+        if not groups:
+            raise DataError(f"Parquet file '{source}' has no rows")
+        ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+            _ReadGroups(loc.fs, keep, p.name), batch_format="pandas", batch_size=1)
+        return ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64), []
     if loc.exists() or os.sep in source or is_uri(source):
         raise DataError(f"input '{source}' is not an image folder, a .csv manifest or a .parquet file"
                         + ("" if loc.exists() else " (it does not exist)"))
@@ -186,14 +280,17 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
     names = np.array(list(data.classes), dtype=object)
     ds = data.to_ray(("row", "image", "label", "id")).map_batches(
         lambda b: {**b, "label": names[b["label"]]}, batch_format="numpy")
-    return ds, None, []
+    return ds, []
 
 
 def predict(model_dir: "str | Path | Location", source: str, output: "str | Path | Location",
             cfg: PredictConfig = PredictConfig(), log: Callable[[str], None] = print) -> dict:
     """Predict every image of ``source`` with the model in ``model_dir``; write ``predictions.parquet``,
     ``predictions.csv`` and ``summary.json`` to ``output``. Returns the summary (with the failed rows).
-    Each of the three may be local or a URI (``s3://…``)."""
+    Each of the three may be local or a URI (``s3://…``). Ray Data reads, decodes, scores and writes
+    the table's parts; the driver joins the parts into the two files one part at a time."""
+    import uuid
+
     import ray
     import ray.data
 
@@ -203,96 +300,86 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
     model_loc = Location.of(model_dir)
     model_dir = model_loc.fetch()  # a model in a bucket: a local copy (it is small)
     _, classes, manifest = load_model(model_dir)  # checks the folder here, before any actor starts
+    out_loc = Location.of(output)
+    check_writable(out_loc, "output")
     size = tuple(manifest.get("decode_size") or manifest["preprocessing"]["size"])
-    ds, rows, notes = _dataset(source, cfg, size, classes)
+    ds, notes = _dataset(source, cfg, size, classes)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus >= 1 if cfg.use_gpu is None else cfg.use_gpu
     actors = cfg.actors or (max(1, int(gpus)) if use_gpu else 1)
     for note in notes:
         log(f"[predict] {note}")
-    out = pd.DataFrame()
-    if ds is not None:
-        blob = ray.put((manifest, (Path(model_dir) / MODEL_FILE).read_bytes()))
-        log(f"[predict] {source}: scoring with {actors} actor(s), {cfg.cpus_per_actor} CPU"
-            f"{' and 1 GPU' if use_gpu else ''} each, batch {cfg.batch_size}")
-        ds = ds.map_batches(
-            Predictor, fn_constructor_kwargs={"blob": [blob], "threads": cfg.threads_per_actor},
-            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size, batch_format="numpy",
-            num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
-        ds.context.execution_options.preserve_order = True
-        ds.context.enable_progress_bars = sys.stderr.isatty()  # rows done, on a terminal (tl.embeddings)
-        out = ds.to_pandas()
-    table = _table(out, rows, classes, source)
-    return _write(table, classes, manifest, str(model_loc), source, Location.of(output), time.time() - t0, log)
+    blob = ray.put((manifest, (Path(model_dir) / MODEL_FILE).read_bytes()))
+    log(f"[predict] {source}: scoring with {actors} actor(s), {cfg.cpus_per_actor} CPU"
+        f"{' and 1 GPU' if use_gpu else ''} each, batch {cfg.batch_size}")
+    ds = ds.map_batches(
+        Predictor, fn_constructor_kwargs={"blob": [blob], "threads": cfg.threads_per_actor},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size, batch_format="numpy",
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    ds = ds.map_batches(_Rows(classes), batch_format="numpy")
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = sys.stderr.isatty()  # rows done, on a terminal (tl.embeddings)
+    parts = out_loc / f".predictions-{uuid.uuid4().hex[:8]}"
+    try:
+        ds.write_parquet(parts.path, filesystem=parts.fs)
+        return _write(parts, classes, manifest, str(model_loc), source, out_loc, t0, log)
+    finally:
+        parts.delete_dir()
 
 
-def _table(out: pd.DataFrame, rows: pd.DataFrame | None, classes: list[str], source: str) -> pd.DataFrame:
-    """One row per input row, in input order: id, path, label, predicted, confidence, prob_<class>, error."""
-    n = len(classes)
-    probs = np.stack(out["probabilities"].to_numpy()) if len(out) else np.zeros((0, n), np.float32)
-    pred = out["predicted_index"].to_numpy() if len(out) else np.zeros(0, np.int64)
-    scored = pd.DataFrame({"predicted_index": pred, "error": out["error"].astype(str).to_numpy() if len(out) else []})
-    for j, c in enumerate(classes):
-        scored[f"prob_{c}"] = probs[:, j]
-    if rows is not None:  # files: join the scored rows back onto the input rows by path
-        table = rows.copy()
-        read = (table["error"] == "").to_numpy()
-        if len(out):
-            scored["path"] = [path_key(q) for q in out["path"]]
-            hit = scored.drop_duplicates("path").set_index("path").reindex([path_key(q) for q in table["path"]]) \
-                .reset_index(drop=True)
-        else:
-            hit = pd.DataFrame(np.nan, index=range(len(table)), columns=scored.columns)
-        for col in hit.columns:
-            if col not in ("error", "path"):
-                table[col] = hit[col].to_numpy()
-        lost = read & hit["predicted_index"].isna().to_numpy() & hit["error"].isna().to_numpy()
-        table["error"] = np.where(read, hit["error"].fillna("").to_numpy(), table["error"].to_numpy())
-        table.loc[lost, "error"] = "OSError: the file could not be read"
-    else:
-        table = scored
-        if len(out) and "id" in out.columns:
-            table.insert(0, "id", out["id"].astype(str).to_numpy())
-        else:
-            table.insert(0, "id", [f"{Path(source).name}#row{i}" for i in range(len(table))])
-        table.insert(1, "path", None)
-        table.insert(2, "label", out["label"].astype(str).to_numpy() if len(out) and "label" in out.columns else None)
-    idx = table["predicted_index"].fillna(-1).astype(int).to_numpy()
-    ok = idx >= 0
-    names = np.array(list(classes) + [None], dtype=object)
-    table["predicted"] = names[np.where(ok, idx, n)]
-    prob_cols = [f"prob_{c}" for c in classes]
-    table["confidence"] = np.where(ok, table[prob_cols].to_numpy(dtype=np.float32).max(1, initial=-np.inf),
-                                   np.nan).astype(np.float32)
-    return table[["id", "path", "label", "predicted", "confidence", *prob_cols, "error"]].reset_index(drop=True)
+def _schema(classes: list[str]):
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("predicted", pa.string()),
+                      ("confidence", pa.float32()), *[(f"prob_{c}", pa.float32()) for c in classes],
+                      ("error", pa.string())])
 
 
-def _write(table: pd.DataFrame, classes: list[str], manifest: dict, model: str, source: str, output: Location,
-           seconds: float, log: Callable[[str], None]) -> dict:
-    check_writable(output, "output")
-    failed = table[table["predicted"].isna()]
-    labelled = table[table["label"].notna() & table["predicted"].notna()]
-    accuracy = float((labelled["label"] == labelled["predicted"]).mean()) if len(labelled) else None
+def _write(parts: Location, classes: list[str], manifest: dict, model: str, source: str, output: Location,
+           t0: float, log: Callable[[str], None]) -> dict:
+    """Join Ray Data's parts, in input order, into predictions.parquet and predictions.csv (each
+    written whole or not at all, one part in memory at a time), then summary.json."""
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    schema = _schema(classes)
+    files = [f for f in parts.files() if f.name.endswith(".parquet")]
+    firsts = [pc.min(pq.read_table(f.path, columns=["row"], filesystem=f.fs).column("row")).as_py() for f in files]
+    ordered = [f for first, f in sorted(zip(firsts, files), key=lambda x: -1 if x[0] is None else x[0])]
+    images = predicted = labelled = correct = 0
+    failed: list[dict] = []
+    with (output / "predictions.parquet").writer() as pq_out, (output / "predictions.csv").writer() as csv_out:
+        pq_writer, csv_writer = pq.ParquetWriter(pq_out, schema), pacsv.CSVWriter(csv_out, schema)
+        for f in ordered:
+            table = pq.read_table(f.path, filesystem=f.fs).sort_by("row").select(schema.names).cast(schema)
+            pq_writer.write_table(table)
+            csv_writer.write_table(table)
+            part = table.select(["id", "path", "label", "predicted", "error"]).to_pandas()
+            ok = part["predicted"].notna()
+            images, predicted = images + len(part), predicted + int(ok.sum())
+            lab = part[ok & part["label"].notna()]
+            labelled, correct = labelled + len(lab), correct + int((lab["label"] == lab["predicted"]).sum())
+            failed += [{"id": r.id, "path": None if pd.isna(r.path) else r.path, "error": r.error}
+                       for r in part[~ok].itertuples()]
+        pq_writer.close()
+        csv_writer.close()
+    seconds = time.time() - t0
+    accuracy = correct / labelled if labelled else None
     summary: dict[str, Any] = {
-        "model": model, "input": source, "images": int(len(table)),
-        "predicted": int(len(table) - len(failed)), "failed": [{"id": r.id, "path": r.path, "error": r.error}
-                                                                for r in failed.itertuples()],
-        "accuracy": accuracy, "labelled": int(len(labelled)), "classes": classes,
+        "model": model, "input": source, "images": images, "predicted": predicted, "failed": failed,
+        "accuracy": accuracy, "labelled": labelled, "classes": classes,
         "model_accuracy": (manifest.get("evaluation") or {}).get("accuracy"), "seconds": round(seconds, 2),
     }
-    parquet = io.BytesIO()
-    table.to_parquet(parquet, index=False)
-    for name, data in (("predictions.parquet", parquet.getvalue()), ("predictions.csv", table.to_csv(index=False).encode()),
-                       ("summary.json", json.dumps(summary, indent=2).encode())):  # each whole or not at all
-        (output / name).write_bytes(data)
-    acc = f"; accuracy on {len(labelled)} labelled images: {100 * accuracy:.2f}%" if accuracy is not None else ""
-    log(f"[predict] {summary['predicted']} of {len(table)} images predicted in {seconds:.1f} s{acc}; "
+    (output / "summary.json").write_bytes(json.dumps(summary, indent=2).encode())
+    acc = f"; accuracy on {labelled} labelled images: {100 * accuracy:.2f}%" if accuracy is not None else ""
+    log(f"[predict] {predicted} of {images} images predicted in {seconds:.1f} s{acc}; "
         f"{output / 'predictions.parquet'}")
-    if len(failed):
-        lines = [f"  {r.path or r.id}: {r.error}" for r in failed.head(MAX_LISTED).itertuples()]
+    if failed:
+        lines = [f"  {r['path'] or r['id']}: {r['error']}" for r in failed[:MAX_LISTED]]
         more = f"\n  ... and {len(failed) - MAX_LISTED} more (summary.json lists them all)" if len(failed) > MAX_LISTED else ""
         msg = f"{len(failed)} image(s) could not be read:\n" + "\n".join(lines) + more
-        if summary["predicted"] == 0:
+        if predicted == 0:
             raise DataError(f"no image of '{source}' could be predicted; " + msg)
         summary["failed_message"] = msg
     return summary

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -130,6 +130,28 @@ class Location:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
+
+    @contextmanager
+    def writer(self) -> Iterator[Any]:
+        """An output stream for a file too large to build in memory first, written whole or not at
+        all like ``write_bytes``: a local file beside and renamed, an object deleted when the block fails."""
+        if not self.is_local:
+            try:
+                with self.fs.open_output_stream(self.path) as out:
+                    yield out
+            except BaseException:
+                self.unlink()
+                raise
+            return
+        p = Path(self.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+        try:
+            with pafs.LocalFileSystem().open_output_stream(str(tmp)) as out:
+                yield out
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def unlink(self, missing_ok: bool = True) -> None:
         try:
