@@ -16,8 +16,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,9 +30,14 @@ BACKBONE = "digits_cnn"
 def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None:
     """``n`` PNGs of ``size`` x ``size`` in ``CLASSES`` class folders: a smooth pattern per class plus
     noise, so files compress like photos rather than like blank squares. Files of ``reuse`` (a
-    smaller set made before) are hard-linked rather than written again."""
+    smaller set made before) are hard-linked rather than written again; a folder that already holds
+    ``n`` of them (an earlier run's ``--work``) is kept."""
     import numpy as np
     from PIL import Image
+
+    if root.is_dir() and sum(1 for _ in root.glob("c*/*.png")) == n:
+        return
+    shutil.rmtree(root, ignore_errors=True)
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -102,11 +105,8 @@ def child_torch(root: str, size: int) -> dict:
 def main() -> int:
     p = _cli.parser("files", "Benchmark streamed extraction from image files against a plain PyTorch loop.",
                     package="benchmarks")
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="numbers of files")
-    p.add_argument("--image", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--work", default=None, help="where the files are made (default: a temporary folder)")
+    file_options(p)
     p.add_argument("--child", choices=["tl", "torch"], help=argparse_suppress())
-    p.add_argument("--root", help=argparse_suppress())
     args = p.parse_args()
     if args.child:
         out = (child_tl if args.child == "tl" else child_torch)(args.root, args.image)
@@ -114,20 +114,11 @@ def main() -> int:
         return 0
     sizes = [500, 2000] if args.smoke_test else sorted(args.sizes)
     work = Path(args.work or tempfile.mkdtemp(prefix="tl-bench-files-"))
-    rows = []
-
-    def record(part: str, what: str, value: float, unit: str, note: str = "") -> None:
-        rows.append({"part": part, "measure": what, "value": round(value, 3), "unit": unit, "note": note})
-        print(f"{part:>6} {what:<52} {value:10.2f} {unit:<9} {note}", flush=True)
+    rows = _table.Rows()
+    record = rows.record
 
     def run_child(kind: str, root: Path) -> dict:
-        r = subprocess.run([sys.executable, "-m", "benchmarks.files", "--child", kind, "--root", str(root),
-                            "--image", str(args.image)], capture_output=True, text=True,
-                           env={**os.environ, "RAY_ADDRESS": ""})
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode or not line:
-            raise RuntimeError(f"benchmark child {kind} on {root} failed:\n{r.stderr[-3000:]}")
-        return json.loads(line[0][7:])
+        return _table.child("benchmarks.files", "--child", kind, "--root", str(root), "--image", str(args.image))
 
     try:
         previous = None
@@ -156,17 +147,21 @@ def main() -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    out_dir = Path(args.output or "results/bench")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "files-smoke" if args.smoke_test else "files"
-    table = _table.merged(rows, out_dir / f"{stem}.csv", "all")
-    table.to_csv(out_dir / f"{stem}.csv", index=False)
     cmd = p.prog + (" --smoke-test" if args.smoke_test else "")
-    _table.write_markdown(table, out_dir / f"{stem}.md", [
+    _table.save(rows, Path(args.output or "results/bench"), "files", args.smoke_test, [
         "# Extraction from image files", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
         f"{time.strftime('%Y-%m-%d')}: {BACKBONE} (decoded to its 28x28 input), {args.image}x{args.image} synthetic PNGs in {CLASSES} class "
         "folders on local disk, each measurement in its own process (the page cache warm after the files were made)."])
     return 0
+
+
+def file_options(p) -> None:
+    """The options of a benchmark over synthetic image files (and the child's folder, hidden)."""
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="numbers of files")
+    p.add_argument("--image", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--work", default=None, help="where the files are made (default: a temporary folder; files "
+                   "already there are reused)")
+    p.add_argument("--root", help=argparse_suppress())
 
 
 def argparse_suppress():

@@ -19,7 +19,7 @@ from typing import Callable
 
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
-from tl.data.spec import DataSpec, check_target, load_target, resolve
+from tl.data.spec import DataSpec, check_target, check_target_files, load_target, resolve
 from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
@@ -186,16 +186,11 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
             log: Callable[[str], None] = print) -> dict:
     """What every cell function shares: target splits, cached embeddings (for the targets whose
     todo cells have a feature strategy) and the episode settings."""
-    from tl.data.sources import check_files
     from tl.embeddings import EmbedConfig, extract
 
     targets = sorted({c.spec["target"] for c in todo})
     data = {t: target_data(cfg, t) for t in targets}
     featured = {c.spec["target"] for c in todo if StrategyEntry(**c.spec["entry"]).build().uses_embeddings}
-    for t in targets:  # files no extraction reads are checked here, in one Ray Data pass, before any trial
-        for part in data[t].values():
-            if part is not None and part.lazy and t not in featured:
-                check_files(part)
     embeddings: dict = {}
     if featured:
         ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
@@ -239,8 +234,10 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus())
     grid = cells(cfg, gpu)
     p = plan(grid, store, retry_failed)
-    for t in cfg.targets:
-        check_target(target_data(cfg, t), t, max(cfg.shots))  # bad data stops here, before any pretraining or trial
+    for t in cfg.targets:  # bad data stops here, before any pretraining or trial
+        check_target(target_data(cfg, t), t, max(cfg.shots))
+        if p["todo"]:
+            check_target_files(target_data(cfg, t))
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     if p["todo"]:

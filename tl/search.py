@@ -229,14 +229,13 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
     ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
     """
-    from tl.data.spec import check_target, load_target
+    from tl.data.spec import check_target, check_target_files, load_target
     from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
 
     t0 = time.time()
     storage = Location.of(storage)
     output.mkdir(parents=True, exist_ok=True)
-    weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     # a user's folder stays files: each trial's episodes decode their own images
     target = load_target(cfg.target_name, cfg.target_spec, cfg.test_split, cfg.val_split,
                          input_size_of(cfg.backbone, cfg.input_size), lazy=True)
@@ -244,14 +243,10 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
         raise ConfigError(f"config key 'target': the search needs validation images, and split none keeps every image "
                           f"of '{cfg.target_name}' for test episodes: use split halves")
     check_target(target, cfg.target_name, cfg.shots)
+    check_target_files(target)  # bad files stop here, before any pretraining or trial
+    weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
-    if not strat0.uses_embeddings:  # files no extraction reads are checked before any trial
-        from tl.data.sources import check_files
-
-        for part in (val, test):
-            if part.lazy:
-                check_files(part)
     val_emb = test_emb = None
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus()) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:

@@ -256,3 +256,14 @@ def check_target(parts: dict[str, ImageSet | None], name: str, max_shots: int) -
             if n < max_shots + 1:
                 raise DataError(f"target '{name}' ({split} images): class '{cls}' has {n} images, fewer than "
                                 f"shots + one query = {max_shots} + 1")
+
+
+def check_target_files(parts: dict[str, ImageSet | None]) -> None:
+    """The files of a target held as files (``lazy``) decode and share one size: one pass of Ray
+    Data (``tl.data.sources.check_files``), no pixel back in the driver. An in-memory target was
+    checked as it loaded."""
+    from tl.data.sources import check_files
+
+    for part in parts.values():
+        if part is not None and part.lazy:
+            check_files(part)
