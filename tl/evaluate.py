@@ -24,7 +24,7 @@ from tl.runtime import episode_device
 from tl.strategies import EpisodeTask, Strategy, StrategyEntry
 
 #: at most this many unlabelled images form an episode's pool (a seeded sample of a larger split):
-#: an adaptation episode draws steps x target batch images from it (100 x 32 by default), so a pool
+#: an adaptation episode draws steps x target batch images from it (60 x 32 by default), so a pool
 #: of a user's 50,000 images would cost memory in every trial and change nothing; the embedded
 #: targets' pools (500 and 898 images) are used whole
 MAX_POOL = 1024
