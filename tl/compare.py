@@ -235,9 +235,10 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
     grid = cells(cfg, gpu)
     p = plan(grid, store, retry_failed)
     for t in cfg.targets:  # bad data stops here, before any pretraining or trial
-        check_target(target_data(cfg, t), t, max(cfg.shots))
+        parts = target_data(cfg, t)
+        check_target(parts, t, max(cfg.shots))
         if p["todo"]:
-            check_target_files(target_data(cfg, t))
+            check_target_files(parts)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     if p["todo"]:

@@ -382,7 +382,8 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
             full = Location.of(p)
         else:
             full = Location(loc.fs, os.path.normpath(p), loc.scheme, loc.query) if p.startswith("/") else base / p
-        if loc.is_local and not full.is_file():  # one listing per row is cheap here, not on an object store
+        # one listing per row is cheap here, not on an object store; a lazy manifest lists them all at once below
+        if loc.is_local and not lazy and not full.is_file():
             raise DataError(f"CSV manifest '{path}', row {i + 2}: image '{p}' does not exist")
         paths.append(os.path.normpath(full.path) if loc.is_local else full.path)
     labels = table["label"].tolist()
