@@ -1,7 +1,8 @@
-"""A comparison's driver holds a user folder's labels and paths, never its pixel array: the target
-here is 586 MiB at float32, and the driver process (a real run on the session's Ray) must grow by a
-third of that at most, while reading the same folder into memory grows it by more than the array.
-Peak RSS is the kernel's own high-water mark (``VmHWM``), reset after the imports."""
+"""A comparison's driver, and a many-shot fine-tuning run's on Ray Train, hold a user folder's labels
+and paths, never its pixel array: the target here is 586 MiB at float32, and the driver process (real
+runs on the session's Ray) must grow by a third of that at most in each, while reading the same folder
+into memory grows it by more than the array. Peak RSS is the kernel's own high-water mark
+(``VmHWM``), reset after the imports and between the measurements."""
 
 import json
 import subprocess
@@ -23,10 +24,11 @@ from pathlib import Path
 import matplotlib, ray, ray.data, ray.train, ray.tune, torch, torchvision  # noqa: F401,E401
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401,E402
-import tl.compare, tl.embeddings, tl.evaluate, tl.report  # noqa: F401,E401,E402
+import tl.compare, tl.embeddings, tl.evaluate, tl.report, tl.runs  # noqa: F401,E401,E402
 from tl.compare import CompareConfig, run_compare
 from tl.config import load_config
 from tl.data.sources import load_image_folder
+from tl.runs import RunConfig, run
 
 
 def status(key):
@@ -38,22 +40,28 @@ def reset_peak():
         f.write("5")
 
 
-address, base_cfg, home, out, folder = sys.argv[1:6]
+address, base_cfg, run_cfg, home, out, folder = sys.argv[1:7]
 ray.init(address=address)
 cfg = load_config(CompareConfig, base=json.loads(base_cfg))
 base = status("VmRSS:")
 reset_peak()
 res = run_compare(cfg, home, Path(out), log=lambda _: None)
 compare_peak = status("VmHWM:")
+base1 = status("VmRSS:")
+reset_peak()
+record = run(load_config(RunConfig, base=json.loads(run_cfg)), home, log=lambda _: None)
+run_peak = status("VmHWM:")
 base2 = status("VmRSS:")
 reset_peak()
 held = load_image_folder(folder, (%(side)d, %(side)d))
 print("RESULT " + json.dumps({"compare_growth": compare_peak - base, "rows": res.rows, "exit": res.exit_status,
+                              "run_growth": run_peak - base1, "run_sizes": record["sizes"],
+                              "run_accuracy": record["history"][-1]["target_test_accuracy"],
                               "in_memory_growth": status("VmHWM:") - base2, "held": held.images.nbytes / 2**20}))
 """ % {"side": SIDE}
 
 
-def test_a_comparison_driver_never_holds_the_pixel_array(ray_local, pretrained, tmp_path):
+def test_comparison_and_fine_tuning_drivers_never_hold_the_pixel_array(ray_local, pretrained, tmp_path):
     import ray
 
     folder = tmp_path / "big"
@@ -68,8 +76,12 @@ def test_a_comparison_driver_never_holds_the_pixel_array(ray_local, pretrained, 
     cfg = {"experiment": "driver-memory", "weights": str(pretrained), "shots": [1], "episodes": 2, "queries": 5,
            "n_way": 5, "targets": [{"path": str(folder), "name": "big", "size": [SIDE, SIDE], "split": "none"}],
            "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"steps": 2}}]}
+    # many-shot fine-tuning on Ray Train: the folder's halves stream through Ray Data to one worker
+    run_cfg = {"target": cfg["targets"][0] | {"split": "halves"}, "weights": str(pretrained), "strategy": "finetune",
+               "params": {"steps": 2, "batch_size": 32}, "workers": 1, "checkpoint_every": 2}
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.run([sys.executable, "-c", CHILD, address, json.dumps(cfg), str(tmp_path / "home"),
+    proc = subprocess.run([sys.executable, "-c", CHILD, address, json.dumps(cfg), json.dumps(run_cfg),
+                           str(tmp_path / "home"),
                            str(tmp_path / "out"), str(folder)], cwd=REPO, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -79,3 +91,7 @@ def test_a_comparison_driver_never_holds_the_pixel_array(ray_local, pretrained, 
     assert got["in_memory_growth"] > FLOAT32_MB, got  # the measurement sees an array of that size
     # the comparison's driver held no such array (measured: about 120 MB, Ray Data's and Tune's own)
     assert got["compare_growth"] < FLOAT32_MB / 3, got
+    # nor the fine-tuning run's, which trained on one half and scored every image of the other
+    assert got["run_sizes"] == {"target": N // 2, "target_test": N // 2}, got
+    assert 0.0 <= got["run_accuracy"] <= 1.0, got
+    assert got["run_growth"] < FLOAT32_MB / 3, got

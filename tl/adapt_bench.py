@@ -133,7 +133,7 @@ def _run_cell(spec: dict, storage: str) -> tuple[pd.DataFrame, str]:
 
     cfg = from_dict(RunConfig, spec["run"])
     started = time.time()
-    record = run(cfg, storage, log=lambda line: print(line, flush=True))
+    record = run(cfg, storage, log=lambda line: print(line, flush=True), checked=True)
     rows = pd.DataFrame(run_rows(record, spec["label"]))
     rows["started_at"], rows["finished_at"] = started, time.time()
     last = record["history"][-1]

@@ -165,7 +165,7 @@ def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], b
             spec = from_dict(DataSpec, {k: v for k, v in src.items() if v is not None}, "best.yaml data")
             name = spec.label()
         spec = replace(spec.with_defaults(size, "none"), split="none")  # every image trains
-        train = load_data(name, spec, size)
+        train = load_data(name, spec, size, lazy=True)  # a folder or manifest stays files until rows are used
         test = None
         if cfg.test_data:
             test_name, test_spec = resolve(cfg.test_data, "test_data")
@@ -173,7 +173,7 @@ def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], b
                 raise ConfigError(f"config key 'test_data': '{test_name}' is an embedded dataset, whose classes are "
                                   f"not those of '{spec.where}'")
             test = load_data(test_name, replace(test_spec.with_defaults(spec.size, "none"), split="none"), spec.size,
-                             classes=train.classes)
+                             classes=train.classes, lazy=True)
         return (train, test, {"data": spec.where, "split": "all"},
                 ({"data": test_spec.where, "split": "all"} if test is not None else None), spec.size)
     if not target:
@@ -226,7 +226,11 @@ def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_cl
 
 
 def _evaluate(model: ExportedModel, data, batch_size: int) -> dict:
-    pred = scores(model, data.images, batch_size).argmax(1)
+    """Accuracy on ``data``, decoded a block of rows at a time (a set held as files is never whole in
+    memory)."""
+    block = max(batch_size, 4096)
+    pred = np.concatenate([scores(model, data.pixels(np.arange(i, min(i + block, len(data)))), batch_size).argmax(1)
+                           for i in range(0, len(data), block)]) if len(data) else np.zeros(0, np.int64)
     correct = pred == data.labels
     per_class = {name: round(float(correct[data.labels == c].mean()), 4)
                  for c, name in enumerate(data.classes) if (data.labels == c).any()}
@@ -276,6 +280,7 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file
 
+    from tl.data.sources import check_files
     from tl.models import get_spec, make_backbone
     from tl.pretrain import resolve_reference, resolve_weights
     from tl.runtime import provenance
@@ -306,7 +311,12 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     what = f"{cfg.shots} per class" if cfg.train_on == "shots" else "all"
     log(f"[export] training {name} on {len(train)} labelled images of {train_info['data']} ({what}; "
         f"{len(train.classes)} classes) with {backbone_name}")
-    model = train_model(strategy, backbone, train.images, train.labels, len(train.classes), cfg.seed, cfg.batch_size)
+    if train.lazy:  # decoded here, in memory: the shots (or, with train_on: all, every image; many-shot
+        check_files(train)  # training on a large folder streams instead: workflows.finetune)
+        if test is not None:
+            check_files(test)
+    model = train_model(strategy, backbone, train.pixels(np.arange(len(train))), train.labels, len(train.classes),
+                        cfg.seed, cfg.batch_size)
     stages = [sum(p.numel() for p in s.parameters()) for s in model.backbone.stages]
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tl.data.sources import path_key
+from tl.data.sources import ReadDecode, listing_dataset, path_key
 from tl.errors import ConfigError, DataError
 from tl.storage import Location, check_writable, is_uri
 
@@ -141,38 +141,6 @@ def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.
     return rows, notes
 
 
-#: input rows per Ray Data block of a listed folder or manifest (the listing is the driver's; the
-#: files are read inside the blocks' tasks)
-LISTING_BLOCK = 512
-
-
-class _ReadDecode:
-    """Ray Data batch function over listed files: each row's file read from ``fs`` and decoded as a
-    viewer shows it (``decode_image``); a file that fails is that row's error, by name."""
-
-    def __init__(self, size: tuple[int, int], fs):
-        self.size, self.fs = tuple(size), fs
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from tl.data.sources import decode_image
-
-        blank = np.zeros((3, *self.size), dtype=np.float32)
-        images, errors = [], []
-        for path, err in zip(batch["path"], batch["error"]):
-            image = blank
-            if not err:
-                try:
-                    with self.fs.open_input_file(path) as f:
-                        image = decode_image(f.readall(), self.size)
-                except Exception as exc:  # any read or decode failure is that file's error
-                    err = f"{type(exc).__name__}: {exc}"
-            images.append(image)
-            errors.append(err)
-        out = batch.copy()
-        out["image"], out["error"] = images, errors
-        return out
-
-
 class _ReadGroups:
     """Ray Data batch function over a Parquet input's row groups (file, group, first row): the image
     bytes, id and label columns of each group, with the input's row numbers."""
@@ -238,9 +206,7 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
         if rows.empty:
             raise DataError(f"input '{source}' holds no image files")
         rows.insert(0, "row", np.arange(len(rows)))
-        blocks = [rows.iloc[i:i + LISTING_BLOCK] for i in range(0, len(rows), LISTING_BLOCK)]
-        ds = ray.data.from_pandas(blocks)
-        return ds.map_batches(_ReadDecode(size, loc.fs), batch_format="pandas", batch_size=64), notes
+        return listing_dataset(rows).map_batches(ReadDecode(size, loc.fs), batch_format="pandas", batch_size=64), notes
     if p.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 

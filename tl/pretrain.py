@@ -90,7 +90,12 @@ class PretrainResult:
 
 def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     name, spec = resolve(cfg.data, "data")
-    src = load_data(name, spec, input_size_of(cfg.backbone, cfg.input_size), TRAIN_VAL)
+    # a user's folder or manifest stays files: Ray Data reads and decodes them as the epochs stream
+    src = load_data(name, spec, input_size_of(cfg.backbone, cfg.input_size), TRAIN_VAL, lazy=True)
+    if src.lazy:
+        from tl.data.sources import check_files
+
+        check_files(src)  # every file decodes, one size: before any worker starts
     train, val = part(src, "train", spec, "data"), part(src, "val", spec, "data")
     # the source rows come sorted by class: permute them once, so shards and batches mix classes
     order = np.random.default_rng(cfg.seed).permutation(len(train))

@@ -285,13 +285,13 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
     classes = None
     if cfg.source is not None:
         sname, sspec = resolve(cfg.source, "source")
-        src = load_data(sname, sspec, size, TRAIN_VAL)
+        src = load_data(sname, sspec, size, TRAIN_VAL, lazy=True)
         classes = src.classes
         sets = {"source": part(src, cfg.source_split, sspec, "source"),
                 "source_val": part(src, cfg.source_val_split, sspec, "source")}
     try:
         tgt = load_data(tname, tspec, size, "halves", classes=classes if tspec is not None else None,
-                        unlabelled=cfg.source is not None)
+                        unlabelled=cfg.source is not None, lazy=True)
     except DataError as exc:
         if classes is None or "is not in the class list" not in str(exc):
             raise
@@ -308,7 +308,7 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
     if cfg.test is not None:
         test_name, test_spec = resolve(cfg.test, "test")
         test = load_data(test_name, replace(test_spec, split="none") if test_spec else None, size, "none",
-                         classes=sets["target"].classes or None)
+                         classes=sets["target"].classes or None, lazy=True)
         sets["target_test"] = test if test_spec is not None else part(test, cfg.test_split, None, "test")
         if (sets["target_test"].labels < 0).any():
             raise DataError(f"test '{test_name}': test images need labels (one subfolder per class)")
@@ -326,9 +326,21 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
 
 def check_data(cfg: RunConfig) -> dict[str, int]:
     """Read the run's data once, so bad data is one clear error before any trial starts (a missing
-    split, a target label the source lacks, an unlabelled folder where labels are needed); returns
-    the set sizes."""
-    return {k: len(v) for k, v in _sets(cfg).items()}
+    split, a target label the source lacks, an unlabelled folder where labels are needed, a file
+    that does not decode, mixed sizes); returns the set sizes."""
+    sets = _sets(cfg)
+    _check_files(sets)
+    return {k: len(v) for k, v in sets.items()}
+
+
+def _check_files(sets: dict[str, ImageSet]) -> None:
+    """The sets held as files (a user's folder or manifest: ``ImageSet.lazy``) decode and share one
+    size: one Ray Data pass over their files, no pixel back in the driver (``check_files``)."""
+    from tl.data.sources import check_files
+
+    for data in sets.values():
+        if data.lazy:
+            check_files(data)
 
 
 def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
@@ -338,25 +350,29 @@ def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
     if cfg.source is None:
         return {k: ray_train.preprocessed_dataset(v, pp) for k, v in sets.items()}
     datasets = {k: ray_train.preprocessed_dataset(v, pp) for k, v in sets.items() if k != "target"}
-    # the stream repeats a small pool up to the source's size, so its iterator restarts (a new Ray
-    # Data execution) about as rarely as the source's rather than every few steps
-    repeats = max(1, -(-len(sets["source"]) // len(sets["target"])))
-    stream = sets["target"].subset(np.tile(np.arange(len(sets["target"])), repeats))
-    datasets["target"] = ray_train.preprocessed_dataset(stream, pp).select_columns(["image"])
-    datasets["target_pool"] = ray_train.preprocessed_dataset(sets["target"], pp).select_columns(["image"])
+    pool = ray_train.preprocessed_dataset(sets["target"], pp).select_columns(["image"])
+    # the stream repeats a small pool up to the source's size (inside Ray Data: the same blocks or
+    # files again, no copy), so its iterator restarts (a new Ray Data execution) about as rarely as
+    # the source's rather than every few steps
+    datasets["target"] = ray_train.repeated(pool, max(1, -(-len(sets["source"]) // len(sets["target"]))))
+    datasets["target_pool"] = pool
     return datasets
 
 
 def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, checked: bool = False) -> dict[str, Any]:
     """Run (or resume, or reuse) one run; returns its record: the per-checkpoint ``history`` of
     scores, identity (key, strategy, source, target, seed), set ``sizes``, config and provenance.
     With ``output``, also writes ``model.safetensors`` (the last iterate) and ``run.json`` there.
-    Needs a running Ray."""
+    A user's folder or manifest stays files: the driver holds their listing, Ray Data reads and
+    decodes them as training streams; unless ``checked`` (``check_data`` ran before, as a grid does
+    before its trials), every file is checked first. Needs a running Ray."""
     t0 = time.time()
     strategy = cfg.make_strategy()
-    weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     sets = _sets(cfg)
+    if not checked:
+        _check_files(sets)
+    weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     adapting = cfg.source is not None
     labelled = "source" if adapting else "target"
     unlabelled = "target" if adapting and strategy.needs_target else None

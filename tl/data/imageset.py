@@ -3,8 +3,8 @@
 Images are float32 in one layout, N x 3 x H x W with values in [0, 1]; the backbone's preprocessing
 later states the size and normalisation, so any backbone can take any dataset. They are held either
 as one array (the embedded suite, small user data) or as files decoded only when rows are asked for
-(``lazy``: a user's folder in a comparison, ``tl.data.sources.FileImages``), so a driver that
-samples episodes holds labels and paths, never the pixels of a large set.
+(``lazy``: a user's folder or CSV manifest, ``tl.data.sources.FileImages``), so a driver that
+samples episodes or launches Ray Train holds labels and paths, never the pixels of a large set.
 """
 
 from __future__ import annotations
@@ -157,9 +157,13 @@ class ImageSet:
         return pa.table({c: make[c]() for c in columns})
 
     def to_ray(self, columns=COLUMNS, block_rows: int = 1024):
-        """The table as a Ray Dataset, in blocks of ``block_rows`` so work streams through it."""
+        """The table as a Ray Dataset, in blocks of ``block_rows`` so work streams through it. A lazy
+        set's images are read and decoded (uint8) inside Ray Data from its files, never here; its
+        columns are those of ``columns`` among image, label, id and row."""
         import ray.data
 
+        if self.lazy:
+            return self.images.to_ray(self.labels, self.ids, columns)
         blocks = [self.to_arrow(columns, i, i + block_rows) for i in range(0, max(1, len(self)), block_rows)]
         return ray.data.from_arrow(blocks)
 

@@ -95,6 +95,52 @@ class _Decode:
         return out
 
 
+#: input rows per Ray Data block of a listed folder or manifest (the listing is the driver's; the
+#: files are read inside the blocks' tasks)
+LISTING_BLOCK = 512
+
+
+class ReadDecode:
+    """Ray Data batch function over listed files (a pandas batch with a ``path`` column): each row's
+    file read from ``fs`` inside the task and decoded as a viewer shows it (``decode_image``;
+    ``uint8``: the bytes, a quarter of float32's memory). Returns the batch's columns as arrays with
+    ``image`` (stacked), ``error`` and ``shape`` (the file's own ``WxH``, for the mixed-size rule).
+    A failure is that row's ``error`` (a row listed with an error is not read), or, where
+    ``strict``, one error naming the file (a training stream, whose files were checked before)."""
+
+    def __init__(self, size: tuple[int, int], fs, uint8: bool = False, strict: bool = False):
+        self.size, self.fs, self.uint8, self.strict = tuple(size), fs, uint8, strict
+
+    def __call__(self, batch: pd.DataFrame) -> dict:
+        images = np.zeros((len(batch), 3, *self.size), dtype=np.uint8 if self.uint8 else np.float32)
+        errors, shapes = [], []
+        listed = batch["error"] if "error" in batch else [""] * len(batch)
+        for j, (path, err) in enumerate(zip(batch["path"], listed)):
+            shape: list = []
+            if not err:
+                try:
+                    with self.fs.open_input_file(path) as f:
+                        images[j] = decode_image(f.readall(), self.size, shape, uint8=self.uint8)
+                except Exception as exc:  # any read or decode failure is that file's error
+                    err = f"{type(exc).__name__}: {exc}"
+            if err and self.strict:
+                raise DataError(f"image '{path}' cannot be read: {err}")
+            errors.append(err)
+            shapes.append("x".join(map(str, shape)))
+        out = {c: batch[c].to_numpy() for c in batch.columns if c != "error"}
+        out.update(image=images, error=np.array(errors, dtype=object), shape=np.array(shapes, dtype=object))
+        return out
+
+
+def listing_dataset(listing: pd.DataFrame):
+    """A listing (one row per file) as a Ray Dataset in blocks of ``LISTING_BLOCK`` rows: the driver
+    puts paths, labels and ids in the object store; the blocks' tasks read the files."""
+    import ray.data
+
+    return ray.data.from_pandas([listing.iloc[i:i + LISTING_BLOCK] for i in range(0, max(1, len(listing)),
+                                                                                    LISTING_BLOCK)])
+
+
 MIXED_SIZES = ("error", "resize")
 
 
@@ -234,6 +280,17 @@ class FileImages:
             except Exception as exc:  # one file's failure, by name
                 raise DataError(f"image '{path}' cannot be read: {type(exc).__name__}: {exc}") from exc
         return out
+
+    def to_ray(self, labels: np.ndarray, ids: np.ndarray, columns: Sequence[str]):
+        """A Ray Dataset of these files (``columns`` of the ImageSet schema, plus ``row``): the listing
+        goes to the object store in blocks of ``LISTING_BLOCK`` rows, and each block's task reads and
+        decodes its files to uint8 (``ReadDecode``, strict), so the pixels exist only inside Ray Data,
+        block by block, as the dataset streams. Nothing is materialised."""
+        listing = pd.DataFrame({"path": self.paths, "label": np.asarray(labels, dtype=np.int64),
+                                "id": np.asarray(ids, dtype=object).astype(str), "row": np.arange(len(self.paths))})
+        keep = [c for c in columns if c in ("image", "label", "id", "row")]
+        return listing_dataset(listing).map_batches(ReadDecode(self.size, self.fs, uint8=True, strict=True),
+                                                    batch_format="pandas", batch_size=64).select_columns(keep)
 
     def fingerprint(self) -> str:
         """The listing's sizes and mtimes with the decode size (the set adds the relative paths)."""

@@ -166,16 +166,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def preprocessed_dataset(data, preprocessing):
-    """Ray Data pipeline: an ImageSet -> (image, label), preprocessed for the backbone by Ray Data
-    and materialised, ready to be sharded over the training workers."""
+    """Ray Data pipeline: an ImageSet -> (image, label), preprocessed for the backbone by Ray Data,
+    ready to be sharded over the training workers. A set held as files (``ImageSet.lazy``) streams:
+    each pass reads, decodes (uint8) and preprocesses its files block by block, and no copy of the
+    whole set is made anywhere. A set already in the driver's memory (the embedded suite) is
+    materialised once in the object store, so its passes do not preprocess it again."""
     import numpy as np
 
     def preprocess(batch: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         with torch.no_grad():
-            x = preprocessing(torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])))
+            x = preprocessing(x)
         return {"image": x.numpy(), "label": batch["label"]}
 
-    return data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy", batch_size=256).materialize()
+    ds = data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy", batch_size=256)
+    return ds if data.lazy else ds.materialize()
+
+
+def repeated(ds, times: int):
+    """``ds`` followed by itself ``times - 1`` more times (``Dataset.union``): a stream that restarts
+    about as rarely as a longer one, made from references to the same blocks or the same files,
+    with no copy of the images."""
+    return ds.union(*[ds] * (times - 1)) if times > 1 else ds
 
 
 def shard_accuracy(model: torch.nn.Module, shard, device) -> float:
