@@ -27,6 +27,7 @@ class EmbedJob:
     input_size: int | None = None
     batch_size: int = 256
     actors: int = 1
+    threads_per_actor: int = 0  # torch threads per actor; 0: torch's default (every core)
     use_gpu: bool = False
 
 
@@ -50,7 +51,8 @@ def main() -> int:
     size = input_size_of(job.backbone, job.input_size)
     weights = resolve_weights(job.weights, job.backbone, storage, print)
     ecfg = EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage, input_size=job.input_size,
-                       batch_size=job.batch_size, actors=job.actors, use_gpu=job.use_gpu)
+                       batch_size=job.batch_size, actors=job.actors, threads_per_actor=job.threads_per_actor,
+                       use_gpu=job.use_gpu)
     if spec is not None and spec.kind() == "folder" and not job.split:
         # a folder streams from storage to the cache through Ray Data: the driver lists it, never decodes it
         index = index_image_folder(spec.where, spec.classes, unlabelled=True)
