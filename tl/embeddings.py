@@ -39,7 +39,8 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """How to extract: which backbone, weights and stage; how big the batches and the actor pool."""
+    """How to extract: which backbone, weights and stage; how big the batches (an array's; files are
+    read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time) and the actor pool."""
 
     backbone: str = "digits_cnn"
     weights: str | None = None
@@ -158,8 +159,8 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
             log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
             fs.delete_dir(folder)
         log(f"[embed] extracting {len(index)} image files of '{index.name}' with {cfg.backbone} (stage "
-            f"{cfg.stage or 'last'}), streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), batch "
-            f"{cfg.batch_size}")
+            f"{cfg.stage or 'last'}), streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), blocks "
+            f"of {LISTING_BLOCK} files")
         # the driver's listing goes to the object store in blocks of paths; each actor reads, decodes
         # (uint8) and embeds a block's files in one process (read_binary_files and a decoding step
         # before the actors instead: 0.28x the plain loop at 10k files, results/bench/files.md of
