@@ -84,7 +84,7 @@ def child_torch(root: str, size: int) -> dict:
     import numpy as np
     import torch
 
-    from tl.data.sources import decode_image
+    from tl.data.decode import decode_image
     from tl.models import input_size_of, make_backbone
 
     torch.set_num_threads(os.cpu_count() or 1)

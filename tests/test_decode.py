@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl.data.sources import decode_image, load_image_folder
+from tl.data.decode import decode_image
+from tl.data.sources import load_image_folder
 from tl.errors import DataError
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
-from tl.data.spec import DataSpec, check_target, check_target_files, load_target, resolve
+from tl.data.spec import DataSpec, check_files_of, check_target, load_target, resolve
 from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
@@ -238,7 +238,7 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
         parts = target_data(cfg, t)
         check_target(parts, t, max(cfg.shots))
         if p["todo"]:
-            check_target_files(parts)
+            check_files_of(parts)
     output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     if p["todo"]:

@@ -147,7 +147,8 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
     import pyarrow.compute as pc
     import ray.data
 
-    from tl.data.sources import LISTING_BLOCK, ReadDecode, _check_sizes, listing_dataset, path_key
+    from tl.data.decode import LISTING_BLOCK, ReadDecode, _check_sizes, listing_dataset
+    from tl.data.sources import path_key
 
     t0 = time.time()
     model, stage, pp, key, where = _place(cfg, f"files:{index.fingerprint}:{list(size)}", cache_root)

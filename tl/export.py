@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tl.config import to_dict
-from tl.data.spec import DataSpec, load_data, load_target, resolve
+from tl.data.spec import DataSpec, check_files_of, load_data, load_target, resolve
 from tl.errors import ConfigError, DataError
 from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
                            model_from_parts, scores, torch_head, write_manifest, write_weights)
@@ -280,7 +280,6 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file
 
-    from tl.data.sources import check_files
     from tl.models import get_spec, make_backbone
     from tl.pretrain import resolve_reference, resolve_weights
     from tl.runtime import provenance
@@ -311,10 +310,9 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     what = f"{cfg.shots} per class" if cfg.train_on == "shots" else "all"
     log(f"[export] training {name} on {len(train)} labelled images of {train_info['data']} ({what}; "
         f"{len(train.classes)} classes) with {backbone_name}")
-    if train.lazy:  # decoded here, in memory: the shots (or, with train_on: all, every image; many-shot
-        check_files(train)  # training on a large folder streams instead: workflows.finetune)
-        if test is not None:
-            check_files(test)
+    # a folder's rows are decoded here, in memory: the shots (or, with train_on: all, every image;
+    # many-shot training on a large folder streams instead: workflows.finetune)
+    check_files_of({"data": train, "test_data": test})
     model = train_model(strategy, backbone, train.pixels(np.arange(len(train))), train.labels, len(train.classes),
                         cfg.seed, cfg.batch_size)
     stages = [sum(p.numel() for p in s.parameters()) for s in model.backbone.stages]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tl.data.sources import ReadDecode, listing_dataset, path_key
+from tl.data.decode import ReadDecode, listing_dataset
 from tl.errors import ConfigError, DataError
 from tl.storage import Location, check_writable, is_uri
 
@@ -195,7 +195,7 @@ def _dataset(source: str, cfg: PredictConfig, size: tuple[int, int], classes: li
     holds a folder's or manifest's listing, never an image."""
     import ray.data
 
-    from tl.data.sources import _Decode
+    from tl.data.decode import _Decode
 
     loc = Location.of(source)
     p = Path(loc.name)  # for the suffix: a URI's query (endpoint options) is not part of it

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tl.config import config_hash, to_dict
 from tl.data import ImageSet
-from tl.data.spec import TRAIN_VAL, DataSpec, load_data, part, resolve
+from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, load_data, part, resolve
 from tl.errors import ConfigError
 from tl.models import Classifier, build_backbone, get_spec, input_size_of, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
@@ -92,10 +92,7 @@ def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     name, spec = resolve(cfg.data, "data")
     # a user's folder or manifest stays files: Ray Data reads and decodes them as the epochs stream
     src = load_data(name, spec, input_size_of(cfg.backbone, cfg.input_size), TRAIN_VAL, lazy=True)
-    if src.lazy:
-        from tl.data.sources import check_files
-
-        check_files(src)  # every file decodes, one size: before any worker starts
+    check_files_of({"data": src})  # every file decodes, one size: before any worker starts
     train, val = part(src, "train", spec, "data"), part(src, "val", spec, "data")
     # the source rows come sorted by class: permute them once, so shards and batches mix classes
     order = np.random.default_rng(cfg.seed).permutation(len(train))

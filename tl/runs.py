@@ -34,7 +34,7 @@ import torch
 
 from tl.config import BackboneFields, config_hash, to_dict
 from tl.data import ImageSet
-from tl.data.spec import TRAIN_VAL, DataSpec, load_data, part, resolve
+from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, load_data, part, resolve
 from tl.errors import ConfigError, DataError
 from tl.models import Classifier, input_size_of, make_backbone, save_weights
 from tl.nn.scores import information_maximization, soft_neighborhood_density
@@ -329,18 +329,8 @@ def check_data(cfg: RunConfig) -> dict[str, int]:
     split, a target label the source lacks, an unlabelled folder where labels are needed, a file
     that does not decode, mixed sizes); returns the set sizes."""
     sets = _sets(cfg)
-    _check_files(sets)
+    check_files_of(sets)
     return {k: len(v) for k, v in sets.items()}
-
-
-def _check_files(sets: dict[str, ImageSet]) -> None:
-    """The sets held as files (a user's folder or manifest: ``ImageSet.lazy``) decode and share one
-    size: one Ray Data pass over their files, no pixel back in the driver (``check_files``)."""
-    from tl.data.sources import check_files
-
-    for data in sets.values():
-        if data.lazy:
-            check_files(data)
 
 
 def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
@@ -371,7 +361,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     strategy = cfg.make_strategy()
     sets = _sets(cfg)
     if not checked:
-        _check_files(sets)
+        check_files_of(sets)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     adapting = cfg.source is not None
     labelled = "source" if adapting else "target"

@@ -229,7 +229,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
     ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
     """
-    from tl.data.spec import check_target, check_target_files, load_target
+    from tl.data.spec import check_files_of, check_target, load_target
     from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
 
@@ -243,7 +243,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
         raise ConfigError(f"config key 'target': the search needs validation images, and split none keeps every image "
                           f"of '{cfg.target_name}' for test episodes: use split halves")
     check_target(target, cfg.target_name, cfg.shots)
-    check_target_files(target)  # bad files stop here, before any pretraining or trial
+    check_files_of(target)  # bad files stop here, before any pretraining or trial
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)

@@ -1,10 +1,10 @@
 """User data sources through Ray Data: an image folder, a Parquet file of image bytes, a CSV manifest.
 
-Each becomes the one ImageSet schema. Images are read as bytes (``read_binary_files``) and decoded in
-a function that records a per-row error instead of failing the whole dataset, so one corrupt file
-stops the load with the list of bad files, by name (DESIGN section 5). Every image is decoded to what
-a viewer shows (``decode_image``: EXIF orientation, 16-bit scaled, transparency over white, first
-frame) as RGB and resized to ``size``. Folders, manifests and Parquet files may be local or at a URI.
+Each becomes the one ImageSet schema: listed (``FileIndex``), held as files (``FileImages``, decoded
+per row or streamed through Ray Data), or read into memory. Images are read as bytes
+(``read_binary_files``) and decoded by ``tl.data.decode``, which records a per-row error instead of
+failing the whole dataset, so one corrupt file stops the load with the list of bad files, by name
+(DESIGN section 5). Folders, manifests and Parquet files may be local or at a URI.
 """
 
 from __future__ import annotations
@@ -20,153 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from tl.data.decode import ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset
 from tl.data.imageset import ImageSet
 from tl.errors import DataError
 from tl.storage import Location, is_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-MAX_LISTED = 10
-
-
-def decode_image(data: bytes, size: tuple[int, int], shape: list | None = None, uint8: bool = False) -> np.ndarray:
-    """Bytes of any common image format -> float32 3 x H x W in [0, 1], as an image viewer shows the
-    file: the camera's EXIF orientation applied, 16-bit and float images scaled (not clipped) to
-    8 bits, transparency composited over white, the first frame of an animation, CMYK and palettes
-    converted to RGB; then resized to ``size``. ``shape``, when given, receives the size the viewer
-    shows (width, height) before the resize. ``uint8``: the 0..255 bytes instead (a quarter of the
-    memory, for images that stream through Ray Data)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.seek(0)
-        img.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(img))
-        if shape is not None:
-            shape[:] = rgb.size
-        if rgb.size != (size[1], size[0]):
-            rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
-        if uint8:
-            return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-        return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-
-
-def _to_rgb(img):
-    """One PIL image in any mode -> mode RGB, without clipping deep images or blackening transparency."""
-    from PIL import Image
-
-    # 16-bit grey (PNG, TIFF) holds 0..65535, a float image is taken to hold 0..1: both scaled to 0..255
-    scale = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257, "I": 1 / 257, "F": 255.0}
-    if img.mode in scale:
-        a = np.asarray(img, dtype=np.float64) * scale[img.mode]
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-class _Decode:
-    """Ray Data batch function: decode the ``bytes`` column, one error string per row, and the
-    file's own size (``shape``, ``WxH``) for the mixed-size rule."""
-
-    def __init__(self, size: tuple[int, int], uint8: bool = False, images: bool = True):
-        self.size = tuple(size)
-        self.uint8 = uint8
-        self.images = images  # False: only the checks' columns come back (a scan of the files)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images, errors, shapes = [], [], []
-        blank = np.zeros((3, *self.size), dtype=np.uint8 if self.uint8 else np.float32)
-        for data in batch["bytes"]:
-            shape: list = []
-            try:
-                images.append(decode_image(data, self.size, shape, self.uint8))
-                errors.append("")
-            except Exception as exc:  # any decoder failure is that file's error, reported by name
-                images.append(blank)
-                errors.append(f"{type(exc).__name__}: {exc}")
-            shapes.append("x".join(map(str, shape)))
-        out = batch.drop(columns=["bytes"])
-        if self.images:
-            out["image"] = images
-        out["error"] = errors
-        out["shape"] = shapes
-        return out
-
-
-#: input rows per Ray Data block of a listed folder or manifest (the listing is the driver's; the
-#: files are read inside the blocks' tasks)
-LISTING_BLOCK = 512
-
-
-class ReadDecode:
-    """Ray Data batch function over listed files (a pandas batch with a ``path`` column): each row's
-    file read from ``fs`` inside the task and decoded as a viewer shows it (``decode_image``;
-    ``uint8``: the bytes, a quarter of float32's memory). Returns the batch's columns as arrays with
-    ``image`` (stacked), ``error`` and ``shape`` (the file's own ``WxH``, for the mixed-size rule).
-    A failure is that row's ``error`` (a row listed with an error is not read), or, where
-    ``strict``, one error naming the file (a training stream, whose files were checked before)."""
-
-    def __init__(self, size: tuple[int, int], fs, uint8: bool = False, strict: bool = False):
-        self.size, self.fs, self.uint8, self.strict = tuple(size), fs, uint8, strict
-
-    def __call__(self, batch: pd.DataFrame) -> dict:
-        images = np.zeros((len(batch), 3, *self.size), dtype=np.uint8 if self.uint8 else np.float32)
-        errors, shapes = [], []
-        listed = batch["error"] if "error" in batch else [""] * len(batch)
-        for j, (path, err) in enumerate(zip(batch["path"], listed)):
-            shape: list = []
-            if not err:
-                try:
-                    with self.fs.open_input_file(path) as f:
-                        images[j] = decode_image(f.readall(), self.size, shape, uint8=self.uint8)
-                except Exception as exc:  # any read or decode failure is that file's error
-                    err = f"{type(exc).__name__}: {exc}"
-            if err and self.strict:
-                raise DataError(f"image '{path}' cannot be read: {err}")
-            errors.append(err)
-            shapes.append("x".join(map(str, shape)))
-        out = {c: batch[c].to_numpy() for c in batch.columns if c != "error"}
-        out.update(image=images, error=np.array(errors, dtype=object), shape=np.array(shapes, dtype=object))
-        return out
-
-
-def listing_dataset(listing: pd.DataFrame):
-    """A listing (one row per file) as a Ray Dataset in blocks of ``LISTING_BLOCK`` rows: the driver
-    puts paths, labels and ids in the object store; the blocks' tasks read the files."""
-    import ray.data
-
-    return ray.data.from_pandas([listing.iloc[i:i + LISTING_BLOCK] for i in range(0, max(1, len(listing)),
-                                                                                    LISTING_BLOCK)])
-
-
-MIXED_SIZES = ("error", "resize")
-
-
-def _check_sizes(rows: pd.DataFrame, key: str, what: str, mixed_sizes: str) -> None:
-    """Images of different sizes in one set are an error unless the spec says ``mixed_sizes: resize``
-    (then each is resized to the backbone's input, as every image is): a folder that mixes sizes is
-    often a folder that mixes things, and a silent resize would hide it."""
-    if mixed_sizes == "resize" or rows.empty:
-        return
-    counts = rows["shape"].value_counts()
-    if len(counts) > 1:
-        common, other = counts.index[0], counts.index[-1]
-        first = rows[rows["shape"] == other].iloc[0]
-        example = rows[rows["shape"] == common].iloc[0]
-        raise DataError(f"{what} have {len(counts)} different sizes: '{first[key]}' is {other} (width x height), "
-                        f"'{example[key]}' is {common} ({counts.iloc[0]} images): give the data spec "
-                        f"'mixed_sizes: resize' to resize every image to the backbone's input")
-
-
-def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
-    bad = rows[rows["error"] != ""]
-    if len(bad):
-        lines = [f"  {r[key]}: {r['error']}" for _, r in bad.head(MAX_LISTED).iterrows()]
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        first = bad.iloc[0]
-        raise DataError(f"{len(bad)} unreadable {what}, first '{first[key]}':\n" + "\n".join(lines) + more)
 
 
 def is_image_name(path: str) -> bool:

@@ -55,7 +55,7 @@ class DataSpec:
 
     def check(self, key: str) -> None:
         """Errors name the config key the spec came from."""
-        from tl.data.sources import MIXED_SIZES
+        from tl.data.decode import MIXED_SIZES
 
         given = [k for k in ("path", *KINDS) if getattr(self, k)]
         if len(given) != 1:
@@ -258,10 +258,10 @@ def check_target(parts: dict[str, ImageSet | None], name: str, max_shots: int) -
                                 f"shots + one query = {max_shots} + 1")
 
 
-def check_target_files(parts: dict[str, ImageSet | None]) -> None:
-    """The files of a target held as files (``lazy``) decode and share one size: one pass of Ray
-    Data (``tl.data.sources.check_files``), no pixel back in the driver. An in-memory target was
-    checked as it loaded."""
+def check_files_of(parts: dict[str, ImageSet | None]) -> None:
+    """The files of every part held as files (``lazy``: a target's halves, a run's sets, a source)
+    decode and share one size: one pass of Ray Data per part (``tl.data.sources.check_files``), no
+    pixel back in the driver, before anything trains. An in-memory part was checked as it loaded."""
     from tl.data.sources import check_files
 
     for part in parts.values():

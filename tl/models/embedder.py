@@ -42,7 +42,7 @@ class Embedder:
 
 class FileEmbedder(Embedder):
     """An ``Embedder`` that first reads and decodes its batch's listed files (``decode``: a
-    ``tl.data.sources.ReadDecode``), in the same actor: decoding beside the model in each actor
+    ``tl.data.decode.ReadDecode``), in the same actor: decoding beside the model in each actor
     keeps a block's pixels in one process from file to embedding, and N one-thread actors embed
     about twice as fast as one N-thread actor on small CPU models (results/bench/files.md)."""
 
