@@ -131,6 +131,35 @@ def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local,
     assert not changed.hit and changed.key != streamed.key
 
 
+def test_parquet_rows_stream_to_the_cache_and_match_the_in_memory_path(ray_local, tmp_path):
+    """A Parquet file in row groups of 7: its rows read -> decoded -> embedded inside Ray Data give
+    the in-memory path's embeddings, row-aligned; the second call is a cache hit."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from tl.data import load_parquet
+
+    data = small(30)
+    cells = []
+    for img in data.images:
+        buf = io.BytesIO()
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        cells.append(buf.getvalue())
+    f = tmp_path / "digits.parquet"
+    pq.write_table(pa.table({"image": cells, "label": [str(y) for y in data.labels]}), f, row_group_size=7)
+    cfg = EmbedConfig(weights=None, batch_size=8)
+    lazy = load_parquet(f, (28, 28), lazy=True)
+    streamed = extract(lazy.subset(np.arange(29, -1, -1)), cfg, tmp_path / "cache", quiet)
+    loaded = extract(load_parquet(f, (28, 28)), cfg, tmp_path / "cache2", quiet)
+    assert not streamed.hit and list(streamed.ids) == list(loaded.ids)[::-1]
+    np.testing.assert_allclose(streamed.vectors, loaded.vectors[::-1], rtol=1e-4, atol=1e-5)
+    again = extract(lazy.subset(np.arange(29, -1, -1)), cfg, tmp_path / "cache", quiet)
+    assert again.hit and np.array_equal(again.vectors, streamed.vectors)
+
+
 @pytest.fixture(scope="module")
 def optdigits_embeddings(pretrained, tmp_path_factory):
     data = load_embedded("optdigits").split("test")

@@ -34,10 +34,10 @@ def _folder(root: Path, per_class: int) -> Path:
 
 def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretrained, tmp_path):
     folder = _folder(tmp_path / "mine", 7)
+    base = {"targets": ["mine"], "shots": [5], "episodes": 3,
+            "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}}]}
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base={
-        "experiment": "small", "targets": ["mine"], "shots": [5], "episodes": 3,
-        "data": {"mine": {"folder": str(folder), "size": [28, 28]}},
-        "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}}]})
+        **base, "experiment": "small", "data": {"mine": {"folder": str(folder), "size": [28, 28]}}})
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert out.rows == len(rows) == 2 * 3
@@ -46,6 +46,21 @@ def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretraine
     assert (tmp_path / "out" / "confusion_mine_5shot.png").is_file()
     # every query of an episode is one of the 2 images left per class: 20 queries, accuracy in twentieths
     assert np.allclose((rows["accuracy"] * 20) % 1, 0)
+
+    # the same images as one Parquet file (rows in the folder's order, row groups of 8): the driver
+    # holds row locations, episodes read their row groups, and every cell scores as the folder's did
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*/*.png"), key=lambda f: (f.parent.name, int(f.stem)))
+    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [f.parent.name for f in files]}),
+                   tmp_path / "mine.parquet", row_group_size=8)
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base={
+        **base, "experiment": "small-pq", "data": {"mine": {"parquet": str(tmp_path / "mine.parquet"), "size": [28, 28]}}})
+    run_compare(cfg, tmp_path / "home", tmp_path / "out-pq", lambda s: None)
+    pq_rows = pd.read_parquet(tmp_path / "out-pq" / "rows.parquet")
+    key = ["strategy", "episode"]
+    assert np.allclose(pq_rows.sort_values(key)["accuracy"].to_numpy(), rows.sort_values(key)["accuracy"].to_numpy())
 
 
 def test_small_folder_refuses_a_search_without_validation_images(tmp_path):

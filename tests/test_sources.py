@@ -108,13 +108,63 @@ def test_parquet_errors(ray_local, tmp_path):
         load_parquet(nolabel, SIZE)
 
 
+def test_a_lazy_parquet_holds_row_locations_and_reads_only_the_groups_it_needs(ray_local, tmp_path, monkeypatch):
+    """A folder of two Parquet files in row groups of 3: the driver holds (file, group, row) per row
+    and the labels, never the image column; the pixels of any rows, the Ray Data stream and the
+    check are those of the in-memory load; a bad cell is named by its row; a Hugging Face style
+    struct column (bytes, path) decodes; very large row groups are warned about."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import tl.data.parquet as tp
+    from tl.data.sources import check_files
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    values = [10 * i for i in range(14)]
+    for j, chunk in enumerate((values[:8], values[8:])):
+        table = pa.table({"image": [png(value=v) for v in chunk], "label": [f"c{v % 3}" for v in chunk]})
+        pq.write_table(table, root / f"part-{j}.parquet", row_group_size=3)
+    full, lazy = load_parquet(root, SIZE), load_parquet(root, SIZE, lazy=True)
+    assert lazy.lazy and not full.lazy and isinstance(lazy.images, tp.ParquetImages)
+    assert lazy.images.where[:, 1].max() == 2 and lazy.images.where[9].tolist() == [1, 0, 1, 9]
+    assert list(lazy.ids) == list(full.ids) == [f"shards#row{i}" for i in range(14)]
+    assert (lazy.labels == full.labels).all() and lazy.classes == ("c0", "c1", "c2")
+    assert [round(float(im.mean()) * 255) for im in full.images] == values
+    np.testing.assert_array_equal(lazy.pixels([13, 0, 7, 4, 8]), full.images[[13, 0, 7, 4, 8]])
+    sub = lazy.subset(lazy.labels == 1)
+    np.testing.assert_array_equal(sub.pixels(np.arange(len(sub))), full.images[full.labels == 1])
+    streamed = sub.to_ray(("image", "label", "row")).to_pandas().sort_values("row")
+    assert streamed["row"].tolist() == list(range(len(sub))) and (streamed["label"] == 1).all()
+    np.testing.assert_array_equal(np.stack(streamed["image"].tolist()), np.round(sub.pixels(range(len(sub))) * 255))
+    check_files(lazy)
+    assert lazy.fingerprint() != sub.fingerprint()
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"image": [png(), png()[:30], None], "label": ["a", "b", "a"]}), bad, row_group_size=2)
+    with pytest.raises(DataError, match=r"(?s)2 unreadable images in 'bad'.*bad.parquet#row1.*bad.parquet#row2: "
+                                        r"ValueError: the image cell is empty"):
+        check_files(load_parquet(bad, SIZE, lazy=True))
+    with pytest.raises(DataError, match=r"image 'bad.parquet#row1' cannot be read"):
+        load_parquet(bad, SIZE, lazy=True).pixels([0, 1])
+
+    hf = tmp_path / "hf.parquet"
+    cells = pa.array([{"bytes": png(value=60), "path": "a.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": cells, "label": ["x"]}), hf)
+    assert round(float(load_parquet(hf, SIZE, lazy=True).pixels([0]).mean()) * 255) == 60
+    monkeypatch.setattr(tp, "LARGE_GROUP", 5)
+    with pytest.warns(UserWarning, match="row groups of up to 8 rows"):
+        pq.write_table(pa.table({"image": [png()] * 8, "label": ["a"] * 8}), tmp_path / "big.parquet")
+        load_parquet(tmp_path / "big.parquet", SIZE, lazy=True)
+
+
 def test_a_lazy_folder_holds_paths_and_decodes_only_the_rows_asked_for(ray_local, folder, tmp_path):
     """What a comparison's driver holds of a user folder: labels, ids and paths; the pixels of rows
     asked for are the ones the in-memory load gives, a subset stays lazy, and the fingerprint follows
     the listing (a rewritten file changes it) without reading the images."""
     import os
 
-    from tl.data.sources import check_files, files_of
+    from tl.data.sources import check_files
 
     full, lazy = load_image_folder(folder, SIZE), load_image_folder(folder, SIZE, lazy=True)
     assert lazy.lazy and not full.lazy and lazy.images.shape == full.images.shape
@@ -125,7 +175,7 @@ def test_a_lazy_folder_holds_paths_and_decodes_only_the_rows_asked_for(ray_local
     np.testing.assert_array_equal(dogs.pixels([2, 0]), full.images[full.labels == 1][[2, 0]])
     with pytest.raises(DataError, match="held as files"):
         lazy.to_arrow()
-    assert files_of(dogs).fingerprint == dogs.fingerprint() != lazy.fingerprint()
+    assert dogs.fingerprint() != lazy.fingerprint()
     before = lazy.fingerprint()
     target = folder / "cat" / "0.png"
     target.write_bytes(png("RGB", value=200))

@@ -102,6 +102,17 @@ def test_finetune_on_a_user_folder(ray_local, folders, storage):
     # the mapping form: other split fractions, named as the config asks for them
     spec = {"path": str(folders["target"]), "split": {"adapt": 0.75, "test": 0.25}}
     assert check_data(RunConfig(target=spec)) == {"target": 36, "target_test": 12}
+    # the same images as Parquet rows: the run's sets stream from their row groups through Ray Train
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(folders["target"]).glob("*/*.png"))
+    f = Path(folders["target"]).parent / "target.parquet"
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in files], "label": [p.parent.name for p in files]}), f,
+                   row_group_size=10)
+    record = run(RunConfig(target=str(f), weights="random", workers=1, checkpoint_every=3,
+                           params={"steps": 3, "batch_size": 8, "lr": 0.01}), storage)
+    assert record["sizes"] == {"target": 24, "target_test": 24} and 0 <= record["history"][-1]["target_test_accuracy"] <= 1
 
 
 def test_search_on_a_user_folder(ray_local, folders, storage, tmp_path):

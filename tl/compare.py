@@ -177,8 +177,9 @@ def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
 
 
 def target_data(cfg: CompareConfig, target: str) -> dict:
-    """A target's test and validation parts; a user's folder or manifest as files (``ImageSet.lazy``):
-    the driver holds its labels and paths, each episode decodes its own images in its trial."""
+    """A target's test and validation parts; a user's folder, manifest or Parquet held as files
+    (``ImageSet.lazy``): the driver holds its labels and paths (or row places), each episode decodes
+    its own images in its trial."""
     return load_target(target, cfg.spec(target), cfg.test_split, cfg.val_split, lazy=True)
 
 

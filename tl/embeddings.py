@@ -89,16 +89,16 @@ def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
     return model, stage, pp, key, Location.of(cache_root) / "embeddings" / key
 
 
-def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print) -> Embeddings:
+def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print,
+            load: bool = True) -> Embeddings:
     """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached (a lazy set, held
-    as files, streams from its files: ``extract_files``)."""
+    as files or Parquet rows, streams from them: ``extract_stream``; ``load``: False leaves its
+    vectors in the cache, for a job that only fills it)."""
     import ray.data
 
     if data.lazy:
-        from tl.data.sources import files_of
-
-        return extract_files(files_of(data), data.images.size, cfg, cache_root, log,
-                             mixed_sizes=data.images.mixed_sizes)
+        return extract_stream(data.name, data.fingerprint(), data.images, data.labels, data.ids, cfg, cache_root, log,
+                              load)
     t0 = time.time()
     model, stage, pp, key, where = _place(cfg, data.fingerprint(), cache_root)
     fs, folder = where.fs, where.path
@@ -138,20 +138,31 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
 
 def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, cache_root: "str | Location",
                   log: Callable[[str], None] = print, load: bool = True, mixed_sizes: str = "error") -> Embeddings:
-    """Embeddings of a user's image files, streamed by Ray Data from storage to the cache: read,
-    decode to uint8 (``size``), embed on the actor pool, ``write_parquet``. The driver holds the
-    file listing and, when ``load``, the finished vectors (row-aligned with ``index``); never a
-    pixel. The key hashes the listing's metadata (``index.fingerprint``) and ``size``. A file that
-    does not decode, or files of mixed sizes (unless ``mixed_sizes: resize``), fail the extraction
-    with their names, and no cache is committed."""
+    """Embeddings of a listed folder's image files (``index``), streamed from storage to the cache
+    (``extract_stream``); the key hashes the listing's metadata (``index.fingerprint``)."""
+    from tl.data.sources import FileImages
+
+    images = FileImages(index.paths, index.stamps, index.fs, size, mixed_sizes)
+    return extract_stream(index.name, index.fingerprint, images, index.labels, index.ids, cfg, cache_root, log, load)
+
+
+def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids, cfg: EmbedConfig,
+                   cache_root: "str | Location", log: Callable[[str], None] = print, load: bool = True) -> Embeddings:
+    """Embeddings of images held as files or Parquet rows (``images``: ``tl.data.sources.FileImages``
+    or ``tl.data.parquet.ParquetImages``), streamed by Ray Data from storage to the cache: read,
+    decode to uint8, embed on the actor pool, ``write_parquet``. The driver holds the listing and,
+    when ``load``, the finished vectors (row-aligned with ``labels`` and ``ids``); never a pixel.
+    The key hashes ``fingerprint`` (the listing's metadata) and the decode size. An image that does
+    not decode, or images of mixed sizes (unless ``mixed_sizes: resize``), fail the extraction with
+    their names, and no cache is committed."""
     import pyarrow.compute as pc
     import ray.data
 
-    from tl.data.decode import LISTING_BLOCK, ReadDecode, _check_sizes, listing_dataset
-    from tl.data.sources import path_key
+    from tl.data.decode import LISTING_BLOCK, _check_sizes
 
     t0 = time.time()
-    model, stage, pp, key, where = _place(cfg, f"files:{index.fingerprint}:{list(size)}", cache_root)
+    size = images.size
+    model, stage, pp, key, where = _place(cfg, f"stream:{fingerprint}:{list(size)}", cache_root)
     fs, folder = where.fs, where.path
     info = _manifest(fs, folder)
     table = None
@@ -159,62 +170,58 @@ def extract_files(index: "FileIndex", size: tuple[int, int], cfg: EmbedConfig, c
         if fs.get_file_info(folder).type != pafs.FileType.NotFound:
             log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
             fs.delete_dir(folder)
-        log(f"[embed] extracting {len(index)} image files of '{index.name}' with {cfg.backbone} (stage "
-            f"{cfg.stage or 'last'}), streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), blocks "
-            f"of {LISTING_BLOCK} files")
-        # the driver's listing goes to the object store in blocks of paths; each actor reads, decodes
-        # (uint8) and embeds a block's files in one process (read_binary_files and a decoding step
-        # before the actors instead: 0.28x the plain loop at 10k files, results/bench/files.md of
+        log(f"[embed] extracting {len(images)} images of '{name}' with {cfg.backbone} (stage {cfg.stage or 'last'}), "
+            f"streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), blocks of about {LISTING_BLOCK} "
+            f"images")
+        # the driver's listing goes to the object store in blocks; each actor reads, decodes (uint8)
+        # and embeds a block's images in one process (read_binary_files and a decoding step before
+        # the actors instead: 0.28x the plain loop at 10k files, results/bench/files.md of
         # 2026-12-01; decoding in tasks of their own beside the actors: about 1.5x slower per image)
-        decode = ReadDecode(size, index.fs, uint8=True)
-        ds = listing_dataset(pd.DataFrame({"path": index.paths})).map_batches(
+        ds = images.dataset(labels, ids).map_batches(
             FileEmbedder,
-            fn_constructor_kwargs=dict(decode=decode, backbone=cfg.backbone, weights=cfg.weights, stage=stage,
-                                       input_size=cfg.input_size, threads=cfg.threads_per_actor),
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=LISTING_BLOCK, batch_format="pandas",
+            fn_constructor_kwargs=dict(decode=images.reader(uint8=True), backbone=cfg.backbone, weights=cfg.weights,
+                                       stage=stage, input_size=cfg.input_size, threads=cfg.threads_per_actor),
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=images.batch_rows, batch_format="pandas",
             num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
         ds.context.enable_progress_bars = sys.stderr.isatty()
         part = f"data-{uuid.uuid4().hex[:8]}"
         ds.write_parquet(f"{folder}/{part}", filesystem=fs)
         # one read: the checks' columns, and the vectors when they are wanted
-        table = pq.read_table(f"{folder}/{part}", columns=["path", "error", "shape"] + (["embedding"] if load else []),
-                              filesystem=fs, partitioning=None)
+        table = pq.read_table(f"{folder}/{part}", columns=["row", "path", "error", "shape"]
+                              + (["embedding"] if load else []), filesystem=fs, partitioning=None)
         errors = table.filter(pc.not_equal(table.column("error"), ""))
         try:
             if errors.num_rows:
                 first = errors.slice(0, 5).to_pylist()
-                raise DataError(f"{errors.num_rows} unreadable images in '{index.name}', first '{first[0]['path']}':\n"
+                raise DataError(f"{errors.num_rows} unreadable images in '{name}', first '{first[0]['path']}':\n"
                                 + "\n".join(f"  {r['path']}: {r['error']}" for r in first))
-            if table.num_rows != len(index):
-                raise DataError(f"the extraction of '{index.name}' wrote {table.num_rows} rows for {len(index)} files")
-            _check_sizes(table.select(["path", "shape"]).to_pandas(), "path", f"the images in '{index.name}'",
-                         mixed_sizes)
+            if table.num_rows != len(images):
+                raise DataError(f"the extraction of '{name}' wrote {table.num_rows} rows for {len(images)} images")
+            _check_sizes(table.select(["path", "shape"]).to_pandas(), "path", f"the images in '{name}'",
+                         images.mixed_sizes)
         except DataError:
             fs.delete_dir(folder)  # nothing that looks like a cache is left behind
             raise
         info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
-                "preprocessing": pp, "dataset": index.name, "fingerprint": index.fingerprint, "rows": len(index),
+                "preprocessing": pp, "dataset": name, "fingerprint": fingerprint, "rows": len(images),
                 "size": list(size), "dim": model.stage_dim(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with fs.open_output_stream(f"{folder}/{MANIFEST}") as out:
             out.write(json.dumps(info, indent=2).encode())
         hit = False
-        log(f"[embed] wrote {len(index)} x {info['dim']} embeddings of image files to {where} in "
-            f"{time.time() - t0:.1f} s")
+        log(f"[embed] wrote {len(images)} x {info['dim']} embeddings of '{name}' to {where} in {time.time() - t0:.1f} s")
     else:
         hit = True
         log(f"[embed] cache hit {key[:12]}: {info['rows']} x {info['dim']} from {where}")
+    ids = np.asarray(ids, dtype=object)
     if not load:
-        return Embeddings(key, np.zeros((0, info["dim"]), np.float32), np.asarray(index.ids, dtype=object),
-                          index.labels, hit, str(where), time.time() - t0, info)
+        return Embeddings(key, np.zeros((0, info["dim"]), np.float32), ids, labels, hit, str(where), time.time() - t0,
+                          info)
     if table is None:
-        table = pq.read_table(f"{folder}/{info['data']}", columns=["path", "embedding"], filesystem=fs,
+        table = pq.read_table(f"{folder}/{info['data']}", columns=["row", "embedding"], filesystem=fs,
                               partitioning=None)
-    order = {path_key(p): i for i, p in enumerate(index.paths)}
-    rows = np.array([order[path_key(p)] for p in table.column("path").to_pylist()], dtype=np.int64)
-    vectors = np.empty((len(index), info["dim"]), np.float32)
-    vectors[rows] = _to_matrix(table.column("embedding").combine_chunks())
-    return Embeddings(key, vectors, np.asarray(index.ids, dtype=object), index.labels, hit, str(where),
-                      time.time() - t0, info)
+    vectors = np.empty((len(images), info["dim"]), np.float32)
+    vectors[table.column("row").to_numpy()] = _to_matrix(table.column("embedding").combine_chunks())
+    return Embeddings(key, vectors, ids, labels, hit, str(where), time.time() - t0, info)
 
 
 def _manifest(fs: pafs.FileSystem, folder: str) -> dict | None:

@@ -165,7 +165,7 @@ def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], b
             spec = from_dict(DataSpec, {k: v for k, v in src.items() if v is not None}, "best.yaml data")
             name = spec.label()
         spec = replace(spec.with_defaults(size, "none"), split="none")  # every image trains
-        train = load_data(name, spec, size, lazy=True)  # a folder or manifest stays files until rows are used
+        train = load_data(name, spec, size, lazy=True)  # a folder, manifest or Parquet stays files until rows are used
         test = None
         if cfg.test_data:
             test_name, test_spec = resolve(cfg.test_data, "test_data")

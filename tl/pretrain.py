@@ -90,7 +90,7 @@ class PretrainResult:
 
 def _source_sets(cfg: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     name, spec = resolve(cfg.data, "data")
-    # a user's folder or manifest stays files: Ray Data reads and decodes them as the epochs stream
+    # a user's folder, manifest or Parquet stays files: Ray Data reads and decodes them as the epochs stream
     src = load_data(name, spec, input_size_of(cfg.backbone, cfg.input_size), TRAIN_VAL, lazy=True)
     check_files_of({"data": src})  # every file decodes, one size: before any worker starts
     train, val = part(src, "train", spec, "data"), part(src, "val", spec, "data")

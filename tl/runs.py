@@ -354,7 +354,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     """Run (or resume, or reuse) one run; returns its record: the per-checkpoint ``history`` of
     scores, identity (key, strategy, source, target, seed), set ``sizes``, config and provenance.
     With ``output``, also writes ``model.safetensors`` (the last iterate) and ``run.json`` there.
-    A user's folder or manifest stays files: the driver holds their listing, Ray Data reads and
+    A user's folder, manifest or Parquet stays files: the driver holds their listing, Ray Data reads and
     decodes them as training streams; unless ``checked`` (``check_data`` ran before, as a grid does
     before its trials), every file is checked first. Needs a running Ray."""
     t0 = time.time()

@@ -36,9 +36,8 @@ def main() -> int:
     args = p.parse_args()
 
     from tl.config import load_config
-    from tl.data.sources import index_image_folder
     from tl.data.spec import load_data, part, resolve
-    from tl.embeddings import EmbedConfig, extract, extract_files
+    from tl.embeddings import EmbedConfig, extract
     from tl.pretrain import resolve_weights
     from tl.models import input_size_of
     from tl.runtime import resolve_storage
@@ -53,18 +52,13 @@ def main() -> int:
     ecfg = EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage, input_size=job.input_size,
                        batch_size=job.batch_size, actors=job.actors, threads_per_actor=job.threads_per_actor,
                        use_gpu=job.use_gpu)
-    if spec is not None and spec.kind() == "folder" and not job.split:
-        # a folder streams from storage to the cache through Ray Data: the driver lists it, never decodes it
-        index = index_image_folder(spec.where, spec.classes, unlabelled=True)
-        emb = extract_files(index, tuple(spec.size or size), ecfg, storage / "cache", load=False,
-                            mixed_sizes=spec.mixed_sizes)
-        print(f"embeddings ({len(index)} x {emb.info['dim']}, {'cache hit' if emb.hit else 'extracted'}): {emb.path}")
-        return 0
-    data = load_data(name, spec, size, "none", unlabelled=True)
+    # a user's images stay in their files (a folder, a manifest, Parquet rows) and stream from storage
+    # to the cache through Ray Data: the driver lists them, never decodes them, nor loads the vectors
+    data = load_data(name, spec, size, "none", unlabelled=True, lazy=spec is not None)
     if job.split:
         data = part(data, job.split, spec, "data")
-    emb = extract(data, ecfg, storage / "cache")
-    print(f"embeddings ({len(emb.ids)} x {emb.vectors.shape[1]}, {'cache hit' if emb.hit else 'extracted'}): {emb.path}")
+    emb = extract(data, ecfg, storage / "cache", load=spec is None)
+    print(f"embeddings ({len(data)} x {emb.info['dim']}, {'cache hit' if emb.hit else 'extracted'}): {emb.path}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Images are float32 in one layout, N x 3 x H x W with values in [0, 1]; the backbone's preprocessing
 later states the size and normalisation, so any backbone can take any dataset. They are held either
 as one array (the embedded suite, small user data) or as files decoded only when rows are asked for
-(``lazy``: a user's folder or CSV manifest, ``tl.data.sources.FileImages``), so a driver that
+(``lazy``: a user's folder or CSV manifest, ``tl.data.sources.FileImages``; a Parquet file's rows,
+``tl.data.parquet.ParquetImages``), so a driver that
 samples episodes or launches Ray Train holds labels and paths, never the pixels of a large set.
 """
 
@@ -24,8 +25,10 @@ COLUMNS = ("image", "label", "class_name", "domain", "split", "id")
 @dataclass
 class ImageSet:
     """A labelled (or unlabelled: label -1) image table; ``images`` an N x 3 x H x W float32 array,
-    or a lazy file-backed stand-in (``lazy``) with ``shape``, ``take(rows)`` (a lazy subset),
-    ``load(rows)`` (the decoded array) and ``fingerprint()`` (from the files' listing)."""
+    or a lazy file-backed stand-in (``lazy``) with ``shape``, ``size``, ``mixed_sizes``, ``take(rows)``
+    (a lazy subset), ``load(rows)`` (the decoded array), ``fingerprint()`` (from the listing), and
+    for Ray Data ``dataset(labels, ids)`` (the listing), ``reader()`` (its batch decoder, taking
+    ``batch_rows`` listing rows), ``to_ray`` and ``scan`` (the check's pass)."""
 
     name: str
     images: np.ndarray

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tl.data.decode import ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset
+from tl.data.decode import LISTING_BLOCK, ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset
 from tl.data.imageset import ImageSet
 from tl.errors import DataError
 from tl.storage import Location, is_uri
@@ -113,6 +113,7 @@ class FileImages:
     fs: Any
     size: tuple[int, int]
     mixed_sizes: str = "error"
+    batch_rows = LISTING_BLOCK  # rows of the listing per batch of ``reader`` (one block)
 
     def __post_init__(self) -> None:
         self.paths = np.asarray(self.paths, dtype=object)
@@ -140,16 +141,27 @@ class FileImages:
                 raise DataError(f"image '{path}' cannot be read: {type(exc).__name__}: {exc}") from exc
         return out
 
+    def dataset(self, labels: np.ndarray, ids: np.ndarray):
+        """The listing (path, label, id, row) as a Ray Dataset in blocks of ``LISTING_BLOCK`` rows."""
+        return listing_dataset(pd.DataFrame({"path": self.paths, "label": np.asarray(labels, dtype=np.int64),
+                                             "id": np.asarray(ids, dtype=object).astype(str),
+                                             "row": np.arange(len(self.paths))}))
+
+    def reader(self, uint8: bool = False, strict: bool = False) -> ReadDecode:
+        return ReadDecode(self.size, self.fs, uint8, strict)
+
     def to_ray(self, labels: np.ndarray, ids: np.ndarray, columns: Sequence[str]):
         """A Ray Dataset of these files (``columns`` of the ImageSet schema, plus ``row``): the listing
         goes to the object store in blocks of ``LISTING_BLOCK`` rows, and each block's task reads and
         decodes its files to uint8 (``ReadDecode``, strict), so the pixels exist only inside Ray Data,
         block by block, as the dataset streams. Nothing is materialised."""
-        listing = pd.DataFrame({"path": self.paths, "label": np.asarray(labels, dtype=np.int64),
-                                "id": np.asarray(ids, dtype=object).astype(str), "row": np.arange(len(self.paths))})
         keep = [c for c in columns if c in ("image", "label", "id", "row")]
-        return listing_dataset(listing).map_batches(ReadDecode(self.size, self.fs, uint8=True, strict=True),
-                                                    batch_format="pandas", batch_size=64).select_columns(keep)
+        return self.dataset(labels, ids).map_batches(self.reader(uint8=True, strict=True), batch_format="pandas",
+                                                     batch_size=64).select_columns(keep)
+
+    def scan(self, labels: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
+        """One pass of Ray Data over the files: path, error and shape per file, no pixel."""
+        return _decode_files(list(self.paths), self.size, self.fs, images=False)
 
     def fingerprint(self) -> str:
         """The listing's sizes and mtimes with the decode size (the set adds the relative paths)."""
@@ -169,19 +181,12 @@ def lazy_set(name: str, paths: Sequence[str], stamps: Sequence[str], fs, size: t
                     ids=np.asarray(ids, dtype=object))
 
 
-def files_of(data: ImageSet) -> FileIndex:
-    """A lazy set as the file listing that streamed extraction reads (``extract_files``)."""
-    im = data.images
-    return FileIndex(data.name, list(im.paths), data.labels, data.classes, list(data.ids), im.fs, data.fingerprint(),
-                     list(im.stamps))
-
-
 def check_files(data: ImageSet) -> None:
-    """Every file of a lazy set decodes, and its images share one size (unless the spec says
-    ``mixed_sizes: resize``): one pass of Ray Data over the files, before any trial; what comes back
-    to the driver is one short row per file (path, error, size), no pixel."""
+    """Every image of a lazy set decodes, and they share one size (unless the spec says
+    ``mixed_sizes: resize``): one pass of Ray Data over the files or rows (``scan``), before any
+    trial; what comes back to the driver is one short row per image (path, error, size), no pixel."""
     im = data.images
-    rows = _decode_files(list(im.paths), im.size, im.fs, images=False)
+    rows = im.scan(data.labels, data.ids)
     _raise_bad(rows, "path", f"images in '{data.name}'")
     _check_sizes(rows, "path", f"the images in '{data.name}'", im.mixed_sizes)
 
@@ -321,51 +326,6 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
     return _build(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
 
 
-def load_parquet(
-    path: str | Path,
-    size: tuple[int, int],
-    classes: Sequence[str] | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-    mixed_sizes: str = "error",
-) -> ImageSet:
-    """A Parquet file (or folder of files) with encoded image bytes and a label per row."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    shown = str(path)
-    loc = Location.of(path)
-    if not loc.exists():
-        raise DataError(f"Parquet file '{path}' does not exist")
-    path = Path(loc.path)
-    try:
-        schema = pq.read_schema(loc.path, filesystem=loc.fs) if loc.is_file() else \
-            pq.ParquetDataset(loc.path, filesystem=loc.fs).schema
-    except Exception as exc:
-        raise DataError(f"Parquet file '{shown}' is not readable Parquet: {exc}") from exc
-    for col in (image_column, label_column):
-        if col not in schema.names:
-            raise DataError(f"Parquet file '{shown}' has no column '{col}' (columns: {schema.names})")
-    try:
-        ds = ray.data.read_parquet(loc.path, columns=[image_column, label_column], filesystem=loc.fs)
-        ds = ds.map_batches(
-            lambda b: b.rename(columns={image_column: "bytes", label_column: "label"}), batch_format="pandas"
-        )
-        rows = ds.map_batches(_Decode(size), batch_format="pandas", batch_size=64).to_pandas()
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"Parquet file '{shown}' could not be read: {str(exc).splitlines()[0]}") from exc
-    if rows.empty:
-        raise DataError(f"Parquet file '{shown}' has no rows")
-    rows["row"] = [f"{path.name}#row{i}" for i in range(len(rows))]
-    _raise_bad(rows, "row", f"images in '{shown}'")
-    _check_sizes(rows, "row", f"the images in '{shown}'", mixed_sizes)
-    labels = [str(v) for v in rows["label"]]
-    class_tuple = _class_list(labels, classes, f"Parquet file '{shown}'")
-    return _build(path.stem, path.stem, rows["image"].tolist(), labels, class_tuple, rows["row"].tolist())
-
-
 def load_source(
     dataset: str | None = None,
     folder: str | None = None,
@@ -378,9 +338,8 @@ def load_source(
     lazy: bool = False,
 ) -> ImageSet:
     """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file
-    (``unlabelled``: a folder without class subfolders is allowed, its labels -1; ``lazy``: a folder's
-    or a manifest's images stay files, decoded when rows are asked for; a Parquet file holds its
-    images' bytes and is always read whole)."""
+    (``unlabelled``: a folder without class subfolders, or a Parquet file without labels, is allowed,
+    its labels -1; ``lazy``: the images stay in their files, decoded when rows are asked for)."""
     given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet)) if v}
     if len(given) != 1:
         raise DataError(f"give exactly one data source (dataset, folder, csv or parquet); got {sorted(given) or 'none'}")
@@ -392,4 +351,6 @@ def load_source(
         return load_image_folder(folder, size, classes, mixed_sizes, unlabelled, lazy)
     if csv:
         return load_csv_manifest(csv, size, classes, mixed_sizes, lazy)
-    return load_parquet(parquet, size, classes, mixed_sizes=mixed_sizes)
+    from tl.data.parquet import load_parquet
+
+    return load_parquet(parquet, size, classes, mixed_sizes=mixed_sizes, unlabelled=unlabelled, lazy=lazy)

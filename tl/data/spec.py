@@ -184,7 +184,7 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
     """The whole dataset, its rows marked with their split: an embedded set with its own splits, or
     the user's data read through Ray Data and split by its rule (``default_split`` when unset).
     ``classes`` (a source's) fixes the label order; ``unlabelled`` allows a folder without classes;
-    ``lazy``: a folder's or manifest's images stay files (``ImageSet.lazy``), only listed here."""
+    ``lazy``: a user's images stay in their files or Parquet rows (``ImageSet.lazy``), only listed here."""
     if spec is None:
         from tl.data.suite import load_embedded
 
@@ -193,7 +193,7 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
     if classes is not None and spec.classes is None:
         spec = replace(spec, classes=tuple(classes))
     blob = json.dumps({**asdict(spec), "kind": spec.kind()}, sort_keys=True)
-    full = _load(blob, unlabelled, lazy and spec.kind() != "parquet")
+    full = _load(blob, unlabelled, lazy)
     out = full.subset(np.arange(len(full)), name=name)
     return out
 
@@ -240,7 +240,7 @@ def load_target(name: str, source: DataSpec | None, test_split: str = "test",
                 ) -> dict[str, ImageSet | None]:
     """A comparison's or an export's target: ``{"test": ImageSet, "val": ImageSet | None}``; ``val``
     is None for a user's ``split: none`` (every image a test image: small data). ``lazy``: a user's
-    folder or manifest stays files (a comparison's episodes decode only their own images)."""
+    folder, manifest or Parquet stays files (a comparison's episodes decode only their own images)."""
     full = load_data(name, source, size, "none", lazy=lazy)
     if source is not None and not (full.splits == test_split).any() and (full.splits == "all").all():
         return {"test": full, "val": None}

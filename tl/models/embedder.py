@@ -41,8 +41,9 @@ class Embedder:
 
 
 class FileEmbedder(Embedder):
-    """An ``Embedder`` that first reads and decodes its batch's listed files (``decode``: a
-    ``tl.data.decode.ReadDecode``), in the same actor: decoding beside the model in each actor
+    """An ``Embedder`` that first reads and decodes its batch's listed images (``decode``: a
+    ``tl.data.decode.ReadDecode`` over files, or a ``tl.data.parquet.ReadGroups`` over Parquet row
+    groups, which yields its chunks), in the same actor: decoding beside the model in each actor
     keeps a block's pixels in one process from file to embedding, and N one-thread actors embed
     about twice as fast as one N-thread actor on small CPU models (results/bench/files.md)."""
 
@@ -50,5 +51,7 @@ class FileEmbedder(Embedder):
         super().__init__(**kwargs)
         self.decode = decode
 
-    def __call__(self, batch) -> dict:
-        return super().__call__(self.decode(batch))
+    def __call__(self, batch):  # a generator: Ray Data takes each yielded batch as output
+        decoded = self.decode(batch)
+        for part in [decoded] if isinstance(decoded, dict) else decoded:
+            yield super().__call__(part)
