@@ -13,8 +13,8 @@ from tl.data import load_embedded, sample_episodes
 from tl.errors import ConfigError
 from tl.models import build_backbone
 from tl.nn import (
-    CDANLoss, CORALLoss, DANNLoss, GradientReversal, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
-    grad_reverse, information_maximization, soft_neighborhood_density,
+    CDANLoss, CORALLoss, DANNLoss, GradientReversal, MCCLoss, MMDLoss, coefficient, coral, ganin_lambda, gaussian_mmd2,
+    grad_reverse, information_maximization, minimum_class_confusion, reestimate_batchnorm, soft_neighborhood_density,
 )
 from tl.strategies import REGISTRY, EpisodeTask, make_strategy
 from tl.strategies.adapt import AdaptStrategy, episode_source_labels
@@ -132,8 +132,79 @@ def _data(n=16):
             pp(torch.from_numpy(tgt.images[:n])))
 
 
+def test_mcc_loss_on_a_hand_made_batch_matches_its_formula():
+    """Jin et al. 2020, eqs. 1-6, written out element by element for 3 examples and 3 classes."""
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0]])
+    t = 2.5
+    p = np.exp(logits.numpy() / t)
+    p /= p.sum(1, keepdims=True)
+    h = -(p * np.log(p)).sum(1)
+    w = 1 + np.exp(-h)
+    w = 3 * w / w.sum()
+    c = np.zeros((3, 3))
+    for j in range(3):
+        for k in range(3):
+            c[j, k] = sum(w[i] * p[i, j] * p[i, k] for i in range(3))
+    c_hat = c / c.sum(0, keepdims=True)
+    expected = sum(c_hat[j, k] for j in range(3) for k in range(3) if j != k) / 3
+    assert minimum_class_confusion(logits, t).item() == pytest.approx(expected, rel=1e-5)
+    assert MCCLoss(t)(None, None, None, logits, coeff=0.5).item() == pytest.approx(0.5 * expected, rel=1e-5)
+    # confident, one class per example: no confusion; uniform predictions: the most
+    assert minimum_class_confusion(torch.eye(3) * 50).item() == pytest.approx(0.0, abs=1e-6)
+    assert minimum_class_confusion(torch.zeros(4, 3)).item() == pytest.approx(2 / 3, rel=1e-5)
+
+
+def test_adabn_changes_only_batchnorm_statistics_to_the_targets_own():
+    """Every parameter byte-identical; the first BatchNorm's running mean is the mean of the target
+    images' activations below it, its variance the size-weighted mean of each batch's (unbiased)
+    variance; the API takes images only."""
+    bb, _, _, xt = _data()
+    model = make_strategy("adabn").prepare(bb, 10)
+    before, was = copy.deepcopy(model.state_dict()), model.training
+    seen = reestimate_batchnorm(model, [xt[:10], xt[10:]])
+    assert seen == len(xt) and model.training == was
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not torch.equal(m.running_mean, before[n + ".running_mean"])
+                       for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first = bns[0]
+    below = _layers_before(model, first)
+    with torch.no_grad():
+        act = below(xt)
+    assert torch.allclose(first.running_mean, act.mean((0, 2, 3)), atol=1e-5)
+    var = (10 * act[:10].var((0, 2, 3)) + 6 * act[10:].var((0, 2, 3))) / 16
+    assert torch.allclose(first.running_var, var, rtol=1e-4, atol=1e-6)
+    assert set(after) == set(before) and first.momentum == 0.1
+
+
+def _layers_before(model, bn):
+    """The modules of the backbone's first stage up to ``bn`` (its conv), as one function."""
+    mods = []
+    for m in model.backbone.modules():
+        if m is bn:
+            break
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d)):
+            mods.append(m)
+    return torch.nn.Sequential(*mods).eval()
+
+
+def test_adabn_episode_predicts_under_target_statistics_and_trains_like_source_only():
+    task, ep = _episode_task(with_source=False)
+    a = make_strategy("adabn", {"steps": 3}).start_episode(task)
+    b = make_strategy("source_only", {"steps": 3}).start_episode(task)
+    a.advance(3), b.advance(3)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    state = copy.deepcopy(a.model.state_dict())
+    pa = a.predict()
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in state.items()), "scored on a copy"
+    assert pa.shape == b.predict().shape
+
+
 def test_every_adaptation_strategy_is_registered():
-    assert {"source_only", "dann", "cdan", "mmd", "coral"} <= set(ADAPT)
+    assert {"source_only", "adabn", "dann", "cdan", "mmd", "coral", "mcc"} <= set(ADAPT)
     assert not REGISTRY["source_only"].needs_target and all(REGISTRY[n].needs_target for n in ALIGNING)
 
 

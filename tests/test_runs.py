@@ -66,6 +66,27 @@ def test_bad_run_configs_are_named(storage):
 # --- Ray Train -----------------------------------------------------------------------------------
 
 
+def test_an_adabn_run_scores_and_exports_the_model_with_target_statistics(ray_local, storage, tmp_path):
+    """AdaBN on Ray Train: trained as source-only, scored (and exported) with BatchNorm statistics
+    re-estimated on the unlabelled pool: every weight equals the trained model's, the statistics not."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = RunConfig(weights="random", source="mnist", target="mnistm", strategy="adabn", limit=64, workers=1,
+                    checkpoint_every=2, params={"steps": 2, "batch_size": 16})
+    rec = run(cfg, storage, tmp_path / "out", log=lambda _: None)
+    assert rec["steps"] == 2 and 0 <= rec["history"][-1]["target_test_accuracy"] <= 1
+    ckpt = sorted(p for p in (storage / "ray" / cfg.key()).glob("checkpoint_*") if p.is_dir())[-1]
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    trained, scored = state["model"], state["scored_model"]
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(trained[k], scored[k]) for k in stats)
+    assert all(torch.equal(trained[k], scored[k]) for k in trained if k not in stats and "num_batches" not in k)
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    common = [k for k in stats if k in exported]
+    assert len(common) == len(stats) and all(torch.equal(exported[k], scored[k]) for k in common)
+
+
 @pytest.mark.slow
 def test_fine_tuning_on_two_ddp_workers_matches_one_worker(ray_local, storage, tmp_path):
     losses = {}

@@ -42,7 +42,7 @@ RULES = {
 
 
 def _default_methods() -> tuple[StrategyEntry, ...]:
-    return tuple(StrategyEntry(s) for s in ("source_only", "dann", "cdan", "mmd", "coral"))
+    return tuple(StrategyEntry(s) for s in ("source_only", "adabn", "dann", "cdan", "mmd", "coral", "mcc"))
 
 
 @dataclass(frozen=True)
@@ -225,19 +225,19 @@ def summary_markdown(summary: pd.DataFrame, note: str, score: str) -> str:
     rules = ["last", "source_val", score, "snd" if score == "im" else "im", "oracle"]
     lines = [note, "", "Target test accuracy (%), mean ± std over seeds, of the checkpoint each rule selects.", ""]
     for target, g in summary.groupby("target", sort=False):
-        base = g[g["method"] == "source_only"]
+        # each method's gain over source-only and over AdaBN (BatchNorm statistics alone), when they ran
+        bases = [(name, g[g["method"] == name]) for name in ("source_only", "adabn")]
+        bases = [(name, b.iloc[0]) for name, b in bases if not b.empty]
+        heads = "".join(f" | Δ vs {'source-only' if n == 'source_only' else 'AdaBN'} (last / (b))" for n, _ in bases)
         lines += [f"### {g.iloc[0]['source']} → {target}", "",
-                  "| method | " + " | ".join(RULES[r][0] for r in rules) + " | Δ vs source-only (last / (b)) "
-                  "| source val (last) | min / run |",
-                  "|---|" + "---|" * (len(rules) + 3)]
+                  "| method | " + " | ".join(RULES[r][0] for r in rules) + heads + " | source val (last) | min / run |",
+                  "|---|" + "---|" * (len(rules) + len(bases) + 2)]
         for _, r in g.iterrows():
-            delta = "—"
-            if not base.empty and r["method"] != "source_only":
-                b = base.iloc[0]
-                delta = (f"{100 * (r['last_mean'] - b['last_mean']):+.1f} / "
-                         f"{100 * (r[f'{score}_mean'] - b[f'{score}_mean']):+.1f}")
+            deltas = "".join(" | —" if r["method"] == name else
+                             f" | {100 * (r['last_mean'] - b['last_mean']):+.1f} / "
+                             f"{100 * (r[f'{score}_mean'] - b[f'{score}_mean']):+.1f}" for name, b in bases)
             cells = [_pm(r[f"{rule}_mean"], r[f"{rule}_std"]) for rule in rules]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {delta} | {100 * r['source_val_last']:.1f} "
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + f"{deltas} | {100 * r['source_val_last']:.1f} "
                          f"| {r['minutes_per_run']:.1f} |")
         lines.append("")
     lines += ["Per-seed values (last iterate; (b); oracle):", ""]

@@ -265,11 +265,16 @@ def _worker(c: dict) -> None:
         if c["adapt"]:
             metrics["coeff"] = strategy.coefficient(step - 1)
         metrics.update(lr=opt.param_groups[0]["lr"], train_s=time.perf_counter() - t0)
+        scored = ray_train.unwrap(model)
         if rank == 0:
-            metrics.update(evaluate_checkpoint(ray_train.unwrap(model), shards, device))
+            if isinstance(strategy, AdaptStrategy) and "target_pool" in shards:  # AdaBN: target BatchNorm statistics
+                pool = (b["image"] for b in shards["target_pool"].iter_torch_batches(batch_size=256))
+                scored = strategy.scoring_model(scored, pool, device)
+            metrics.update(evaluate_checkpoint(scored, shards, device))
             history.append(metrics)
+        extra = {} if scored is ray_train.unwrap(model) else {"scored_model": scored.state_dict()}
         ray_train.checkpoint(metrics, {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                       "step": step, "history": history},
+                                       "step": step, "history": history, **extra},
                              f"{c['prefix']} step {step}/{strategy.steps}  loss {metrics['loss']:.4f}  "
                              f"{_scores_text(metrics)}  ({metrics['train_s']:.1f} s training)")
 
@@ -391,7 +396,9 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     where = ""
     if output is not None:
         model = Classifier(make_backbone(cfg.backbone, None, cfg.input_size), len(classes))
-        model.load_state_dict({k: v for k, v in state["model"].items() if k.split(".")[0] in ("backbone", "head")})
+        # the model as it was scored (AdaBN's: with the target's BatchNorm statistics)
+        scored = state.get("scored_model", state["model"])
+        model.load_state_dict({k: v for k, v in scored.items() if k.split(".")[0] in ("backbone", "head")})
         output.mkdir(parents=True, exist_ok=True)
         save_weights(model, output / "model.safetensors")
         (output / "run.json").write_text(json.dumps(record, indent=2))

@@ -128,6 +128,37 @@ def coral(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return (cov(f_s) - cov(f_t)).pow(2).sum() / (4 * d * d)
 
 
+def minimum_class_confusion(logits_t: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
+    """MCC (Jin et al. 2020, "Minimum Class Confusion for Versatile Domain Adaptation", ECCV) on a
+    batch of target logits: probabilities Ŷ = softmax(logits / T); each example weighted by
+    W_i = B (1 + e^(−H(Ŷ_i))) / Σ_j (1 + e^(−H(Ŷ_j))); the class correlation C = Ŷᵀ diag(W) Ŷ;
+    each column of C divided by its sum (category normalisation); the loss is the sum of the
+    off-diagonal entries over the number of classes: how much the batch's predictions confuse
+    one class with another."""
+    p = F.softmax(logits_t.float() / temperature, dim=1)
+    b, k = p.shape
+    w = 1.0 + torch.exp(-entropy(p))
+    w = (b * w / w.sum()).unsqueeze(1)
+    c = p.T @ (w * p)
+    c = c / c.sum(0, keepdim=True)
+    return (c.sum() - torch.trace(c)) / k
+
+
+class MCCLoss(Alignment):
+    """Minimum Class Confusion: ``coeff`` times the class confusion of the target predictions
+    (``minimum_class_confusion``). No discriminator and no source feature: it only asks the
+    classifier to keep target classes apart."""
+
+    def __init__(self, temperature: float = 2.5):
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, f_s, f_t, logits_s=None, logits_t=None, coeff=1.0):
+        if logits_t is None:
+            raise ConfigError("MCC needs the classifier logits of the target batch")
+        return coeff * minimum_class_confusion(logits_t, self.temperature)
+
+
 class CORALLoss(Alignment):
     """Deep CORAL: the covariance distance between source and target features, times ``coeff``."""
 

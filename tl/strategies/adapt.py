@@ -27,7 +27,8 @@ from torch import nn
 
 from tl.errors import ConfigError
 from tl.models import Backbone
-from tl.nn import BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MMDLoss, coefficient
+from tl.nn import (BN_FORWARDS, SCHEDULES, AdaptModel, Alignment, CDANLoss, CORALLoss, DANNLoss, MCCLoss, MMDLoss,
+                   coefficient, reestimate_batchnorm)
 from tl.strategies.base import EpisodeRun, EpisodeTask, TrainedStrategy
 
 LR_SCHEDULES = ("ganin", "constant")
@@ -52,6 +53,8 @@ class AdaptStrategy(TrainedStrategy):
 
     family: ClassVar[str] = "adapt"
     needs_target: ClassVar[bool] = True
+    #: scored with BatchNorm statistics re-estimated on the unlabelled target pool (AdaBN)
+    target_statistics: ClassVar[bool] = False
     lr: float = 0.01
     batch_size: int = 64
     target_batch_size: int = 32
@@ -132,6 +135,17 @@ class AdaptStrategy(TrainedStrategy):
         episode has them; advanced step by step like every trained strategy's episode."""
         return AdaptEpisodeRun(self, task)
 
+    def scoring_model(self, model: nn.Module, target_batches, device) -> nn.Module:
+        """The model to score: ``model`` itself, or (``target_statistics``) a copy whose BatchNorm
+        statistics are re-estimated on ``target_batches`` (an iterable of unlabelled image tensors)."""
+        if not self.target_statistics:
+            return model
+        import copy
+
+        scored = copy.deepcopy(model)
+        reestimate_batchnorm(scored, target_batches, device)
+        return scored
+
 
 class AdaptEpisodeRun(EpisodeRun):
     """One few-shot episode of an adaptation strategy, advanced like every trained strategy's
@@ -149,11 +163,22 @@ class AdaptEpisodeRun(EpisodeRun):
                                   f"image a label in 0..{task.n_way - 1}, or -1 (a class the episode does not have)")
             keep = torch.randperm(len(task.source_x), generator=gen)[: strategy.max_source]
             xs, ys = task.source_x[keep], torch.as_tensor(sy, dtype=torch.long)[keep]
-        pool = task.unlabelled_x if strategy.needs_target else None
+        pool = task.unlabelled_x if strategy.needs_target or strategy.target_statistics else None
         super().__init__(strategy, task, {"pool": pool, "source": xs})
-        self.second = _episode_stream(self.extra["pool"], self.extra["source"], ys, strategy.target_batch_size,
-                                      strategy.source_batch_size, gen)
+        self.second = _episode_stream(self.extra["pool"] if strategy.needs_target else None, self.extra["source"], ys,
+                                      strategy.target_batch_size, strategy.source_batch_size, gen)
         self.lr_scale = strategy.lr_scale
+
+    def predict(self) -> np.ndarray:
+        """The queries' labels; with ``target_statistics``, under BatchNorm statistics re-estimated on
+        the pool (after the stages an episode runs once, when it froze some: those keep the source's)."""
+        from tl.train.loop import predict
+
+        pool = self.extra["pool"]
+        if not self.strategy.target_statistics or pool is None:
+            return super().predict()
+        batches = (pool[i:i + 256] for i in range(0, len(pool), 256))
+        return predict(self.strategy.scoring_model(self.model, batches, self.device), self.query)
 
 
 def episode_source_labels(source_labels: np.ndarray, source_classes: Sequence[str],
@@ -196,6 +221,17 @@ class SourceOnly(AdaptStrategy):
 
     name = "source_only"
     needs_target = False
+
+
+@dataclass(frozen=True)
+class AdaBN(SourceOnly):
+    """AdaBN (Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): the
+    source-only model, scored with every BatchNorm layer's running statistics re-estimated on the
+    unlabelled target pool (``tl.nn.batchnorm``); no weight changes and no target label is read.
+    The baseline that separates what BatchNorm statistics alone give from what alignment gives."""
+
+    name = "adabn"
+    target_statistics = True
 
 
 @dataclass(frozen=True)
@@ -252,4 +288,24 @@ class CORAL(AdaptStrategy):
         return CORALLoss()
 
 
-ADAPT_STRATEGIES = (SourceOnly, DANN, CDAN, MMD, CORAL)
+@dataclass(frozen=True)
+class MCC(AdaptStrategy):
+    """Minimum Class Confusion (Jin et al. 2020, "Minimum Class Confusion for Versatile Domain
+    Adaptation", ECCV): cross-entropy on the labelled batch plus ``weight`` times the class
+    confusion of the target batch's predictions at ``temperature`` (``tl.nn.alignment``); no
+    discriminator. The paper's digits settings: weight 1, temperature 2.5."""
+
+    name = "mcc"
+    schedule: str = "constant"
+    temperature: float = 2.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ConfigError(f"strategy '{self.name}': temperature must be positive, got {self.temperature}")
+
+    def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment:
+        return MCCLoss(self.temperature)
+
+
+ADAPT_STRATEGIES = (SourceOnly, AdaBN, DANN, CDAN, MMD, CORAL, MCC)
