@@ -73,3 +73,26 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
     assert all(int(ln.split("epoch")[1].split("/")[0]) > resumed_at for ln in trained), "epochs were redone"
     meta = json.loads(next(storage.glob("backbones/*/meta.json")).read_text())
     assert meta["epochs"] == 4
+
+
+def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray_local, storage):
+    """``augment: digits`` (tl.train.digit_augment) with label smoothing trains on Ray Train; the
+    former recipe (``augment: shift``, the default here) keeps the key its backbones were saved
+    under, and a bad value is named."""
+    from tl.errors import ConfigError
+
+    assert PretrainConfig().key() == "digits_cnn-mnist-2bb031ea069d"
+    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits",
+                         label_smoothing=0.1)
+    assert cfg.key() != PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05).key()
+    res = pretrain(cfg, storage)
+    assert res.epochs_run == 3 and res.val_accuracy > 0.3, res.val_accuracy  # 10-way chance: 0.1
+    with pytest.raises(ConfigError, match="config key 'augment' must be one of"):
+        PretrainConfig(augment="colour")
+    with pytest.raises(ConfigError, match="config key 'label_smoothing'"):
+        PretrainConfig(label_smoothing=1.0)
+    from tl.pretrain import _recipe, resolve_weights
+
+    assert PretrainConfig(**_recipe("pretrained:digits")).augment == "digits" and _recipe("pretrained") == {}
+    with pytest.raises(ConfigError, match="weights 'pretrained:colour': the pretraining recipe must be one of"):
+        resolve_weights("pretrained:colour", "digits_cnn", storage, print)

@@ -25,7 +25,9 @@ T = TypeVar("T")
 class BackboneFields:
     """The field group every config that builds a backbone shares: its registered name, where its
     weights come from (``pretrained``: the tl home's pretrained backbone, made if missing;
-    ``random``; a weights file or folder; ``torchvision:<name>``) and an optional input size."""
+    ``pretrained:digits``: the same with the digits augmentation recipe, the source model that
+    transfers; ``random``; a weights file or folder; ``torchvision:<name>``) and an optional input
+    size."""
 
     backbone: str = "digits_cnn"
     weights: str = "pretrained"

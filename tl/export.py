@@ -87,13 +87,15 @@ class ExportConfig:
 def needs_ray(cfg: ExportConfig) -> bool:
     """Whether this export reads image files (Ray Data) or may pretrain the default backbone (Ray
     Train); exporting from the embedded suite with given weights runs in-process, without Ray."""
+    from tl.pretrain import is_pretrained
+
     if cfg.data or cfg.test_data:
         return True
     if cfg.best:
         best = read_best(cfg.best, cfg.target, cfg.shots)
-        return bool(best.get("data")) or (cfg.weights or best.get("weights") or "pretrained") == "pretrained" or (
+        return bool(best.get("data")) or is_pretrained(cfg.weights or best.get("weights") or "pretrained") or (
             not cfg.weights and str(best.get("weights") or "").startswith("/") and not Path(best["weights"]).exists())
-    return (cfg.weights or "pretrained") == "pretrained"
+    return is_pretrained(cfg.weights or "pretrained")
 
 
 def _pick(options: dict, key, ambiguous: str, missing: str):

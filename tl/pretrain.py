@@ -1,7 +1,9 @@
 """Source pretraining on Ray Train: a backbone and a linear head trained on the source task.
 
 DDP over N workers (CPU here, GPUs when asked), SGD with Nesterov momentum and a cosine schedule,
-small random shifts as augmentation, a checkpoint every epoch. Running again with the same config
+a checkpoint every epoch. Augmentation: small random shifts (``augment: shift``), or the digits
+recipe (``augment: digits``, ``tl.train.digit_augment``: warps, stroke width, colours of either
+polarity, texture, low resolution, noise), which makes a source model that transfers. Running again with the same config
 resumes from the last checkpoint; a finished backbone is kept in the tl home, keyed by backbone,
 data and config, and reused.
 """
@@ -32,8 +34,12 @@ from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
 from tl.runtime import provenance, torch_threads
 from tl.storage import Location
 from tl.train import ray_train
+from tl.train.digit_augment import SOURCE_AUGMENTS, digit_augment
 
 HEAD_FILE = "head.safetensors"
+#: fields added after backbones were pretrained: in the key only when not at these values, so a
+#: finished backbone of the same recipe keeps its key
+NEWER_DEFAULTS = {"augment": "shift", "label_smoothing": 0.0}
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,9 @@ class PretrainConfig:
     """Source pretraining. ``data`` is a data spec (``tl.data.spec``): ``mnist`` (10 classes),
     ``mnist:base`` (classes 0-4), or the user's labelled images (a folder with one subfolder per
     class, a CSV or Parquet, local or at a URI), split ``train``/``val`` (0.9/0.1, stratified)
-    unless its spec gives a split with those names."""
+    unless its spec gives a split with those names. ``augment``: ``shift`` (random translation by
+    up to ``augment_shift`` pixels) or ``digits`` (``tl.train.digit_augment``); ``label_smoothing``
+    of the cross-entropy (Szegedy et al. 2016)."""
 
     backbone: str = "digits_cnn"
     data: str | DataSpec = "mnist"
@@ -52,6 +60,8 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     augment_shift: int = 2
+    augment: str = "shift"
+    label_smoothing: float = 0.0
     input_size: int | None = None
     seed: int = 0
     limit: int = 0
@@ -67,6 +77,10 @@ class PretrainConfig:
             raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
         if self.limit < 0:
             raise ConfigError(f"config key 'limit' must be 0 (all) or positive, got {self.limit}")
+        if self.augment not in SOURCE_AUGMENTS:
+            raise ConfigError(f"config key 'augment' must be one of {SOURCE_AUGMENTS}, got '{self.augment}'")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
         resolve(self.data, "data")
 
     @property
@@ -75,7 +89,8 @@ class PretrainConfig:
 
     def key(self) -> str:
         """Identity of the trained weights: everything but where it runs."""
-        ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")}
+        ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")
+                 and not (k in NEWER_DEFAULTS and v == NEWER_DEFAULTS[k])}
         return f"{self.backbone}-{self.data_name.replace(':', '_')}-{config_hash(ident)}"
 
 
@@ -112,6 +127,17 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
+def _augment(x: torch.Tensor, c: dict, pp, gen: torch.Generator) -> torch.Tensor:
+    """The recipe's augmentation of a preprocessed batch: ``shift`` (random translation, the former
+    default) or ``digits`` (``tl.train.digit_augment``, applied in [0, 1] between undoing and
+    redoing the backbone's normalisation)."""
+    if c["augment"] == "shift":
+        return _shift(x, c["augment_shift"], gen)
+    mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pp.std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (digit_augment((x * std + mean).clamp(0, 1), gen) - mean) / std
+
+
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -128,6 +154,7 @@ def _worker(c: dict) -> None:
 
     rank, world = ray_train.start(c["threads"], c["seed"])
     model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
+    pp = model.backbone.preprocessing
     state, start = ray_train.resume(model, "[pretrain]", "epoch")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -157,8 +184,8 @@ def _worker(c: dict) -> None:
             lr = _lr_at(step, total, warmup, c["lr"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = _shift(batch["image"], c["augment_shift"], gen).to(device)
-            loss = F.cross_entropy(model(x), batch["label"].to(device))
+            x = _augment(batch["image"], c, pp, gen).to(device)
+            loss = F.cross_entropy(model(x), batch["label"].to(device), label_smoothing=c["label_smoothing"])
             ray_train.check_finite(loss, what="pretrain", step=step, lr=lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,10 +261,28 @@ def ensure_pretrained(storage: "str | os.PathLike | Location", backbone: str = "
     return pretrain(cfg, storage, log).path
 
 
+def is_pretrained(weights: str) -> bool:
+    """``pretrained`` or ``pretrained:<recipe>``: a backbone the tl home pretrains when missing."""
+    return weights == "pretrained" or weights.startswith("pretrained:")
+
+
+def _recipe(weights: str) -> dict:
+    """The pretraining overrides a ``pretrained:<recipe>`` weights name stands for: ``digits`` is the
+    digits augmentation recipe (``augment: digits``); plain ``pretrained`` the default config."""
+    recipe = weights.partition(":")[2]
+    if not recipe:
+        return {}
+    if recipe not in SOURCE_AUGMENTS:
+        raise ConfigError(f"weights '{weights}': the pretraining recipe must be one of {SOURCE_AUGMENTS} "
+                          f"(pretrained:<recipe>), got '{recipe}'")
+    return {"augment": recipe}
+
+
 def resolve_weights(weights: str, backbone: str, storage: "str | os.PathLike | Location", log: Callable[[str], None]) -> str | None:
-    """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing)."""
-    if weights == "pretrained":
-        return str(ensure_pretrained(storage, backbone, log=log))
+    """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing);
+    ``pretrained:digits`` -> the same with the digits augmentation recipe."""
+    if is_pretrained(weights):
+        return str(ensure_pretrained(storage, backbone, log=log, **_recipe(weights)))
     return None if weights in ("random", "none", "") else weights
 
 
@@ -271,19 +316,19 @@ def resolve_reference(ref: dict, backbone: str, storage: "str | os.PathLike | Lo
     source = ref.get("weights") or "pretrained"
     key = ref.get("weights_key")
     given = Path(str(source))
-    if source not in ("pretrained", "random", "none", "") and Location.of(str(source)).exists():
+    if not is_pretrained(str(source)) and source not in ("random", "none", "") and Location.of(str(source)).exists():
         key = None  # a file or folder the user named, here on this machine: use it
     elif key is None and given.is_absolute() and given.parent.name == "backbones":
         key = given.name  # a best.yaml written before references: its folder name is the key
     if key:
         path: Path | Location = storage / "backbones" / key
         if not (path / META_FILE).is_file():
-            default = PretrainConfig(backbone=backbone).key()
+            default = PretrainConfig(backbone=backbone, **_recipe(str(source))).key()
             if key != default:
                 raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {storage / 'backbones'} "
                                   f"(the default one for {backbone} is '{default}'); pretrain it there with the config "
                                   f"it was made with, or give the weights with --set weights=PATH")
-            path = ensure_pretrained(storage, backbone, log=log)
+            path = ensure_pretrained(storage, backbone, log=log, **_recipe(str(source)))
         resolved: str | None = str(path)
     else:
         resolved = resolve_weights(str(source), backbone, storage, log)
