@@ -199,3 +199,28 @@ def concat(sets: Sequence[ImageSet], name: str) -> ImageSet:
         splits=np.concatenate([s.splits for s in sets]),
         ids=np.concatenate([s.ids for s in sets]),
     )
+
+
+def class_list(found: Sequence[str], classes: Sequence[str] | None, where: str) -> tuple[str, ...]:
+    """The classes in natural order ('2' before '10'), or the given list after checking every found label is in it."""
+    if classes is None:
+        return tuple(sorted(set(found), key=natural_key))
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{where}: label '{unknown[0]}' is not in the class list {list(classes)}")
+    return tuple(classes)
+
+
+def natural_key(name: str):
+    """Sort key: digit names by value, then other names alphabetically."""
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
+
+def build_set(name: str, domain: str, images, label_names: Sequence[str], classes: tuple[str, ...], ids) -> ImageSet:
+    """An in-memory ImageSet from decoded images and their class names (one split, 'all')."""
+    index = {c: i for i, c in enumerate(classes)}
+    return ImageSet(
+        name=name, images=np.stack(list(images)) if len(images) else np.zeros((0, 3, 1, 1), np.float32),
+        labels=np.array([index[c] for c in label_names] if len(label_names) else np.full(len(ids), -1), dtype=np.int64),
+        classes=classes, domain=domain, splits=np.full(len(ids), "all", dtype=object), ids=np.asarray(ids, dtype=object),
+    )

@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tl.data.decode import LISTING_BLOCK, _check_sizes, _decode_row, _raise_bad, decode_image
-from tl.data.imageset import ImageSet
-from tl.data.sources import _build, _class_list
+from tl.data.imageset import ImageSet, build_set, class_list
 from tl.errors import DataError
 from tl.storage import Location
 
@@ -248,7 +247,7 @@ def load_parquet(path: str | Path, size: tuple[int, int], classes: Sequence[str]
     images = ParquetImages(Path(loc.path).name, tuple(files), tuple(f"{i.size}:{i.mtime_ns}" for i in infos
                                                       if i.type == pafs.FileType.File),
                            rows, loc.fs, size, image_column, mixed_sizes)
-    class_tuple = _class_list(labels, classes, f"Parquet file '{shown}'") if labels else tuple(classes or ())
+    class_tuple = class_list(labels, classes, f"Parquet file '{shown}'") if labels else tuple(classes or ())
     ids = [images.row_name(i) for i in range(len(rows))]
     if lazy:
         index = {c: i for i, c in enumerate(class_tuple)}
@@ -265,4 +264,4 @@ def load_parquet(path: str | Path, size: tuple[int, int], classes: Sequence[str]
     decoded = decoded.sort_values("row").reset_index(drop=True)
     _raise_bad(decoded, "path", f"images in '{shown}'")
     _check_sizes(decoded, "path", f"the images in '{shown}'", mixed_sizes)
-    return _build(stem, stem, decoded["image"].tolist(), labels, class_tuple, ids)
+    return build_set(stem, stem, decoded["image"].tolist(), labels, class_tuple, ids)

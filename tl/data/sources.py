@@ -1,4 +1,5 @@
-"""User data sources through Ray Data: an image folder, a Parquet file of image bytes, a CSV manifest.
+"""User data sources through Ray Data: an image folder, a CSV manifest (and ``load_source``, which
+also takes a Parquet file of image bytes: ``tl.data.parquet``).
 
 Each becomes the one ImageSet schema: listed (``FileIndex``), held as files (``FileImages``, decoded
 per row or streamed through Ray Data), or read into memory. Images are read as bytes
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tl.data.decode import LISTING_BLOCK, ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset
-from tl.data.imageset import ImageSet
+from tl.data.imageset import ImageSet, build_set, class_list, natural_key
 from tl.errors import DataError
 from tl.storage import Location, is_uri
 
@@ -57,28 +58,6 @@ def _decode_files(paths: list[str], size: tuple[int, int], fs=None, images: bool
         raise DataError(f"could not read {len(missing)} files, for example '{paths[missing[0]]}'")
     rows["path"] = [paths[i] for i in index]
     return rows.assign(_o=index).sort_values("_o").drop(columns="_o").reset_index(drop=True)
-
-
-def _class_list(found: Sequence[str], classes: Sequence[str] | None, where: str) -> tuple[str, ...]:
-    if classes is None:
-        return tuple(sorted(set(found), key=_natural))
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"{where}: label '{unknown[0]}' is not in the class list {list(classes)}")
-    return tuple(classes)
-
-
-def _natural(name: str):
-    return (0, int(name), name) if name.isdigit() else (1, 0, name)
-
-
-def _build(name: str, domain: str, images, label_names: Sequence[str], classes: tuple[str, ...], ids) -> ImageSet:
-    index = {c: i for i, c in enumerate(classes)}
-    return ImageSet(
-        name=name, images=np.stack(list(images)) if len(images) else np.zeros((0, 3, 1, 1), np.float32),
-        labels=np.array([index[c] for c in label_names] if len(label_names) else np.full(len(ids), -1), dtype=np.int64),
-        classes=classes, domain=domain, splits=np.full(len(ids), "all", dtype=object), ids=np.asarray(ids, dtype=object),
-    )
 
 
 @dataclass
@@ -244,7 +223,7 @@ def _class_files(root, loc: Location, by_class: dict[str, list], classes: Sequen
     if not by_class:
         raise DataError(f"image folder '{root}' has no class subfolders")
     files, names, skipped = [], [], []
-    for name in sorted(by_class, key=_natural):
+    for name in sorted(by_class, key=natural_key):
         if not by_class[name]:
             raise DataError(f"class folder '{loc / name}' is empty")
         images = sorted((i for i in by_class[name] if is_image_name(i.path)), key=lambda i: i.path)
@@ -258,7 +237,7 @@ def _class_files(root, loc: Location, by_class: dict[str, list], classes: Sequen
         warnings.warn(f"image folder '{root}': skipped {len(skipped)} file(s) without an image suffix "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}), for example '{skipped[0][len(loc.path):].strip('/')}'",
                       stacklevel=4)
-    class_tuple = _class_list(names, classes, f"image folder '{root}'")
+    class_tuple = class_list(names, classes, f"image folder '{root}'")
     index = {c: i for i, c in enumerate(class_tuple)}
     return files, class_tuple, np.array([index[c] for c in names], dtype=np.int64)
 
@@ -276,7 +255,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int], classes: Sequence
     rows = _decode_files(idx.paths, size, idx.fs)
     _raise_bad(rows, "path", f"images in '{root}'")
     _check_sizes(rows, "path", f"the images in '{root}'", mixed_sizes)
-    return _build(idx.name, idx.name, rows["image"].tolist(), names, idx.classes, idx.ids)
+    return build_set(idx.name, idx.name, rows["image"].tolist(), names, idx.classes, idx.ids)
 
 
 def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence[str] | None = None,
@@ -308,7 +287,7 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
             raise DataError(f"CSV manifest '{path}', row {i + 2}: image '{p}' does not exist")
         paths.append(os.path.normpath(full.path) if loc.is_local else full.path)
     labels = table["label"].tolist()
-    class_tuple = _class_list(labels, classes, f"CSV manifest '{path}'")
+    class_tuple = class_list(labels, classes, f"CSV manifest '{path}'")
     stem = loc.name.rsplit(".", 1)[0]
     if lazy:
         import pyarrow.fs as pafs
@@ -323,7 +302,7 @@ def load_csv_manifest(path: str | Path, size: tuple[int, int], classes: Sequence
     rows = _decode_files(paths, size, loc.fs)
     _raise_bad(rows, "path", f"images listed in '{path}'")
     _check_sizes(rows, "path", f"the images listed in '{path}'", mixed_sizes)
-    return _build(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
+    return build_set(stem, stem, rows["image"].tolist(), labels, class_tuple, table["path"].tolist())
 
 
 def load_source(
