@@ -203,6 +203,22 @@ def test_adabn_episode_predicts_under_target_statistics_and_trains_like_source_o
     assert pa.shape == b.predict().shape
 
 
+def test_any_adaptation_method_can_be_scored_with_target_statistics():
+    """``target_statistics`` (AdaBN's scoring) is an option of every method: the scored model is a
+    copy with the pool's BatchNorm statistics and the same weights; without it, the model itself."""
+    bb, _, _, xt = _data()
+    plain, tbn = make_strategy("dann"), make_strategy("dann", {"target_statistics": True})
+    assert not plain.target_statistics and make_strategy("adabn").target_statistics
+    model = tbn.prepare(bb, 10)
+    assert plain.scoring_model(model, [xt], "cpu") is model
+    scored = tbn.scoring_model(model, [xt], "cpu")
+    assert scored is not model
+    for (n, p), q in zip(scored.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), n
+    bn = [(a, b) for a, b in zip(scored.modules(), model.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert bn and all(not torch.equal(a.running_mean, b.running_mean) for a, b in bn)
+
+
 def test_every_adaptation_strategy_is_registered():
     assert {"source_only", "adabn", "dann", "cdan", "mmd", "coral", "mcc"} <= set(ADAPT)
     assert not REGISTRY["source_only"].needs_target and all(REGISTRY[n].needs_target for n in ALIGNING)

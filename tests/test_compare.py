@@ -1,11 +1,10 @@
-"""The comparison workflow on the local Ray: outputs, rerun runs nothing, kill and resume, failures."""
+"""The comparison workflow on the local Ray: outputs, rerun runs nothing, failures (a killed
+comparison resumed: tests/test_faults.py, against a clean run of the same grid)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -72,41 +71,6 @@ def test_failing_cell_is_listed_and_the_rest_complete(ray_local, pretrained, tmp
     (cell, msg), = out.grid.failed
     assert cell.spec["label"] == "absurd_lr" and "non-finite loss" in msg
     assert "FAILED cells" in (tmp_path / "out" / "summary.md").read_text()
-
-
-def _compare_cmd(pretrained, home, out, *extra):
-    return [sys.executable, "-m", "workflows.compare", "--storage", str(home), "--output", str(out),
-            "--set", f"weights={pretrained}", "--set", "experiment=cmp-kill", "--set", "targets=[optdigits]",
-            "--set", "shots=[1,2,3]", "--set", "episodes=3", "--set", "queries=5",
-            "--set", 'strategies=[{strategy: finetune, label: ft3, params: {frozen: 3, steps: 40}}, '
-                     '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 40}}]', *extra]
-
-
-def test_killed_comparison_resumes_to_exactly_the_full_rows(ray_local, pretrained, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    home, out = tmp_path / "home", tmp_path / "out"
-    cells = home / "runs" / "cmp-kill" / "cells"
-    proc = subprocess.Popen(_compare_cmd(pretrained, home, out), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(cells.glob("*.parquet"))) < 1:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = len(list(cells.glob("*.parquet")))
-    assert 1 <= finished < 6, f"the kill should land mid-run ({finished} of 6 cells finished)"
-    assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
-    kept = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet")}
-
-    done = subprocess.run(_compare_cmd(pretrained, home, out, "--resume"), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet") if f.name in kept} == kept, \
-        "cells finished before the kill are kept, not run again"
-    rows = pd.read_parquet(out / "rows.parquet")
-    assert len(rows) == 6 * 3 and not rows.duplicated(KEYS).any()
-    assert set(map(tuple, rows[["shots", "strategy"]].drop_duplicates().to_numpy())) == \
-        {(k, s) for k in (1, 2, 3) for s in ("ft2", "ft3")}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -57,3 +57,25 @@ def test_digits_keep_their_label(digits):
                                p_lowres=0, noise=0)
     turned = accuracy(digit_augment(x, torch.Generator().manual_seed(0), any_angle))
     assert whole >= 0.5 and turned < 0.35, (clean, whole, turned)
+
+
+def test_a_run_or_episode_augments_its_labelled_stream_in_the_backbones_normalisation(digits):
+    """``augment: digits`` of a trained strategy: applied between undoing and redoing the backbone's
+    normalisation (so the augmented batch is still in it), seeded, labels untouched; a run wraps its
+    labelled stream with it (tl.runs._augmented)."""
+    from tl.models import build_backbone
+    from tl.runs import _augmented
+    from tl.train.augment import augment_batch
+
+    pp = build_backbone("digits_cnn", 28).preprocessing
+    mean, std = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
+    x = (digits[0][:16] - mean) / std
+    y = torch.arange(16)
+    a = augment_batch(x, "digits", torch.Generator().manual_seed(5), pp)
+    assert torch.equal(a, augment_batch(x, "digits", torch.Generator().manual_seed(5), pp))
+    back = a * std + mean
+    assert a.shape == x.shape and not torch.equal(a, x) and back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="preprocessing"):
+        augment_batch(x, "digits", torch.Generator())
+    (ax, ay), = list(_augmented(iter([(x, y)]), "digits", pp, seed=5))
+    assert torch.equal(ax, a) and torch.equal(ay, y)

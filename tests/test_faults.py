@@ -146,10 +146,14 @@ def test_killed_comparison_driver_resumes_to_a_clean_runs_rows(ray_local, pretra
         if now != finished:
             finished, still_since = now, time.time()
     assert 5 <= finished < 12, finished
+    assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
+    kept = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet")}
     resumed = subprocess.run(_compare(pretrained, home, out, "--resume"), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{finished} finished" in resumed.stdout and f"{12 - finished} to run" in resumed.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet") if f.name in kept} == kept, \
+        "cells finished before the kill are kept, not run again"
     keys = ["target", "shots", "seed", "strategy", "episode"]
     a = pd.read_parquet(tmp_path / "clean-out" / "rows.parquet").sort_values(keys).reset_index(drop=True)
     b = pd.read_parquet(out / "rows.parquet").sort_values(keys).reset_index(drop=True)

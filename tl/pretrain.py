@@ -34,7 +34,7 @@ from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
 from tl.runtime import provenance, torch_threads
 from tl.storage import Location
 from tl.train import ray_train
-from tl.train.digit_augment import SOURCE_AUGMENTS, digit_augment
+from tl.train.digit_augment import SOURCE_AUGMENTS, digit_augment_preprocessed
 
 HEAD_FILE = "head.safetensors"
 #: fields added after backbones were pretrained: in the key only when not at these values, so a
@@ -133,9 +133,7 @@ def _augment(x: torch.Tensor, c: dict, pp, gen: torch.Generator) -> torch.Tensor
     redoing the backbone's normalisation)."""
     if c["augment"] == "shift":
         return _shift(x, c["augment_shift"], gen)
-    mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(pp.std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (digit_augment((x * std + mean).clamp(0, 1), gen) - mean) / std
+    return digit_augment_preprocessed(x, pp, gen)
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:

@@ -222,6 +222,16 @@ def _load_head(model: torch.nn.Module, weights: str | None) -> bool:
     return True
 
 
+def _augmented(batches, mode: str, preprocessing, seed: int):
+    """The labelled batches augmented by the strategy's ``augment`` (a source stream too: ``digits``
+    keeps the source model's robustness while the run fine-tunes on clean source images)."""
+    from tl.train.augment import augment_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    for x, y in batches:
+        yield augment_batch(x, mode, gen, preprocessing), y
+
+
 def _worker(c: dict) -> None:
     """Per-worker training function (every Ray Train worker runs it)."""
     import ray.train
@@ -236,6 +246,8 @@ def _worker(c: dict) -> None:
     device = ray.train.torch.get_device()
     batches = _stream(ray.train.get_dataset_shard(c["labelled"]), max(1, strategy.batch_size // world), c["seed"],
                       True, c["labelled"])
+    if strategy.augment != "none":  # the labelled stream, augmented per image (tl.train.augment)
+        batches = _augmented(batches, strategy.augment, model.backbone.preprocessing, c["seed"] * 1000 + rank)
     second = None
     if c["unlabelled"]:
         second = _stream(ray.train.get_dataset_shard(c["unlabelled"]), max(1, strategy.target_batch_size // world),

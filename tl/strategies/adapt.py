@@ -44,7 +44,10 @@ class AdaptStrategy(TrainedStrategy):
     both domains) or ``separate``; ``weight``: the alignment trade-off (the largest coefficient);
     ``schedule``: ``ganin`` (coefficient ``weight * λ_p``) or ``constant`` (``weight``);
     ``gamma``: γ of λ_p; ``lr_schedule``: ``ganin`` (μ0 / (1 + 10 p)^0.75) or ``constant``;
-    ``hidden``/``dropout``: the discriminator's hidden layers and dropout (adversarial strategies).
+    ``hidden``/``dropout``: the discriminator's hidden layers and dropout (adversarial strategies);
+    ``target_statistics``: scored (and exported) with every BatchNorm layer's statistics
+    re-estimated on the unlabelled target pool, as AdaBN does (Li et al. 2016), so a method's gain
+    can be read with and without them.
 
     Without a target stream (a plain labelled loop) the labelled batch stands in as the target
     side: the two sides are one distribution, so the alignment term pushes nowhere and the
@@ -53,8 +56,6 @@ class AdaptStrategy(TrainedStrategy):
 
     family: ClassVar[str] = "adapt"
     needs_target: ClassVar[bool] = True
-    #: scored with BatchNorm statistics re-estimated on the unlabelled target pool (AdaBN)
-    target_statistics: ClassVar[bool] = False
     lr: float = 0.01
     batch_size: int = 64
     target_batch_size: int = 32
@@ -67,6 +68,7 @@ class AdaptStrategy(TrainedStrategy):
     lr_schedule: str = "constant"
     hidden: tuple[int, ...] = (256, 256)
     dropout: float = 0.0
+    target_statistics: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,7 +233,7 @@ class AdaBN(SourceOnly):
     The baseline that separates what BatchNorm statistics alone give from what alignment gives."""
 
     name = "adabn"
-    target_statistics = True
+    target_statistics: bool = True
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,8 @@ class EpisodeRun:
         strategy.on_start(model, x, y)
         self.model, self.query, self.extra = model, q, extra
         self.optimizer = make_optimizer(strategy, model)
-        self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment)
+        self.batches = _support_batches(x, y, strategy.batch_size, task.seed, strategy.augment,
+                                        model.backbone.preprocessing)
 
     def advance(self, steps: int) -> None:
         from tl.train.loop import train_steps
@@ -248,7 +249,8 @@ def _channels_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
 
 
-def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none"):
+def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none",
+                     preprocessing=None):
     """Endless shuffled mini-batches of the support set (the whole set when it fits one batch),
     augmented per image when the strategy asks for it (``tl.train.augment``)."""
     from tl.train.augment import augment_batch
@@ -260,4 +262,4 @@ def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: in
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield augment_batch(x[idx], augment, aug_gen), y[idx]
+            yield augment_batch(x[idx], augment, aug_gen, preprocessing), y[idx]

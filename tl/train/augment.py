@@ -5,7 +5,10 @@ support set of ten images is over-fitted in a few steps without it. Works on pre
 - ``crop``: a random resized crop (area 60-100%, aspect 3/4-4/3) back to H x W
   (the Inception-style crop of Szegedy et al. 2015, as torchvision's RandomResizedCrop);
 - ``crop_flip``: the crop, then a horizontal flip with probability 1/2 (not for digits or text,
-  where a flip changes the class: the default is ``none``).
+  where a flip changes the class: the default is ``none``);
+- ``digits``: the digits recipe of the source model that transfers (``tl.train.digit_augment``:
+  small warps, stroke width, colours of either polarity, texture, lower resolution, noise), for
+  digit-like sources; it needs the backbone's ``preprocessing`` to work in [0, 1].
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "crop", "crop_flip")
+AUGMENTATIONS = ("none", "crop", "crop_flip", "digits")
 
 
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, preprocessing=None) -> torch.Tensor:
+    """``x`` augmented per image by ``mode`` (one of ``AUGMENTATIONS``), every draw from ``gen``."""
     if mode == "none":
         return x
+    if mode == "digits":
+        from tl.train.digit_augment import digit_augment_preprocessed
+
+        if preprocessing is None:
+            raise ValueError("augment 'digits' needs the backbone's preprocessing (its mean and std)")
+        return digit_augment_preprocessed(x, preprocessing, gen)
     n, _, h, w = x.shape
     out = torch.empty_like(x)
     for i in range(n):

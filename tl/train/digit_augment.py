@@ -108,3 +108,16 @@ def digit_augment(x: torch.Tensor, gen: torch.Generator, a: DigitAugment = Digit
         out[i] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
     out = out + a.noise * torch.randn(out.shape, generator=gen)
     return out.clamp(0, 1)
+
+
+def digit_augment_preprocessed(x: torch.Tensor, preprocessing, gen: torch.Generator) -> torch.Tensor:
+    """``digit_augment`` on a batch in a backbone's normalisation (``preprocessing.mean``/``std``):
+    undone to [0, 1], augmented, and normalised again. Drawn on the CPU (the generator's device)
+    and handed back on ``x``'s device, in its memory format."""
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
+    cpu = x.detach().float().cpu().contiguous()
+    out = (digit_augment((cpu * std + mean).clamp(0, 1), gen) - mean) / std
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    return out.to(device=x.device, dtype=x.dtype).contiguous(memory_format=fmt)
