@@ -319,3 +319,19 @@ def test_episode_source_images_train_the_head_where_labelled_and_bad_labels_are_
     task.source_y = np.full(len(task.source_x), 5)
     with pytest.raises(ConfigError, match="source_y"):
         s.predict_episode(task)
+
+
+def test_the_benchmark_summary_states_each_methods_own_settings():
+    """A method whose params override the recipe (3,000 steps here) is named with them in the
+    summary's description, which otherwise states only the recipe's 600 steps."""
+    import pandas as pd
+
+    from tl.adapt_bench import AdaptExperimentConfig, describe
+    from tl.config import load_config
+
+    rows = pd.DataFrame([{"source_images": 3600, "target_images": 500, "target": "mnistm"}])
+    cfg = load_config(AdaptExperimentConfig, overrides=[
+        "methods=[{strategy: source_only}, {strategy: dann, label: dann_long, params: {steps: 3000}}]"])
+    text = describe(cfg, rows)
+    assert "600 steps of 32 source" in text and "own settings over that recipe: dann_long: steps 3000." in text
+    assert "own settings" not in describe(load_config(AdaptExperimentConfig), rows)

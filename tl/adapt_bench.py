@@ -257,10 +257,16 @@ def describe(cfg: AdaptExperimentConfig, rows: pd.DataFrame) -> str:
             f"{p['target_batch_size']} target images, SGD momentum {p['momentum']}, lr {p['lr']} "
             f"({p['lr_schedule']} annealing), BatchNorm `{p['batch_norm']}` with a `{p['bn_forward']}` forward, "
             f"{cfg.workers} Ray Train workers, a checkpoint scored every {cfg.checkpoint_every} steps; seeds "
-            f"{list(cfg.seeds)}. Selection rules: last iterate; (a) source validation accuracy; (b) information "
+            f"{list(cfg.seeds)}.{_own_settings(cfg)} Selection rules: last iterate; (a) source validation accuracy; (b) information "
             f"maximisation (IM) and soft neighbourhood density (SND) of predictions on the unlabelled target pool; "
             f"(c) oracle = best target test accuracy over checkpoints (uses test labels: an upper bound, not a "
             f"result). Nothing was chosen on the target test split. Config hash {config_hash(to_dict(cfg))}.")
+
+
+def _own_settings(cfg: AdaptExperimentConfig) -> str:
+    """The methods' own params over the recipe, so a table never states a recipe a row did not run."""
+    own = [f"{m.name()}: " + ", ".join(f"{k} {v}" for k, v in m.params.items()) for m in cfg.methods if m.params]
+    return f" Each method's own settings over that recipe: {'; '.join(own)}." if own else ""
 
 
 def _concurrent(cfg: AdaptExperimentConfig) -> int:
