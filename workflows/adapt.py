@@ -12,7 +12,7 @@ from workflows import _cli
 
 
 def main() -> int:
-    p = _cli.parser("adapt", "Unsupervised domain adaptation (source-only, dann, cdan, mmd, coral) on Ray Train.")
+    p = _cli.parser("adapt", "Unsupervised domain adaptation (source_only, adabn, dann, cdan, mmd, coral, mcc) on Ray Train.")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers per run (default 2)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     args = p.parse_args()
