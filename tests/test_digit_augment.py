@@ -62,10 +62,9 @@ def test_digits_keep_their_label(digits):
 def test_a_run_or_episode_augments_its_labelled_stream_in_the_backbones_normalisation(digits):
     """``augment: digits`` of a trained strategy: applied between undoing and redoing the backbone's
     normalisation (so the augmented batch is still in it), seeded, labels untouched; a run wraps its
-    labelled stream with it (tl.runs._augmented)."""
+    labelled stream with it (tl.train.augment.augment_stream)."""
     from tl.models import build_backbone
-    from tl.runs import _augmented
-    from tl.train.augment import augment_batch
+    from tl.train.augment import augment_batch, augment_stream
 
     pp = build_backbone("digits_cnn", 28).preprocessing
     mean, std = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
@@ -77,5 +76,5 @@ def test_a_run_or_episode_augments_its_labelled_stream_in_the_backbones_normalis
     assert a.shape == x.shape and not torch.equal(a, x) and back.min() >= -1e-5 and back.max() <= 1 + 1e-5
     with pytest.raises(ValueError, match="preprocessing"):
         augment_batch(x, "digits", torch.Generator())
-    (ax, ay), = list(_augmented(iter([(x, y)]), "digits", pp, seed=5))
+    (ax, ay), = list(augment_stream(iter([(x, y)]), "digits", 5, pp))
     assert torch.equal(ax, a) and torch.equal(ay, y)

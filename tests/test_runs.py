@@ -77,7 +77,7 @@ def test_an_adabn_run_scores_and_exports_the_model_with_target_statistics(ray_lo
     rec = run(cfg, storage, tmp_path / "out", log=lambda _: None)
     assert rec["steps"] == 2 and 0 <= rec["history"][-1]["target_test_accuracy"] <= 1
     ckpt = sorted(p for p in (storage / "ray" / cfg.key()).glob("checkpoint_*") if p.is_dir())[-1]
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     trained, scored = state["model"], state["scored_model"]
     stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
     assert stats and all(not torch.equal(trained[k], scored[k]) for k in stats)

@@ -44,6 +44,7 @@ from tl.storage import Location
 from tl.strategies import REGISTRY, TrainedStrategy, make_strategy
 from tl.strategies.adapt import AdaptStrategy
 from tl.train import ray_train
+from tl.train.augment import augment_stream
 from tl.train.loop import make_optimizer, train_steps
 
 #: The unsupervised recipe under every adaptation run's ``params`` (Ganin et al. 2016, section
@@ -222,16 +223,6 @@ def _load_head(model: torch.nn.Module, weights: str | None) -> bool:
     return True
 
 
-def _augmented(batches, mode: str, preprocessing, seed: int):
-    """The labelled batches augmented by the strategy's ``augment`` (a source stream too: ``digits``
-    keeps the source model's robustness while the run fine-tunes on clean source images)."""
-    from tl.train.augment import augment_batch
-
-    gen = torch.Generator().manual_seed(seed)
-    for x, y in batches:
-        yield augment_batch(x, mode, gen, preprocessing), y
-
-
 def _worker(c: dict) -> None:
     """Per-worker training function (every Ray Train worker runs it)."""
     import ray.train
@@ -246,8 +237,8 @@ def _worker(c: dict) -> None:
     device = ray.train.torch.get_device()
     batches = _stream(ray.train.get_dataset_shard(c["labelled"]), max(1, strategy.batch_size // world), c["seed"],
                       True, c["labelled"])
-    if strategy.augment != "none":  # the labelled stream, augmented per image (tl.train.augment)
-        batches = _augmented(batches, strategy.augment, model.backbone.preprocessing, c["seed"] * 1000 + rank)
+    # the labelled stream augmented per image as the strategy asks (the source stream when adapting)
+    batches = augment_stream(batches, strategy.augment, c["seed"] * 1000 + rank, model.backbone.preprocessing)
     second = None
     if c["unlabelled"]:
         second = _stream(ray.train.get_dataset_shard(c["unlabelled"]), max(1, strategy.target_batch_size // world),

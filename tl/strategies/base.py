@@ -253,13 +253,16 @@ def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: in
                      preprocessing=None):
     """Endless shuffled mini-batches of the support set (the whole set when it fits one batch),
     augmented per image when the strategy asks for it (``tl.train.augment``)."""
-    from tl.train.augment import augment_batch
+    from tl.train.augment import augment_stream
 
+    return augment_stream(_shuffled_batches(x, y, batch_size, seed), augment, seed + 1, preprocessing)
+
+
+def _shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
     n = len(x)
     while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield augment_batch(x[idx], augment, aug_gen, preprocessing), y[idx]
+            yield x[idx], y[idx]

@@ -46,3 +46,13 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, preprocessin
             img = img.flip(-1)
         out[i] = img
     return out
+
+
+def augment_stream(batches, mode: str, seed: int, preprocessing=None):
+    """``(x, y)`` batches with ``x`` augmented by ``mode``, every draw from one generator seeded
+    with ``seed`` (the batches themselves when ``mode`` is ``none``): an episode's support batches
+    and a Ray Train run's labelled stream alike."""
+    if mode == "none":
+        return batches
+    gen = torch.Generator().manual_seed(seed)
+    return ((augment_batch(x, mode, gen, preprocessing), y) for x, y in batches)

@@ -118,6 +118,4 @@ def digit_augment_preprocessed(x: torch.Tensor, preprocessing, gen: torch.Genera
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
     cpu = x.detach().float().cpu().contiguous()
     out = (digit_augment((cpu * std + mean).clamp(0, 1), gen) - mean) / std
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    return out.to(device=x.device, dtype=x.dtype).contiguous(memory_format=fmt)
+    return torch.empty_like(x).copy_(out)
