@@ -187,7 +187,9 @@ def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
         assert (out / f).stat().st_size > 0, f
     rows = pd.read_parquet(out / "rows.parquet")
     cells = rows.groupby(["target", "shots", "seed", "strategy"])
-    assert cells.ngroups == 6 and len(rows) == 6 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
+    assert cells.ngroups == 8 and len(rows) == 8 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
+    # the smoke grid's bd_cspn_tbn embeds with target statistics, made once on the job's storage
+    assert len(list((storage / "cache" / "bn_stats").iterdir())) == 1
     nodes = {n["node_id"] for n in cluster["nodes"]}
     assert set(rows["node"]) <= nodes and rows["node"].nunique() > 1, rows.groupby("strategy")["node"].unique()
     # provenance inside a job: the upload has no .git, so the submitter's commit travels in the job's env
@@ -228,7 +230,7 @@ def test_job_survives_a_killed_worker_node(cluster, pretrained):
     local = _local()
     storage = Path(cluster["storage"]) / "kill"
     out = storage / "out"
-    # a little bigger than the smoke test (9 cells, 6 episodes each) so the kill lands mid-run
+    # a little bigger than the smoke test (12 cells, 6 episodes each) so the kill lands mid-run
     argv = ["python", "-m", "workflows.compare", "--smoke-test", "--set", "experiment=compare-kill",
             "--set", "shots=[1,5,10]", "--set", "episodes=6", "--set", f"weights={pretrained}",
             "--storage", str(storage), "--output", str(out)]
@@ -252,7 +254,7 @@ def test_job_survives_a_killed_worker_node(cluster, pretrained):
     text = "".join(logs)
     assert exit_status(info) == 0, text[-5000:]
     rows = pd.read_parquet(out / "rows.parquet")
-    assert rows.groupby(["shots", "strategy"]).ngroups == 9 and len(rows) == 9 * 6, len(rows)
+    assert rows.groupby(["shots", "strategy"]).ngroups == 12 and len(rows) == 12 * 6, len(rows)
     assert not rows.duplicated(["strategy", "shots", "episode"]).any()
     # Tune retried the trials that were lost with the node: their cells finished on another node
     retried = _retried_cells(storage / "tune")
@@ -260,7 +262,7 @@ def test_job_survives_a_killed_worker_node(cluster, pretrained):
     for shots, label in retried:
         cell = rows[(rows["shots"] == shots) & (rows["strategy"] == label)]
         assert len(cell) == 6 and victim["node_id"] not in set(cell["node"]), (shots, label, set(cell["node"]))
-    print(f"killed {victim['name']} ({victim['node_id'][:8]}) with {len(done_before)} of 9 cells finished; retried "
+    print(f"killed {victim['name']} ({victim['node_id'][:8]}) with {len(done_before)} of 12 cells finished; retried "
           f"(shots, strategy): {sorted(retried)}; final rows {len(rows)}")
 
 

@@ -72,6 +72,13 @@ def test_small_folder_refuses_a_search_without_validation_images(tmp_path):
     assert cfg.targets == ("mine",) and cfg.spec("mine").split == "halves" and cfg.spec("mine").size == (28, 28)
     cfg = load_config(CompareConfig, base={"targets": [str(tmp_path / "mine")], "strategies": [{"strategy": "prototype"}]})
     assert cfg.spec("mine").split == "none"
+    # target statistics come from images the test episodes never see: halves by default, and none is refused
+    tbn = [{"strategy": "prototype", "params": {"bn_stats": "target"}}]
+    cfg = load_config(CompareConfig, base={"targets": [str(tmp_path / "mine")], "strategies": tbn})
+    assert cfg.spec("mine").split == "halves"
+    with pytest.raises(ConfigError, match="data.mine.split' is none.*bn_stats: target"):
+        load_config(CompareConfig, base={"targets": ["mine"], "strategies": tbn,
+                                         "data": {"mine": {"folder": str(tmp_path), "split": "none"}}})
 
 
 def test_dry_run_runs_no_trial(tmp_path):
@@ -79,10 +86,10 @@ def test_dry_run_runs_no_trial(tmp_path):
                         "--output", str(tmp_path / "out"), "--set", "targets=[optdigits]", "--set", "shots=[1,5]"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    # the 7 default strategies (dann included) x 2 shot counts
-    assert "[dry-run] 14 trials to run of 14 cells" in r.stdout and "estimated wall time" in r.stdout
+    # the 11 default strategies (dann and the four that use unlabelled target images included) x 2 shot counts
+    assert "[dry-run] 22 trials to run of 22 cells" in r.stdout and "estimated wall time" in r.stdout
     # every cell is scored on 4 validation episodes; finetune's 2 cells on 4 for each of its 5 depths
-    assert "140 test episodes" in r.stdout and f"{12 * 4 + 2 * 5 * 4} validation episodes" in r.stdout
+    assert "220 test episodes" in r.stdout and f"{20 * 4 + 2 * 5 * 4} validation episodes" in r.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
 

@@ -30,10 +30,18 @@ from tl.strategies import StrategyEntry, check_labels
 
 
 def _default_entries() -> tuple[StrategyEntry, ...]:
+    """The inductive strategies of every family, then the options that use the target's unlabelled
+    images, each beside its plain counterpart (the summary pairs them): target BatchNorm statistics
+    for the feature classifiers, and prototype rectification (transductive). They are feature
+    strategies, so together they add about a minute to the default comparison."""
+    target = {"bn_stats": "target"}
     return (
         StrategyEntry("prototype"), StrategyEntry("logistic"), StrategyEntry("linear_probe"),
         StrategyEntry("finetune", search={"frozen": [0, 1, 2, 3, 4]}),
         StrategyEntry("lp_ft"), StrategyEntry("scratch"), StrategyEntry("dann"),
+        StrategyEntry("prototype", label="prototype_tbn", params=target),
+        StrategyEntry("logistic", label="logistic_tbn", params=target),
+        StrategyEntry("bd_cspn"), StrategyEntry("bd_cspn", label="bd_cspn_tbn", params=target),
     )
 
 
@@ -100,14 +108,24 @@ class CompareConfig(BackboneFields, EpisodeFields):
                 raise ConfigError(
                     f"config key 'data.{name}.split' is none, so target '{name}' has no validation images; "
                     f"strategies {searched} search on validation episodes: use split: halves or drop the search")
+            if src.split == "none" and name in self.targets and self._target_statistics():
+                raise ConfigError(
+                    f"config key 'data.{name}.split' is none, so target '{name}' has no unlabelled images apart "
+                    f"from its test images; strategies {self._target_statistics()} take bn_stats: target from "
+                    f"them: use split: halves")
         stages = num_stages(self.backbone)
         for e in self.strategies:
             e.check(stages)
 
+    def _target_statistics(self) -> list[str]:
+        """The entries with ``bn_stats: target``."""
+        return [e.name() for e in self.strategies if e.params.get("bn_stats") == "target"]
+
     def default_split(self) -> str:
         """A user's data without a split rule: halves when a strategy searches (its validation
-        episodes need images the test episodes never see), else every image for test episodes."""
-        return "halves" if any(e.search for e in self.strategies) else "none"
+        episodes need images the test episodes never see) or takes target statistics (from images
+        the test episodes never see), else every image for test episodes."""
+        return "halves" if any(e.search for e in self.strategies) or self._target_statistics() else "none"
 
     def spec(self, target: str) -> DataSpec | None:
         """The user's data of ``target`` with the defaults filled in (None: an embedded target)."""
@@ -185,23 +203,32 @@ def target_data(cfg: CompareConfig, target: str) -> dict:
 
 def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: "str | os.PathLike | Location",
             log: Callable[[str], None] = print) -> dict:
-    """What every cell function shares: target splits, cached embeddings (for the targets whose
-    todo cells have a feature strategy) and the episode settings."""
-    from tl.embeddings import EmbedConfig, extract
+    """What every cell function shares: target splits, the target-statistics weights of the targets
+    whose todo cells ask for ``bn_stats: target`` (re-estimated on the target's unlabelled `val_split`
+    images, never a test image), cached embeddings under the statistics each feature cell uses, and
+    the episode settings."""
+    from tl.embeddings import EmbedConfig, extract, target_statistics
 
     targets = sorted({c.spec["target"] for c in todo})
     data = {t: target_data(cfg, t) for t in targets}
-    featured = {c.spec["target"] for c in todo if StrategyEntry(**c.spec["entry"]).build().uses_embeddings}
+    built = [(c.spec["target"], StrategyEntry(**c.spec["entry"]).build()) for c in todo]
+    target_weights: dict = {}
+    for t in sorted({t for t, s in built if s.bn_stats == "target"}):
+        if data[t]["val"] is None:
+            raise ConfigError(f"bn_stats: target needs unlabelled images of target '{t}', and it has no "
+                              f"'{cfg.val_split}' split (split none): use split halves")
+        target_weights[t] = target_statistics(cfg.backbone, weights, cfg.input_size, data[t]["val"],
+                                              Location.of(storage) / "cache", log)
     embeddings: dict = {}
-    if featured:
-        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
-                                      cpus_per_actor=min(1.0, cfg.cpus_per_trial))
-        for t in sorted(featured):
-            embeddings[t] = {s: extract(data[t][s], ecfg, Location.of(storage) / "cache", log).vectors
-                             for s in ("test", "val") if data[t][s] is not None}
+    for t, bn in sorted({(t, s.bn_stats) for t, s in built if s.uses_embeddings}):
+        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights if bn == "source" else target_weights[t],
+                                      input_size=cfg.input_size, cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+        embeddings.setdefault(t, {})[bn] = {s: extract(data[t][s], ecfg, Location.of(storage) / "cache", log).vectors
+                                            for s in ("test", "val") if data[t][s] is not None}
     fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
              "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "val_rule": cfg.val_rule}
-    return {"data": data, "embeddings": embeddings, "weights": weights, "fixed": fixed}
+    return {"data": data, "embeddings": embeddings, "weights": weights, "fixed": fixed,
+            "target_weights": target_weights}
 
 
 def dry_run(cfg: CompareConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print,

@@ -252,3 +252,70 @@ def _to_matrix(col) -> np.ndarray:
     if hasattr(col, "to_numpy_ndarray"):
         return np.asarray(col.to_numpy_ndarray(), dtype=np.float32)
     return np.asarray(col.to_pylist(), dtype=np.float32)
+
+
+#: at most this many pool images estimate target statistics (a seeded sample of a larger pool)
+MAX_STATS_IMAGES = 2048
+
+
+def target_statistics(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
+                      cache_root: "str | Location", log: Callable[[str], None] = print,
+                      max_images: int = MAX_STATS_IMAGES) -> str | None:
+    """Weights of ``backbone`` whose BatchNorm running statistics are re-estimated on the unlabelled
+    images of ``pool`` (AdaBN, Li et al. 2016; ``tl.nn.reestimate_batchnorm``): what a strategy with
+    ``bn_stats: target`` embeds with or starts from. Only labels-free pixels are read, decoded 256 at
+    a time (never the whole pool in memory); at most ``max_images`` of them, a seeded sample. The file
+    is cached under ``<cache>/bn_stats/<key>.safetensors``, keyed by the source weights' digest, the
+    input size and the pool's fingerprint, so the embedding cache keyed on these weights is
+    content-addressed too. A backbone without BatchNorm gets its own weights back."""
+    import os
+    import tempfile
+
+    from tl.models import save_weights
+    from tl.nn import batchnorm_layers
+
+    model = make_backbone(backbone, weights, input_size)
+    if not batchnorm_layers(model):
+        log(f"[bn_stats] {backbone} has no BatchNorm layer: target statistics are its own")
+        return weights
+    rows = pool_rows(pool, max_images)
+    blob = json.dumps({"backbone": backbone, "weights": weights_digest(model), "input_size": input_size,
+                       "pool": pool.fingerprint(), "rows": len(rows)}, sort_keys=True)
+    where = Location.of(cache_root) / "bn_stats" / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.safetensors"
+    if where.is_file():
+        log(f"[bn_stats] target statistics of '{pool.name}' from the cache ({where})")
+        return str(where)
+    t0 = time.time()
+    seen = reestimate_on(model, pool, rows)
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_weights(model, tmp)
+        with open(tmp, "rb") as f:
+            where.write_bytes(f.read())
+    finally:
+        os.unlink(tmp)
+    log(f"[bn_stats] BatchNorm statistics of {backbone} re-estimated on {seen} unlabelled images of '{pool.name}' "
+        f"in {time.time() - t0:.1f} s -> {where}")
+    return str(where)
+
+
+def pool_rows(pool: ImageSet, max_images: int = MAX_STATS_IMAGES) -> np.ndarray:
+    """The rows of an unlabelled pool that estimate its statistics: all, or a seeded sample."""
+    rows = np.arange(len(pool))
+    if len(rows) > max_images:
+        rows = np.sort(np.random.default_rng(7919).choice(rows, max_images, replace=False))
+    return rows
+
+
+def reestimate_on(model, pool: ImageSet, rows: np.ndarray, batch: int = 256) -> int:
+    """Re-estimate ``model``'s BatchNorm statistics on ``pool[rows]``, decoded ``batch`` images at a
+    time; returns the number of images seen."""
+    import torch
+
+    from tl.nn import reestimate_batchnorm
+
+    with torch.no_grad():
+        batches = (model.preprocessing(torch.from_numpy(pool.pixels(rows[i:i + batch])))
+                   for i in range(0, len(rows), batch))
+        return reestimate_batchnorm(model, batches)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from tl.data import ImageSet, sample_episodes
-from tl.errors import TrainingError
+from tl.errors import ConfigError, TrainingError
 from tl.models import Backbone
 from tl.runtime import episode_device
 from tl.strategies import EpisodeTask, Strategy, StrategyEntry
@@ -173,16 +173,25 @@ def staged_accuracy(
     return out
 
 
-def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixed: dict) -> tuple[pd.DataFrame, str]:
+def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixed: dict,
+             target_weights: dict | None = None) -> tuple[pd.DataFrame, str]:
     """The work of one few-shot cell, wherever it runs (a Tune trial, a plain loop): the inner search
     on validation episodes when the entry has one, then the test episodes. ``spec``: target, shots,
-    seed, label and the strategy entry; returns the rows and a short line for the progress output."""
+    seed, label and the strategy entry; ``embeddings``: ``{target: {bn_stats: {split: vectors}}}``;
+    ``target_weights``: ``{target: weights}`` with target BatchNorm statistics, for a strategy with
+    ``bn_stats: target``. Returns the rows and a short line for the progress output."""
     from tl.models import make_backbone
 
     target, shots, seed, label = spec["target"], spec["shots"], spec["seed"], spec["label"]
     entry = StrategyEntry(**spec["entry"])
-    emb = embeddings.get(target) or {}
     cands = [entry.build(p) for p in entry.candidates()]
+    bn = cands[0].bn_stats
+    if bn == "target":
+        if target not in (target_weights or {}):
+            raise ConfigError(f"strategy '{label}': bn_stats target, but no target-statistics weights were made "
+                              f"for target '{target}'")
+        weights = target_weights[target]
+    emb = (embeddings.get(target) or {}).get(bn) or {}
     backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
     # an adaptation strategy's unlabelled target pool: the validation half (DESIGN section 2), never a test image
     pool = data[target]["val"] if cands[0].needs_target else None

@@ -204,14 +204,17 @@ def embed(backbone: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.
 
 
 def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
-                batch_size: int = 256) -> ExportedModel:
-    """Train ``strategy`` on labelled images with the same code an episode runs; returns backbone + head."""
+                batch_size: int = 256, unlabelled: np.ndarray | None = None) -> ExportedModel:
+    """Train ``strategy`` on labelled images with the same code an episode runs; returns backbone + head.
+    ``unlabelled``: embeddings of the target's unlabelled images, for a transductive strategy."""
     from tl.strategies import EpisodeTask, FeatureStrategy, TrainedStrategy
 
     if isinstance(strategy, FeatureStrategy):
         if not hasattr(strategy, "fit_head"):
             raise ConfigError(f"strategy '{strategy.name}' has no fit_head: its classifier cannot be exported")
-        fitted = strategy.fit_head(embed(backbone, images, batch_size), labels, n_classes)
+        feats = embed(backbone, images, batch_size)
+        fitted = (strategy.fit_head(feats, labels, n_classes, unlabelled=unlabelled) if strategy.transductive
+                  else strategy.fit_head(feats, labels, n_classes))
         return ExportedModel(backbone, torch_head(fitted), fitted.scale).eval()
     if not isinstance(strategy, TrainedStrategy):
         raise ConfigError(f"strategy '{strategy.name}' is neither a feature nor a trained strategy: it cannot be exported")
@@ -304,6 +307,22 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
         weights = resolve_reference(best["weights_ref"], backbone_name, storage, log)
     backbone = make_backbone(backbone_name, weights, input_size, seed=cfg.seed)
     train, test, train_info, test_info, decode = _load_target(cfg, target, tuple(backbone.preprocessing.size), best)
+    pool = train  # the target's unlabelled images (the split the shots come from), for bn_stats and transduction
+    if strategy.bn_stats == "target":
+        from tl.embeddings import pool_rows, reestimate_on
+
+        seen = reestimate_on(backbone, pool, pool_rows(pool))
+        log(f"[export] BatchNorm statistics re-estimated on {seen} unlabelled images of {train_info['data']} "
+            f"(bn_stats: target)")
+    unlabelled = None
+    if strategy.transductive:
+        from tl.embeddings import pool_rows
+
+        rows = pool_rows(pool)
+        unlabelled = np.concatenate([embed(backbone, pool.pixels(rows[i:i + 256]), cfg.batch_size)
+                                     for i in range(0, len(rows), 256)])
+        log(f"[export] {name} is transductive: its prototypes are refined on {len(rows)} unlabelled images of "
+            f"{train_info['data']}")
     if cfg.train_on == "shots":
         train = _take_shots(train, cfg.shots, cfg.seed)
     missing = [c for c, n in train.class_counts().items() if n == 0]
@@ -316,7 +335,7 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     # many-shot training on a large folder streams instead: workflows.finetune)
     check_files_of({"data": train, "test_data": test})
     model = train_model(strategy, backbone, train.pixels(np.arange(len(train))), train.labels, len(train.classes),
-                        cfg.seed, cfg.batch_size)
+                        cfg.seed, cfg.batch_size, unlabelled=unlabelled)
     stages = [sum(p.numel() for p in s.parameters()) for s in model.backbone.stages]
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

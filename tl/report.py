@@ -82,24 +82,111 @@ def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_sp
     return "\n".join(lines) + "\n"
 
 
+SETTINGS = ("inductive", "target statistics", "transductive")
+
+
+def _strategy_of(method: str, params: str):
+    from tl.strategies import REGISTRY
+
+    cls = REGISTRY.get(method)
+    if cls is None:
+        return None
+    known = {k: v for k, v in json.loads(params or "{}").items() if k in cls.__dataclass_fields__}
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+    except Exception:  # rows of an older strategy version: its setting is still read from the class
+        return None
+
+
+def settings(rows: pd.DataFrame) -> dict[str, str]:
+    """Each strategy label's setting (``Strategy.setting``): ``inductive``, ``target statistics``
+    (BatchNorm statistics of the target's unlabelled pool) or ``transductive`` (the episode's
+    queries read together); rows made before bn_stats existed are inductive or transductive by class."""
+    from tl.strategies import REGISTRY
+
+    out = {}
+    for label, g in rows.groupby("strategy"):
+        first = g.iloc[0]
+        method = first.get("method", label)
+        strat = _strategy_of(method, first.get("params", "{}"))
+        cls = REGISTRY.get(method)
+        out[label] = strat.setting if strat is not None else (
+            "transductive" if cls is not None and cls.transductive else "inductive")
+    return out
+
+
+def counterparts(cell: pd.DataFrame) -> dict[str, str]:
+    """For each strategy of one (target, shots) that uses unlabelled target images, its plain
+    counterpart among the cell's strategies: the same method and parameters with ``bn_stats:
+    source`` for a target-statistics row; ``prototype`` with the same ``bn_stats`` for a
+    transductive one (the classifier it refines). Keys chosen per cell on validation are ignored."""
+    info = {}
+    for label, g in cell.groupby("strategy"):
+        first = g.iloc[0]
+        params = json.loads(first.get("params", "{}") or "{}")
+        for k in json.loads(first.get("chosen", "{}") or "{}"):
+            params.pop(k, None)
+        bn = params.pop("bn_stats", "source")
+        info[label] = (first.get("method", label), bn, params)
+    sets = settings(cell)
+    out = {}
+    for label, (method, bn, params) in info.items():
+        if sets[label] == "transductive":
+            match = [o for o, (m, b, _) in info.items() if m == "prototype" and b == bn]
+        elif sets[label] == "target statistics":
+            match = [o for o, (m, b, p) in info.items() if m == method and b == "source" and p == params]
+        else:
+            continue
+        if match:
+            out[label] = sorted(match)[0]
+    return out
+
+
+def unlabelled_markdown(rows: pd.DataFrame, val_split: str = "adapt") -> str:
+    """The gain of every option that uses the target's unlabelled images over its plain counterpart,
+    paired on the same test episodes (empty when a comparison has none)."""
+    lines = []
+    for (target, shots), cell in rows.groupby(["target", "shots"], sort=True):
+        for label, plain in sorted(counterparts(cell).items()):
+            d = paired_on(cell, label, plain)
+            lines.append(f"| {target} | {shots} | {label} | {settings(cell)[label]} | {plain} | "
+                         f"{100 * d.mean:+.1f} ± {_pct(d.ci)} | {'—' if not np.isfinite(d.p_value) else f'{d.p_value:.3g}'} |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "## What the unlabelled target images add", "",
+        f"Each option that uses the target's unlabelled images against its plain counterpart, paired on the same test "
+        "episodes (Δ = option − counterpart, 95% CI, two-sided paired t-test, not corrected across rows). *Target "
+        f"statistics*: BatchNorm statistics re-estimated on the target's unlabelled `{val_split}` images (never a test image, "
+        "never a label). *Transductive*: the episode's queries are also read together, unlabelled, so a query's "
+        "prediction depends on the other queries: not comparable to an inductive row without this note.", "",
+        "| target | shots | option | setting | counterpart | Δ ± 95% CI (points) | p |", "|---|---|---|---|---|---|---|",
+        *lines, ""])
+
+
 def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "",
                      choices: list[Choice] | None = None) -> str:
     """Per (target, shots): mean ± t-based CI, sigma, per-seed means, the paired difference to the
     best on these test episodes with its CI and Holm-corrected p-value, validation accuracy and cost."""
     lines = [note, ""] if note else []
     rec = {(c.target, c.shots): c for c in choices or []}
+    sets = settings(rows)
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    several = len(set(sets.values())) > 1
     for (target, shots), g in summary.groupby(["target", "shots"], sort=True):
-        g = g.sort_values("mean", ascending=False)
-        best = g.iloc[0]["strategy"]
+        best = g.sort_values("mean", ascending=False).iloc[0]["strategy"]
+        # rows grouped by what of the target's unlabelled images they use, best first within each
+        g = g.assign(_set=g["strategy"].map(lambda n: order.get(sets.get(n, "inductive"), 0)))
+        g = g.sort_values(["_set", "mean"], ascending=[True, False])
         cell = rows[(rows["target"] == target) & (rows["shots"] == shots)]
         tests = cell_tests(cell, best, list(g["strategy"]))
         c = rec.get((target, shots))
         n = int(g.iloc[0]["episodes"])
         lines += [f"### {target}, {shots}-shot ({n} test episodes, t = {g.iloc[0]['t']:.3f}; best on them: {best}"
                   + (f"; recommended: {c.recommended}" if c else "") + ")", "",
-                  "| strategy | accuracy ± 95% CI | σ (per episode) | per-seed means | Δ to best ± 95% CI (paired) "
-                  "| p (Holm) | validation accuracy | s / episode | cell s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| strategy | " + ("setting | " if several else "") + "accuracy ± 95% CI | σ (per episode) | "
+                  "per-seed means | Δ to best ± 95% CI (paired) | p (Holm) | validation accuracy | s / episode | cell s |",
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
         for _, r in g.iterrows():
             name = r["strategy"]
             if name == best:
@@ -109,7 +196,8 @@ def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "",
                 delta, p = f"{100 * d.mean:+.1f} ± {_pct(d.ci)}", ("—" if not np.isfinite(adj) else f"{adj:.3g}")
             mark = " ★" if c and name == c.recommended else ""
             val = _pct(c.val.get(name, float("nan"))) if c else "—"
-            lines.append(f"| {name}{mark} | {_pct(r['mean'])} ± {_pct(r['ci95'])} | {_pct(r['std'])} | "
+            setting = f"{sets.get(name, 'inductive')} | " if several else ""
+            lines.append(f"| {name}{mark} | {setting}{_pct(r['mean'])} ± {_pct(r['ci95'])} | {_pct(r['std'])} | "
                          f"{r['per_seed']} | {delta} | {p} | {val} | {r['seconds_per_episode']:.3f} | "
                          f"{r['cell_seconds']:.1f} |")
         lines.append("")
@@ -123,11 +211,14 @@ def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "",
 def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tuple[pd.DataFrame, list[Choice]]:
     """rows.parquet, summary.csv, summary.md, accuracy_vs_shots.png and accuracy_vs_cost.png."""
     summary = summarize(rows)
+    summary.insert(3, "setting", summary["strategy"].map(settings(rows)))
     choices = choose(rows)
     rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
     val_split = json.loads(rows["config"].iloc[0]).get("val_split", "adapt") if "config" in rows else "adapt"
+    unlabelled = unlabelled_markdown(rows, val_split)
     (output / "summary.md").write_text(recommendation_markdown(choices, summary, val_split) + "\n"
+                                       + (unlabelled + "\n" if unlabelled else "")
                                        + summary_markdown(summary, rows, note, choices))
     plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
     plot_accuracy_vs_cost(summary, output / "accuracy_vs_cost.png", title)

@@ -247,10 +247,19 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
     val, test = target["val"], target["test"]
     strat0 = make_strategy(cfg.strategy, cfg.params)
+    if "bn_stats" in cfg.space:
+        raise ConfigError("config key 'space.bn_stats': bn_stats cannot be searched (each value needs its own "
+                          "embeddings and backbone): run one search per value")
+    if strat0.bn_stats == "target":  # every candidate starts from (or embeds with) the target's statistics
+        from tl.embeddings import target_statistics
+
+        run_weights = target_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
+    else:
+        run_weights = weights
     val_emb = test_emb = None
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus()) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:
-        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size,
+        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=run_weights, input_size=cfg.input_size,
                                       cpus_per_actor=min(1.0, cfg.cpus_per_trial))
         val_emb = extract(val, ecfg, storage / "cache", log).vectors
         test_emb = extract(test, ecfg, storage / "cache", log).vectors
@@ -275,7 +284,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     name = f"{cfg.experiment}-{config_hash(to_dict(cfg), 8)}"
     path = storage / "tune" / name
     trainable = tune.with_resources(
-        tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=weights, fixed=fixed),
+        tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=run_weights, fixed=fixed),
         {"cpu": cfg.cpus_per_trial if trained else min(cfg.cpus_per_trial, 0.25), "gpu": gpu})
     n_grid = int(np.prod([len(_space_spec(k, v)[1]) for k, v in cfg.space.items()
                           if _space_spec(k, v)[0] == "grid"] or [1]))
@@ -327,7 +336,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     table.to_csv(output / "trials.csv", index=False)
     log(f"[search] chosen on validation episodes: {chosen} (validation accuracy {100 * best_row['val_accuracy']:.1f}%, "
         f"compute {int(table['trial_steps'].sum())} episode-steps); evaluating on {cfg.test_episodes} test episodes")
-    rows = _test_phase(cfg, params, weights, {"test": test, "val": val}, test_emb, storage, log, gpu)
+    rows = _test_phase(cfg, params, run_weights, {"test": test, "val": val}, test_emb, storage, log, gpu)
     note = describe(to_dict(cfg), cfg.test_split, rows, weights,
                     f", except {', '.join(cfg.space)}, chosen by a Ray Tune search on {cfg.val_episodes} validation "
                     f"episodes of the `{cfg.val_split}` split, which shares no image with the test episodes")
@@ -355,7 +364,8 @@ def _describe(config: dict) -> str:
 def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict, test_emb, storage: Location,
                 log: Callable[[str], None], gpu: float = 0.0) -> pd.DataFrame:
     """The chosen candidate on the test episodes: one cell of the grid engine (kept, so a rerun
-    of the same search reuses it)."""
+    of the same search reuses it). ``weights``: those the candidates ran with (target statistics
+    for ``bn_stats: target``)."""
     from tl.evaluate import run_cell
     from tl.grid import Cell, CellStore, run_cells, stamp
     from tl.strategies import StrategyEntry
@@ -372,7 +382,9 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
                      {"target": cfg.target_name, "shots": cfg.shots, "seed": cfg.seed, "label": label, "entry": entry.plain()},
                      cpu=min(1.0, cfg.cpus_per_trial), gpu=gpu)
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
-    shared = {"data": {cfg.target_name: data}, "embeddings": {cfg.target_name: {"test": test_emb}}, "weights": weights,
+    bn = entry.build().bn_stats
+    shared = {"data": {cfg.target_name: data}, "embeddings": {cfg.target_name: {bn: {"test": test_emb}}}, "weights": weights,
+              "target_weights": {cfg.target_name: weights},
               "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
                         "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes,
                         "validate": False}}  # the search itself was the validation

@@ -13,7 +13,8 @@ from workflows import _cli
 
 SMOKE = {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3, "val_episodes": 2,
          "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
-                        {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}}]}
+                        {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}},
+                        {"strategy": "bd_cspn", "label": "bd_cspn_tbn", "params": {"bn_stats": "target"}}]}
 
 
 def main(prog: str = "compare", description: str = "Compare transfer strategies (feature extraction, "

@@ -45,15 +45,40 @@ class EpisodeTask:
     device: str = "cpu"  # where a trained strategy trains: "cuda" inside a trial that holds a GPU share
 
 
+BN_STATS = ("source", "target")
+
+
 @dataclass(frozen=True)
 class Strategy:
-    """Base of every registered strategy; dataclass fields are its hyper-parameters."""
+    """Base of every registered strategy; dataclass fields are its hyper-parameters.
+
+    ``bn_stats``: the BatchNorm running statistics of the backbone it starts from: ``source`` (as
+    pretrained) or ``target`` (re-estimated on the target's unlabelled pool, AdaBN's statistics, Li
+    et al. 2016: a feature strategy embeds with them, a trained one starts from them); the pool is
+    unlabelled images of the target, never an episode's labels (``tl.embeddings.target_statistics``).
+    ``transductive`` strategies also read the episode's unlabelled queries together, so a query's
+    prediction may depend on the other queries: their accuracy is not comparable to an inductive
+    row's without saying so (``tl.report`` keeps them apart)."""
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     uses_embeddings: ClassVar[bool] = False
     needs_target: ClassVar[bool] = False  # trains on an unlabelled target pool (adaptation)
+    transductive: ClassVar[bool] = False  # reads the episode's queries (unlabelled) together
     budget_key: ClassVar[str | None] = None  # the hyper-parameter that counts training steps (a search's budget)
+    bn_stats: str = "source"
+
+    def __post_init__(self) -> None:
+        if self.bn_stats not in BN_STATS:
+            raise ConfigError(f"strategy '{self.name}': bn_stats must be one of {BN_STATS}, got '{self.bn_stats}'")
+
+    @property
+    def setting(self) -> str:
+        """What of the target's unlabelled images it uses: ``inductive`` (none), ``target statistics``
+        (the pool, through BatchNorm statistics) or ``transductive`` (the episode's queries too)."""
+        if self.transductive:
+            return "transductive"
+        return "target statistics" if self.bn_stats == "target" else "inductive"
 
     def predict_episode(self, task: EpisodeTask) -> np.ndarray:
         """Predicted labels for the episode's queries."""
@@ -145,6 +170,7 @@ class TrainedStrategy(Strategy):
         return float(self.steps) * max(1, min(shots * 10, self.batch_size)) / 100
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from tl.train.augment import AUGMENTATIONS
 
         if self.augment not in AUGMENTATIONS:

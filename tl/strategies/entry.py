@@ -35,6 +35,9 @@ class StrategyEntry:
 
     def check(self, stages: int) -> None:
         """Every candidate builds and fits a backbone of ``stages`` stages (before any work starts)."""
+        if "bn_stats" in self.search:
+            raise ConfigError(f"strategy '{self.name()}': bn_stats cannot be searched (each value needs its own "
+                              f"embeddings and backbone): give each its own entry, as the default comparison does")
         for key, values in self.search.items():
             if not isinstance(values, (list, tuple)) or not values:
                 raise ConfigError(f"strategy '{self.name()}': search key 'search.{key}' needs a non-empty list")
