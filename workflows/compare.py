@@ -1,6 +1,6 @@
 """The main job: compare transfer strategies on the same seeded episodes, each cell a Ray Tune trial.
 
-    python -m workflows.compare                       # the embedded digits suite (about 17 minutes on 2 cores)
+    python -m workflows.compare                       # the embedded digits suite (about 13 minutes on 2 cores)
     python -m workflows.compare --set 'shots=[1,5]' --set episodes=100
     python -m workflows.compare --address ray://head:10001 --storage /shared/tl --output /shared/results/x
 """
