@@ -101,6 +101,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
             raise ConfigError(f"config keys 'val_split' and 'test_split' are both '{self.test_split}': validation "
                               f"episodes must share no image with test episodes")
         check_labels(self.strategies)
+        with_target_statistics = self._target_statistics()
         for name, src in self.data.items():
             src.check(f"data.{name}")
             searched = [e.name() for e in self.strategies if e.search]
@@ -108,10 +109,10 @@ class CompareConfig(BackboneFields, EpisodeFields):
                 raise ConfigError(
                     f"config key 'data.{name}.split' is none, so target '{name}' has no validation images; "
                     f"strategies {searched} search on validation episodes: use split: halves or drop the search")
-            if src.split == "none" and name in self.targets and self._target_statistics():
+            if src.split == "none" and name in self.targets and with_target_statistics:
                 raise ConfigError(
                     f"config key 'data.{name}.split' is none, so target '{name}' has no unlabelled images apart "
-                    f"from its test images; strategies {self._target_statistics()} take bn_stats: target from "
+                    f"from its test images; strategies {with_target_statistics} take bn_stats: target from "
                     f"them: use split: halves")
         stages = num_stages(self.backbone)
         for e in self.strategies:

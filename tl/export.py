@@ -307,17 +307,15 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
         weights = resolve_reference(best["weights_ref"], backbone_name, storage, log)
     backbone = make_backbone(backbone_name, weights, input_size, seed=cfg.seed)
     train, test, train_info, test_info, decode = _load_target(cfg, target, tuple(backbone.preprocessing.size), best)
+    from tl.embeddings import pool_rows, reestimate_on
+
     pool = train  # the target's unlabelled images (the split the shots come from), for bn_stats and transduction
     if strategy.bn_stats == "target":
-        from tl.embeddings import pool_rows, reestimate_on
-
         seen = reestimate_on(backbone, pool, pool_rows(pool))
         log(f"[export] BatchNorm statistics re-estimated on {seen} unlabelled images of {train_info['data']} "
             f"(bn_stats: target)")
     unlabelled = None
     if strategy.transductive:
-        from tl.embeddings import pool_rows
-
         rows = pool_rows(pool)
         unlabelled = np.concatenate([embed(backbone, pool.pixels(rows[i:i + 256]), cfg.batch_size)
                                      for i in range(0, len(rows), 256)])

@@ -115,7 +115,7 @@ def settings(rows: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def counterparts(cell: pd.DataFrame) -> dict[str, str]:
+def counterparts(cell: pd.DataFrame, sets: dict[str, str] | None = None) -> dict[str, str]:
     """For each strategy of one (target, shots) that uses unlabelled target images, its plain
     counterpart among the cell's strategies: the same method and parameters with ``bn_stats:
     source`` for a target-statistics row; ``prototype`` with the same ``bn_stats`` for a
@@ -128,7 +128,7 @@ def counterparts(cell: pd.DataFrame) -> dict[str, str]:
             params.pop(k, None)
         bn = params.pop("bn_stats", "source")
         info[label] = (first.get("method", label), bn, params)
-    sets = settings(cell)
+    sets = settings(cell) if sets is None else sets
     out = {}
     for label, (method, bn, params) in info.items():
         if sets[label] == "transductive":
@@ -147,9 +147,10 @@ def unlabelled_markdown(rows: pd.DataFrame, val_split: str = "adapt") -> str:
     paired on the same test episodes (empty when a comparison has none)."""
     lines = []
     for (target, shots), cell in rows.groupby(["target", "shots"], sort=True):
-        for label, plain in sorted(counterparts(cell).items()):
+        sets = settings(cell)
+        for label, plain in sorted(counterparts(cell, sets).items()):
             d = paired_on(cell, label, plain)
-            lines.append(f"| {target} | {shots} | {label} | {settings(cell)[label]} | {plain} | "
+            lines.append(f"| {target} | {shots} | {label} | {sets[label]} | {plain} | "
                          f"{100 * d.mean:+.1f} ± {_pct(d.ci)} | {'—' if not np.isfinite(d.p_value) else f'{d.p_value:.3g}'} |")
     if not lines:
         return ""
