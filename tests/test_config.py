@@ -63,3 +63,28 @@ def test_pretrain_config_validation_and_key():
     assert a.key() == b.key(), "where it runs must not change the identity of the weights"
     assert PretrainConfig(lr=0.2).key() != a.key()
     assert config_hash(a) == config_hash(PretrainConfig())
+
+
+def test_a_pretrained_name_keys_cells_and_runs_by_the_recipe_it_stands_for():
+    """``pretrained`` became the digits recipe: its comparison cells and runs are those that
+    ``pretrained:digits`` made, and ``pretrained:shift`` keeps the identities the former default
+    gave them (finished cells stay valid, never mixed with the new backbone's)."""
+    from tl.compare import CompareConfig, cells
+    from tl.pretrain import weights_identity
+    from tl.runs import RunConfig
+
+    assert weights_identity("pretrained") == weights_identity("pretrained:digits") == "pretrained:digits"
+    assert weights_identity("pretrained:shift") == "pretrained"
+    assert weights_identity("torchvision:X") == "torchvision:X" and weights_identity("random") == "random"
+
+    def first_cell(weights: str) -> str:
+        return cells(load_config(CompareConfig, base={"weights": weights}))[0].name
+
+    assert first_cell("pretrained") == first_cell("pretrained:digits")
+    # the name a cell of the former default (weights: pretrained, the shift recipe) was stored under
+    assert first_cell("pretrained:shift") == "optdigits__1shot__seed0__prototype__691b71fafb"
+
+    def run_key(weights: str) -> str:
+        return RunConfig(target="mnistm", source="mnist", strategy="dann", weights=weights).key()
+
+    assert run_key("pretrained") == run_key("pretrained:digits") != run_key("pretrained:shift")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ddp_pretraining_checkpoint_scores_well_above_chance(ray_local, storage):
-    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=2, lr=0.05)
+    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=2, lr=0.05, augment="shift")
     res = pretrain(cfg, storage)
     assert not res.reused and res.epochs_run == 3
     assert res.val_accuracy > 0.6, f"10-way chance is 0.1, got {res.val_accuracy}"
@@ -77,14 +77,18 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
 
 def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray_local, storage):
     """``augment: digits`` (tl.train.digit_augment) with label smoothing trains on Ray Train; the
-    former recipe (``augment: shift``, the default here) keeps the key its backbones were saved
-    under, and a bad value is named."""
+    default (``auto``) is the digits recipe on an embedded source and ``shift`` on a user's own
+    images; each recipe keeps the key its backbones were saved under (``shift``, the former default,
+    and ``pretrained:digits``), and a bad value is named."""
     from tl.errors import ConfigError
 
-    assert PretrainConfig().key() == "digits_cnn-mnist-2bb031ea069d"
+    assert PretrainConfig().augment == "digits" and PretrainConfig(data="mnist:base").augment == "digits"
+    assert PretrainConfig().key() == "digits_cnn-mnist-2a3c2e2dacab"  # the key pretrained:digits had
+    assert PretrainConfig(augment="shift").key() == "digits_cnn-mnist-2bb031ea069d"  # the former default's
+    assert PretrainConfig(data=str(storage)).augment == "shift"  # a user's folder
     cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits",
                          label_smoothing=0.1)
-    assert cfg.key() != PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05).key()
+    assert cfg.key() != PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="shift").key()
     res = pretrain(cfg, storage)
     assert res.epochs_run == 3 and res.val_accuracy > 0.3, res.val_accuracy  # 10-way chance: 0.1
     with pytest.raises(ConfigError, match="config key 'augment' must be one of"):
@@ -94,5 +98,6 @@ def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray
     from tl.pretrain import _recipe, resolve_weights
 
     assert PretrainConfig(**_recipe("pretrained:digits")).augment == "digits" and _recipe("pretrained") == {}
+    assert PretrainConfig(**_recipe("pretrained:shift")).key() == "digits_cnn-mnist-2bb031ea069d"
     with pytest.raises(ConfigError, match="weights 'pretrained:colour': the pretraining recipe must be one of"):
         resolve_weights("pretrained:colour", "digits_cnn", storage, print)

@@ -122,7 +122,7 @@ def test_compare_export_and_predict_with_storage_data_and_outputs_in_a_bucket(ra
     home = resolve_storage(s3("e2e/home"))
     data = Location.of(s3("e2e/data/mine"))
     data.upload(_digits_folder(tmp_path / "mine"))
-    backbone = pretrain(PretrainConfig(epochs=1, limit=512, batch_size=64, lr=0.05, workers=1), home)
+    backbone = pretrain(PretrainConfig(epochs=1, limit=512, batch_size=64, lr=0.05, workers=1, augment="shift"), home)
     assert str(backbone.path).startswith(f"s3://{BUCKET}/e2e/home/backbones/")  # Ray Train wrote to the bucket too
     assert (Location.of(s3("e2e/home/ray")).files()), "Ray Train's checkpoints are in the bucket"
     cfg = load_config(CompareConfig, base={

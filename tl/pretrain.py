@@ -1,9 +1,11 @@
 """Source pretraining on Ray Train: a backbone and a linear head trained on the source task.
 
 DDP over N workers (CPU here, GPUs when asked), SGD with Nesterov momentum and a cosine schedule,
-a checkpoint every epoch. Augmentation: small random shifts (``augment: shift``), or the digits
-recipe (``augment: digits``, ``tl.train.digit_augment``: warps, stroke width, colours of either
-polarity, texture, low resolution, noise), which makes a source model that transfers. Running again with the same config
+a checkpoint every epoch. Augmentation: the digits recipe (``augment: digits``,
+``tl.train.digit_augment``: warps, stroke width, colours of either polarity, texture, low
+resolution, noise), which makes a source model that transfers and is the default on the embedded
+digits; or small random shifts (``augment: shift``), the former default and the default on a
+user's own source images, where digit strokes and inversion would not fit. Running again with the same config
 resumes from the last checkpoint; a finished backbone is kept in the tl home, keyed by backbone,
 data and config, and reused.
 """
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from tl.config import config_hash, to_dict
 from tl.data import ImageSet
-from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, load_data, part, resolve
+from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, is_embedded, load_data, part, resolve
 from tl.errors import ConfigError
 from tl.models import Classifier, build_backbone, get_spec, input_size_of, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
@@ -42,14 +44,22 @@ HEAD_FILE = "head.safetensors"
 NEWER_DEFAULTS = {"augment": "shift", "label_smoothing": 0.0}
 
 
+def default_augment(data: "str | DataSpec") -> str:
+    """The recipe ``augment: auto`` stands for: ``digits`` on an embedded source (every embedded set
+    is digits), ``shift`` on a user's own images."""
+    return "digits" if isinstance(data, str) and is_embedded(data) else "shift"
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Source pretraining. ``data`` is a data spec (``tl.data.spec``): ``mnist`` (10 classes),
     ``mnist:base`` (classes 0-4), or the user's labelled images (a folder with one subfolder per
     class, a CSV or Parquet, local or at a URI), split ``train``/``val`` (0.9/0.1, stratified)
-    unless its spec gives a split with those names. ``augment``: ``shift`` (random translation by
-    up to ``augment_shift`` pixels) or ``digits`` (``tl.train.digit_augment``); ``label_smoothing``
-    of the cross-entropy (Szegedy et al. 2016)."""
+    unless its spec gives a split with those names. ``augment``: ``digits``
+    (``tl.train.digit_augment``), ``shift`` (random translation by up to ``augment_shift``
+    pixels), or ``auto`` (the default): ``digits`` for an embedded source, ``shift`` for the
+    user's own images; it is resolved when the config is made, so the key names the recipe that
+    ran. ``label_smoothing`` of the cross-entropy (Szegedy et al. 2016)."""
 
     backbone: str = "digits_cnn"
     data: str | DataSpec = "mnist"
@@ -60,7 +70,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     augment_shift: int = 2
-    augment: str = "shift"
+    augment: str = "auto"
     label_smoothing: float = 0.0
     input_size: int | None = None
     seed: int = 0
@@ -77,8 +87,10 @@ class PretrainConfig:
             raise ConfigError(f"config key 'lr' must be positive, got {self.lr}")
         if self.limit < 0:
             raise ConfigError(f"config key 'limit' must be 0 (all) or positive, got {self.limit}")
+        if self.augment == "auto":
+            object.__setattr__(self, "augment", default_augment(self.data))
         if self.augment not in SOURCE_AUGMENTS:
-            raise ConfigError(f"config key 'augment' must be one of {SOURCE_AUGMENTS}, got '{self.augment}'")
+            raise ConfigError(f"config key 'augment' must be one of {('auto',) + SOURCE_AUGMENTS}, got '{self.augment}'")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
         resolve(self.data, "data")
@@ -266,7 +278,8 @@ def is_pretrained(weights: str) -> bool:
 
 def _recipe(weights: str) -> dict:
     """The pretraining overrides a ``pretrained:<recipe>`` weights name stands for: ``digits`` is the
-    digits augmentation recipe (``augment: digits``); plain ``pretrained`` the default config."""
+    digits augmentation recipe (``augment: digits``), ``shift`` the former default; plain
+    ``pretrained`` the default config (``augment: auto``: the digits recipe on the embedded mnist)."""
     recipe = weights.partition(":")[2]
     if not recipe:
         return {}
@@ -276,9 +289,22 @@ def _recipe(weights: str) -> dict:
     return {"augment": recipe}
 
 
+def weights_identity(weights: str) -> str:
+    """The weights name that keys a comparison cell, a run or a search: a ``pretrained`` name is keyed
+    by the recipe it stands for, spelled as it was when each was made (``pretrained`` for the
+    former default ``shift``, ``pretrained:digits`` for the digits recipe). So plain ``pretrained``,
+    now the digits recipe, finds the cells and runs ``pretrained:digits`` finished, never those of
+    the former default; ``pretrained:shift`` finds those. The embedding cache needs none of this:
+    it is keyed by the weights' digest."""
+    if not is_pretrained(weights):
+        return weights
+    recipe = PretrainConfig(**_recipe(weights)).augment
+    return "pretrained" if recipe == "shift" else f"pretrained:{recipe}"
+
+
 def resolve_weights(weights: str, backbone: str, storage: "str | os.PathLike | Location", log: Callable[[str], None]) -> str | None:
     """``pretrained`` -> the tl home's pretrained backbone folder (pretraining it first if missing);
-    ``pretrained:digits`` -> the same with the digits augmentation recipe."""
+    ``pretrained:<recipe>`` -> the same with that augmentation recipe (``digits``, ``shift``)."""
     if is_pretrained(weights):
         return str(ensure_pretrained(storage, backbone, log=log, **_recipe(weights)))
     return None if weights in ("random", "none", "") else weights
@@ -321,12 +347,15 @@ def resolve_reference(ref: dict, backbone: str, storage: "str | os.PathLike | Lo
     if key:
         path: Path | Location = storage / "backbones" / key
         if not (path / META_FILE).is_file():
-            default = PretrainConfig(backbone=backbone, **_recipe(str(source))).key()
-            if key != default:
+            # a default backbone of any recipe (a best.yaml made when ``pretrained`` meant ``shift``
+            # names that key): pretrain it here with that recipe
+            known = {PretrainConfig(backbone=backbone, augment=r).key(): r for r in SOURCE_AUGMENTS}
+            if key not in known:
+                default = PretrainConfig(backbone=backbone, **_recipe(str(source))).key()
                 raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {storage / 'backbones'} "
                                   f"(the default one for {backbone} is '{default}'); pretrain it there with the config "
                                   f"it was made with, or give the weights with --set weights=PATH")
-            path = ensure_pretrained(storage, backbone, log=log, **_recipe(str(source)))
+            path = ensure_pretrained(storage, backbone, log=log, augment=known[key])
         resolved: str | None = str(path)
     else:
         resolved = resolve_weights(str(source), backbone, storage, log)

@@ -38,7 +38,7 @@ from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, load_data, part, r
 from tl.errors import ConfigError, DataError
 from tl.models import Classifier, input_size_of, make_backbone, save_weights
 from tl.nn.scores import information_maximization, soft_neighborhood_density
-from tl.pretrain import resolve_weights
+from tl.pretrain import resolve_weights, weights_identity
 from tl.runtime import provenance, torch_threads
 from tl.storage import Location
 from tl.strategies import REGISTRY, TrainedStrategy, make_strategy
@@ -148,6 +148,7 @@ class RunConfig(BackboneFields):
         ident = {k: v for k, v in to_dict(self).items()
                  if k not in PLACE_FIELDS and (self.source is not None or k not in SOURCE_FIELDS)
                  and not (k in OPTIONAL_FIELDS and v is None)}
+        ident["weights"] = weights_identity(self.weights)  # the recipe a pretrained name stands for
         ident["params"] = self.resolved_params()
         data = self.target_name if self.source is None else f"{self.source_name}-{self.target_name}"
         return f"{self.kind}-{self.strategy}-{data.replace(':', '_')}-seed{self.seed}-{config_hash(ident)}"

@@ -281,7 +281,9 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
             search_alg = OptunaSearch(seed=cfg.seed)
         except (ImportError, AssertionError) as exc:
             raise ConfigError("config key 'search_alg': optuna is not installed (pip install 'tl[optuna]')") from exc
-    name = f"{cfg.experiment}-{config_hash(to_dict(cfg), 8)}"
+    from tl.pretrain import weights_identity
+
+    name = f"{cfg.experiment}-{config_hash({**to_dict(cfg), 'weights': weights_identity(cfg.weights)}, 8)}"
     path = storage / "tune" / name
     trainable = tune.with_resources(
         tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=run_weights, fixed=fixed),
@@ -368,11 +370,12 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     for ``bn_stats: target``)."""
     from tl.evaluate import run_cell
     from tl.grid import Cell, CellStore, run_cells, stamp
+    from tl.pretrain import weights_identity
     from tl.strategies import StrategyEntry
 
     entry = StrategyEntry(cfg.strategy, params=params)
     label = entry.name()
-    identity = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
+    identity = {"backbone": cfg.backbone, "weights": weights_identity(cfg.weights), "input_size": cfg.input_size,
                 "test_split": cfg.test_split, "n_way": cfg.n_way, "queries": cfg.queries,
                 "episodes": cfg.test_episodes, "strategy": cfg.strategy, "params": params}
     if cfg.target_spec is not None:
