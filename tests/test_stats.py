@@ -109,3 +109,20 @@ def test_a_tie_the_test_episodes_contradict_is_said_and_not_undone():
     assert c.vs_winner.mean == pytest.approx(np.mean(test["cheap"]) - np.mean(test["slow"]))
     (ok,) = choose(_rows(TEST))
     assert not ok.test_disagrees
+
+
+def test_a_summary_names_a_pretrained_backbone_by_its_key_not_a_local_path():
+    """Committed summaries must stay valid on another machine: the weights as the user gave them,
+    plus a pretrained backbone's key, never the tl home's absolute path."""
+    import pandas as pd
+
+    from tl.report import describe, weights_text
+
+    home = "/home/someone/.cache/tl/backbones/digits_cnn-mnist-2a3c2e2dacab"
+    assert weights_text("pretrained", home) == "pretrained, key digits_cnn-mnist-2a3c2e2dacab"
+    assert weights_text("pretrained:shift", "s3://b/tl/backbones/k1") == "pretrained:shift, key k1"
+    assert weights_text("/data/model.safetensors", "/data/model.safetensors") == "/data/model.safetensors"
+    assert weights_text("random", None) == "random"
+    rows = pd.DataFrame({"n_way": [10], "queries": [15], "episode": [0], "seed": [0]})
+    text = describe({"backbone": "digits_cnn", "weights": "pretrained"}, "test", rows, home)
+    assert "pretrained, key digits_cnn-mnist-2a3c2e2dacab" in text and "/home/someone" not in text

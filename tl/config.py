@@ -24,10 +24,10 @@ T = TypeVar("T")
 @dataclasses.dataclass(frozen=True)
 class BackboneFields:
     """The field group every config that builds a backbone shares: its registered name, where its
-    weights come from (``pretrained``: the tl home's pretrained backbone, made if missing;
-    ``pretrained:digits``: the same with the digits augmentation recipe, the source model that
-    transfers; ``random``; a weights file or folder; ``torchvision:<name>``) and an optional input
-    size."""
+    weights come from (``pretrained``: the tl home's pretrained backbone of the default recipe, made
+    if missing; ``pretrained:<recipe>``: that of a named recipe, ``digits`` (the default on the
+    embedded source) or ``shift`` (the former default); ``random``; a weights file or folder;
+    ``torchvision:<name>``) and an optional input size."""
 
     backbone: str = "digits_cnn"
     weights: str = "pretrained"

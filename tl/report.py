@@ -226,13 +226,23 @@ def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tu
     return summary, choices
 
 
+def weights_text(given: str, resolved: str | None) -> str:
+    """The weights as a summary names them: as the user gave them, and for a pretrained backbone its
+    key under ``<storage>/backbones`` (the folder's name); never the machine's absolute path."""
+    if resolved and resolved != given:
+        parts = str(resolved).rstrip("/").split("/")
+        if len(parts) > 1 and parts[-2] == "backbones":
+            return f"{given}, key {parts[-1]}"
+    return given
+
+
 def describe(cfg: dict, split: str, rows: pd.DataFrame, weights: str | None = None, chosen_on: str = "") -> str:
     """The sentence that says what a results table is (printed above every summary); ``chosen_on``
     says which hyper-parameters were chosen on validation episodes, and where."""
     return (f"Few-shot evaluation on the `{split}` split: {rows['n_way'].iloc[0]}-way, "
             f"{rows['queries'].iloc[0]} queries per class, {rows['episode'].nunique()} episodes x "
             f"{rows['seed'].nunique()} seed(s), the same episodes for every strategy. Backbone "
-            f"{cfg.get('backbone', '?')} ({weights or cfg.get('weights', 'random')}). Hyper-parameters are the "
+            f"{cfg.get('backbone', '?')} ({weights_text(cfg.get('weights') or 'random', weights)}). Hyper-parameters are the "
             f"strategies' defaults{chosen_on}: nothing here was chosen on these test episodes. Config hash "
             f"{config_hash(cfg)}.")
 
