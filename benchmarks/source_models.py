@@ -1,6 +1,7 @@
 """Benchmark: how well a source model transfers before any adaptation, per pretraining recipe.
 
-For each recipe (``augment: shift``, the default, and ``augment: digits``) and pretraining seed:
+For each recipe (``augment: shift``, the former default, and ``augment: digits``, the default on the
+embedded source since the digits recipe replaced it) and pretraining seed:
 pretrain digits_cnn on mnist (or reuse it from the tl home), then score the source model as it is
 (head included, no target image seen) on the test split of each embedded target, and with AdaBN
 (BatchNorm statistics re-estimated on the target's unlabelled ``adapt`` split, no label). Writes
@@ -97,8 +98,8 @@ def main() -> int:
     _table.save(rows, Path(args.output or "results/bench"), "source_models", args.smoke_test, [
         "# Source models before adaptation", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
         f"{time.strftime('%Y-%m-%d')}: digits_cnn pretrained on mnist (3,600 train images, 15 epochs, 2 Ray Train "
-        "workers) with each recipe ('augment: shift', the default: random shifts of up to 2 pixels; 'augment: "
-        "digits': tl/train/digit_augment.py), scored as it is on each target's test split (500 mnistm, 898 "
+        "workers) with each recipe ('augment: shift', the former default: random shifts of up to 2 pixels; "
+        "'augment: digits', the default: tl/train/digit_augment.py), scored as it is on each target's test split (500 mnistm, 898 "
         "optdigits images) and with AdaBN (BatchNorm statistics of the target's unlabelled adapt split)."])
     return 0
 
