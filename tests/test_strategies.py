@@ -42,6 +42,19 @@ def test_every_strategy_runs_an_episode(name):
 
 
 TRAINED = sorted(n for n, c in REGISTRY.items() if issubclass(c, TrainedStrategy))
+#: the parameter-efficient strategies: which backbone parameters each trains (written here from the
+#: method's definition, not from the strategy's code)
+PARTIAL = {"bitfit": lambda module, pname: pname == "bias",
+           "norm_tuning": lambda module, pname: isinstance(module, torch.nn.BatchNorm2d)}
+
+
+def untouched(name, model):
+    """Ids of the backbone parameters a parameter-efficient strategy leaves as pretrained."""
+    keep = PARTIAL.get(name)
+    if keep is None:
+        return set()
+    return {id(p) for m in model.backbone.modules() for pname, p in m.named_parameters(recurse=False)
+            if not keep(m, pname)}
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -55,7 +68,7 @@ def test_one_step_gradients_reach_exactly_the_trainable_parameters(name, k, bn):
     bb, x, y, _, _ = episode()
     s = make_strategy(name, {"frozen": k, "batch_norm": bn, "steps": 1})
     model = s.prepare(bb, 5)
-    frozen_params = {id(p) for st in model.backbone.stages[:k] for p in st.parameters()}
+    frozen_params = {id(p) for st in model.backbone.stages[:k] for p in st.parameters()} | untouched(name, model)
     s.on_start(model, x, y)
     before_frozen = bn_stats(model.backbone.stages[:k])
     before_live = bn_stats(model.backbone.stages[k:])
@@ -79,6 +92,21 @@ def test_trainable_counts_per_k_through_the_strategy():
     for k, n in enumerate(expected):
         model = make_strategy("finetune", {"frozen": k}).prepare(build_backbone("digits_cnn"), 10)
         assert count_trainable(model) == n + head
+
+
+def test_trainable_counts_of_the_parameter_efficient_strategies():
+    """digits_cnn: convolutions without bias, each followed by BatchNorm of 32, 64, 128, 256 channels.
+    ``bitfit`` trains their shifts (480 at k=0), ``norm_tuning`` their scales and shifts (960); the
+    first k stages stay frozen whole, and the head (256 x 10 + 10) always trains."""
+    head = 256 * 10 + 10
+    shifts = [480, 448, 384, 256, 0]
+    for name, per_k in (("bitfit", shifts), ("norm_tuning", [2 * n for n in shifts])):
+        counts = [count_trainable(make_strategy(name, {"frozen": k}).prepare(build_backbone("digits_cnn"), 10))
+                  for k in range(5)]
+        assert counts == [n + head for n in per_k], name
+    rn = build_backbone("resnet18")
+    bn = sum(m.num_features for m in rn.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert count_trainable(make_strategy("bitfit").prepare(rn, 10)) == bn + 512 * 10 + 10
 
 
 def test_non_finite_loss_names_strategy_step_and_rate():
@@ -110,3 +138,20 @@ def test_bad_strategy_config_is_named():
         make_strategy("finetune", {"frozn": 1})
     with pytest.raises(ConfigError, match="batch_norm"):
         make_strategy("finetune", {"batch_norm": "maybe"})
+
+
+@pytest.mark.parametrize("name, moved", [("bitfit", {"bias"}), ("norm_tuning", {"weight", "bias"})])
+def test_a_parameter_efficient_model_moves_only_its_kind_of_parameter(name, moved):
+    """Trained and exported as a user gets it (``tl.export.train_model``): every other backbone
+    tensor, BatchNorm's running statistics included (``batch_norm: frozen``), is byte-identical."""
+    from tl.export import train_model
+
+    d = load_embedded("optdigits").split("adapt")
+    idx = np.concatenate([np.flatnonzero(d.labels == c)[:3] for c in range(10)])
+    bb = build_backbone("digits_cnn")
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    model = train_model(make_strategy(name, {"steps": 5}), copy.deepcopy(bb), d.images[idx], d.labels[idx], 10, 0)
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    bn_layers = {k.rsplit(".", 1)[0] for k in before if k.endswith("running_mean")}
+    assert changed == {f"{layer}.{p}" for layer in bn_layers for p in moved}

@@ -10,11 +10,12 @@ from tl.strategies.adapt import ADAPT_STRATEGIES
 from tl.strategies.base import Strategy
 from tl.strategies.feature import LinearProbe, Logistic, Prototype
 from tl.strategies.finetune import Finetune, LPFT, Scratch
+from tl.strategies.peft import BitFit, NormTuning
 from tl.strategies.transductive import BDCSPN, SoftKMeans
 
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (LinearProbe, Prototype, Logistic, BDCSPN, SoftKMeans, Finetune, LPFT, Scratch,
-                              *ADAPT_STRATEGIES)
+                              BitFit, NormTuning, *ADAPT_STRATEGIES)
 }
 
 
