@@ -161,8 +161,7 @@ def _identity(plain: dict, entry: StrategyEntry) -> dict:
     """Everything besides (target, shots, seed, label) that changes a cell's rows."""
     from tl.pretrain import weights_identity
 
-    keep = {k: plain[k] for k in ("backbone", "weights", "input_size", "test_split", "val_split", "n_way", "queries",
-                                  "episodes")}
+    keep = {k: plain[k] for k in ("backbone", "input_size", "test_split", "val_split", "n_way", "queries", "episodes")}
     keep["weights"] = weights_identity(plain["weights"])  # the recipe a pretrained name stands for
     keep["val_episodes"] = plain["val_episodes"]  # every cell is scored on them (the recommendation)
     keep["rows"] = 2  # rows carry per-episode validation accuracies and the cell's compute seconds

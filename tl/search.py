@@ -231,7 +231,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     """
     from tl.data.spec import check_files_of, check_target, load_target
     from tl.embeddings import EmbedConfig, extract
-    from tl.pretrain import resolve_weights
+    from tl.pretrain import resolve_weights, weights_identity
 
     t0 = time.time()
     storage = Location.of(storage)
@@ -281,8 +281,6 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
             search_alg = OptunaSearch(seed=cfg.seed)
         except (ImportError, AssertionError) as exc:
             raise ConfigError("config key 'search_alg': optuna is not installed (pip install 'tl[optuna]')") from exc
-    from tl.pretrain import weights_identity
-
     name = f"{cfg.experiment}-{config_hash({**to_dict(cfg), 'weights': weights_identity(cfg.weights)}, 8)}"
     path = storage / "tune" / name
     trainable = tune.with_resources(
