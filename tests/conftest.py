@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray refuses to spill objects once the disk is 95% full (its default); a CI machine's shared disk
+# can sit near that, and the spilled blocks of these tests are small
+os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
 # the local S3 server of tests/test_storage.py takes any key; set before Ray starts, so its workers have them
 for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
