@@ -170,7 +170,7 @@ def optdigits_embeddings(pretrained, tmp_path_factory):
 def test_feature_strategies_beat_chance_on_optdigits_5shot(optdigits_embeddings):
     data, vectors = optdigits_embeddings
     strategies = {n: make_strategy(n) for n in registered("feature")}
-    assert set(strategies) == {"linear_probe", "prototype", "logistic", "bd_cspn", "soft_kmeans"}
+    assert set(strategies) == {"linear_probe", "prototype", "logistic", "mlp_probe", "bd_cspn", "soft_kmeans"}
     rows = pd.DataFrame(run_episodes(strategies, data, shots=5, queries=15, episodes=20, seed=0,
                                      embeddings=vectors))
     means = rows.groupby("strategy")["accuracy"].mean()

@@ -295,6 +295,26 @@ def test_adaptation_strategy_exports_its_classifier(tmp_path):
     assert m["head"]["kind"] == "linear" and {n.split(".")[0] for n, _ in model.named_parameters()} == {"backbone", "head"}
 
 
+@pytest.mark.parametrize("name, params, head", [("lora", {"steps": 10, "frozen": 1}, "linear"),
+                                               ("protonet_ft", {"steps": 10, "frozen": 2}, "feature_linear"),
+                                               ("mlp_probe", {"steps": 50}, "mlp")])
+def test_parameter_efficient_and_episodic_strategies_survive_export_and_predict(ray_local, pretrained, tmp_path,
+                                                                               name, params, head):
+    """Each new strategy exported from 5 shots per class: the folder holds the plain backbone's keys
+    (lora's adapters merged) and its own head kind, and Ray Data prediction over the test split
+    reproduces the accuracy export evaluated in-process."""
+    m = export(ExportConfig(strategy=name, params=params, target="optdigits", weights=pretrained, train_on="shots",
+                            shots=5), tmp_path / "home", tmp_path / name, QUIET)
+    assert m["head"]["kind"] == head and m["strategy"]["name"] == name
+    model, _, _ = load_model(tmp_path / name)
+    plain = build_backbone("digits_cnn").state_dict()
+    assert set(model.backbone.state_dict()) == set(plain)
+    summary = predict(tmp_path / name, "optdigits:test", tmp_path / "pred", log=QUIET)
+    assert summary["images"] == m["evaluation"]["images"] and not summary["failed"]
+    assert abs(summary["accuracy"] - m["evaluation"]["accuracy"]) * summary["images"] <= 1
+    assert m["evaluation"]["accuracy"] > 0.3  # above chance (10%) from 5 shots on the pretrained backbone
+
+
 def test_train_on_shots_and_replace_an_older_model(tmp_path):
     cfg = ExportConfig(strategy="prototype", target="optdigits", weights="random", train_on="shots", shots=3)
     m = export(cfg, tmp_path, tmp_path / "model", QUIET)

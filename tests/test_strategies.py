@@ -44,17 +44,22 @@ def test_every_strategy_runs_an_episode(name):
 TRAINED = sorted(n for n, c in REGISTRY.items() if issubclass(c, TrainedStrategy))
 #: the parameter-efficient strategies: which backbone parameters each trains (written here from the
 #: method's definition, not from the strategy's code)
-PARTIAL = {"bitfit": lambda module, pname: pname == "bias",
-           "norm_tuning": lambda module, pname: isinstance(module, torch.nn.BatchNorm2d)}
+PARTIAL = {"bitfit": lambda path, module, pname: pname == "bias",
+           "norm_tuning": lambda path, module, pname: isinstance(module, torch.nn.BatchNorm2d),
+           # lora: only the adapters' two factors, never a pretrained weight
+           "lora": lambda path, module, pname: pname in ("lora_A", "lora_B")}
 
 
 def untouched(name, model):
-    """Ids of the backbone parameters a parameter-efficient strategy leaves as pretrained."""
+    """Ids of the parameters a parameter-efficient strategy leaves as they are: backbone parameters
+    not of its kind, and ``protonet_ft``'s head (the support set's prototypes, computed, not trained)."""
+    if name == "protonet_ft":
+        return {id(p) for p in model.head.parameters()}
     keep = PARTIAL.get(name)
     if keep is None:
         return set()
-    return {id(p) for m in model.backbone.modules() for pname, p in m.named_parameters(recurse=False)
-            if not keep(m, pname)}
+    return {id(p) for path, m in model.backbone.named_modules() for pname, p in m.named_parameters(recurse=False)
+            if not keep(path, m, pname)}
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -66,14 +71,20 @@ def test_one_step_gradients_reach_exactly_the_trainable_parameters(name, k, bn):
             make_strategy(name, {"frozen": k})
         return
     bb, x, y, _, _ = episode()
-    s = make_strategy(name, {"frozen": k, "batch_norm": bn, "steps": 1})
+    if name == "protonet_ft" and k == bb.num_stages:
+        with pytest.raises(ConfigError, match="'prototype' strategy"):
+            make_strategy(name, {"frozen": k}).prepare(bb, 5)
+        return
+    # lora's B factor starts at zero, so A's gradient is exactly zero at the first step: look at the second
+    steps = 2 if name == "lora" else 1
+    s = make_strategy(name, {"frozen": k, "batch_norm": bn, "steps": steps})
     model = s.prepare(bb, 5)
     frozen_params = {id(p) for st in model.backbone.stages[:k] for p in st.parameters()} | untouched(name, model)
     s.on_start(model, x, y)
     before_frozen = bn_stats(model.backbone.stages[:k])
     before_live = bn_stats(model.backbone.stages[k:])
-    losses = train_steps(model, s, iter([(x, y)]), 1)
-    assert np.isfinite(losses[0])
+    losses = train_steps(model, s, iter([(x, y)] * steps), steps)
+    assert np.all(np.isfinite(losses))
     for p in model.parameters():
         if id(p) in frozen_params:
             assert p.grad is None and not p.requires_grad
@@ -109,6 +120,53 @@ def test_trainable_counts_of_the_parameter_efficient_strategies():
     assert count_trainable(make_strategy("bitfit").prepare(rn, 10)) == bn + 512 * 10 + 10
 
 
+def test_trainable_counts_of_lora_and_protonet_ft():
+    """lora, rank r: each 3x3 convolution cin -> cout of digits_cnn learns A (r x cin x 3 x 3) and B
+    (cout x r) and nothing else of the stage; protonet_ft trains the unfrozen stages whole and no head."""
+    head = 256 * 10 + 10
+    convs = [(3, 32), (32, 64), (64, 128), (128, 256)]
+    for rank in (1, 4):
+        per_stage = [rank * cin * 9 + cout * rank for cin, cout in convs]
+        counts = [count_trainable(make_strategy("lora", {"frozen": k, "rank": rank}).prepare(build_backbone("digits_cnn"), 10))
+                  for k in range(5)]
+        assert counts == [sum(per_stage[k:]) + head for k in range(5)], rank
+    finetune = [388896, 387968, 369408, 295424]
+    counts = [count_trainable(make_strategy("protonet_ft", {"frozen": k}).prepare(build_backbone("digits_cnn"), 10))
+              for k in range(4)]
+    assert counts == finetune
+    rn = build_backbone("resnet18")  # 20 convolutions (3 of them 1x1 downsamples) and no linear layer in the backbone
+    convs_rn = [m for m in rn.modules() if isinstance(m, torch.nn.Conv2d)]
+    expected = sum(4 * c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels * 4 for c in convs_rn)
+    assert len(convs_rn) == 20 and count_trainable(make_strategy("lora").prepare(rn, 10)) == expected + 512 * 10 + 10
+
+
+def test_mlp_probe_trains_the_described_head_on_embeddings():
+    """512 hidden units, ReLU, dropout 0.5 (active in training only), on standardised embeddings; fits a
+    separable toy set, and the same seed gives the same head."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 4
+    labels = np.repeat(np.arange(3), 5)
+    support = centres[labels] + rng.normal(size=(15, 16))
+    s = make_strategy("mlp_probe")
+    head = s.fit_head(support, labels, 3, seed=1)
+    layers = [type(m).__name__ for m in head.net]
+    assert layers == ["Linear", "ReLU", "Dropout", "Linear"] and head.net[0].out_features == 512
+    assert head.net[2].p == 0.5 and not head.training
+    assert count_trainable(head) == 16 * 512 + 512 + 512 * 3 + 3
+    query = centres[[0, 1, 2]] + rng.normal(size=(3, 16)) * 0.5
+    assert list(s.fit_predict(support, labels, query, 3, seed=1)) == [0, 1, 2]
+    again = s.fit_head(support, labels, 3, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
+
+
+def test_lora_and_protonet_ft_are_refused_or_kept_apart_where_they_cannot_run():
+    with pytest.raises(ConfigError, match="rank"):
+        make_strategy("lora", {"rank": 0})
+    from tl.runs import RunConfig
+    with pytest.raises(ConfigError, match="one few-shot episode"):
+        RunConfig(strategy="protonet_ft", target="mnistm")
+
+
 def test_non_finite_loss_names_strategy_step_and_rate():
     bb, x, y, _, _ = episode()
     s = make_strategy("finetune", {"lr": 1e30, "clip_grad": 0.0, "momentum": 0.0, "steps": 5})
@@ -140,10 +198,12 @@ def test_bad_strategy_config_is_named():
         make_strategy("finetune", {"batch_norm": "maybe"})
 
 
-@pytest.mark.parametrize("name, moved", [("bitfit", {"bias"}), ("norm_tuning", {"weight", "bias"})])
+@pytest.mark.parametrize("name, moved", [("bitfit", {"bias"}), ("norm_tuning", {"weight", "bias"}),
+                                         ("lora", "conv")])
 def test_a_parameter_efficient_model_moves_only_its_kind_of_parameter(name, moved):
     """Trained and exported as a user gets it (``tl.export.train_model``): every other backbone
-    tensor, BatchNorm's running statistics included (``batch_norm: frozen``), is byte-identical."""
+    tensor, BatchNorm's running statistics included (``batch_norm: frozen``), is byte-identical.
+    lora's exported backbone has the plain layers' keys, its adapters merged into the convolutions."""
     from tl.export import train_model
 
     d = load_embedded("optdigits").split("adapt")
@@ -153,5 +213,9 @@ def test_a_parameter_efficient_model_moves_only_its_kind_of_parameter(name, move
     model = train_model(make_strategy(name, {"steps": 5}), copy.deepcopy(bb), d.images[idx], d.labels[idx], 10, 0)
     after = model.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert set(after) == set(before)
+    if moved == "conv":
+        assert changed == {k for k in before if k.endswith(".weight") and before[k].ndim == 4}
+        return
     bn_layers = {k.rsplit(".", 1)[0] for k in before if k.endswith("running_mean")}
     assert changed == {f"{layer}.{p}" for layer in bn_layers for p in moved}

@@ -215,6 +215,8 @@ def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_cl
         feats = embed(backbone, images, batch_size)
         fitted = (strategy.fit_head(feats, labels, n_classes, unlabelled=unlabelled) if strategy.transductive
                   else strategy.fit_head(feats, labels, n_classes))
+        if isinstance(fitted, nn.Module):  # a head trained in torch (mlp_probe)
+            return ExportedModel(backbone, fitted.eval()).eval()
         return ExportedModel(backbone, torch_head(fitted), fitted.scale).eval()
     if not isinstance(strategy, TrainedStrategy):
         raise ConfigError(f"strategy '{strategy.name}' is neither a feature nor a trained strategy: it cannot be exported")
@@ -226,8 +228,12 @@ def train_model(strategy, backbone, images: np.ndarray, labels: np.ndarray, n_cl
     run = strategy.start_episode(task)
     run.advance(strategy.steps)
     model = run.model.to(memory_format=torch.contiguous_format)  # saved weights in the plain layout
-    model.start = 0  # the frozen prefix was cached during training; the exported model starts from images
-    return ExportedModel(model.backbone, model.head).eval()
+    strategy.ready(model)
+    # the trained backbone's weights in the plain architecture (lora: adapters merged); the frozen prefix
+    # was cached during training, the exported model starts from images
+    plain = copy.deepcopy(backbone)
+    plain.load_state_dict(strategy.plain_state(model.backbone.state_dict()))
+    return ExportedModel(plain, model.head).eval()
 
 
 def _evaluate(model: ExportedModel, data, batch_size: int) -> dict:

@@ -22,34 +22,12 @@ from torch import nn
 
 from tl.errors import ConfigError, WeightsError
 from tl.models.weights import file_sha256
+from tl.nn.heads import LinearFeatureHead, MLPHead
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "model.json"
 FORMAT = "tl-model"
 FORMAT_VERSION = 1
-
-
-class LinearFeatureHead(nn.Module):
-    """The torch form of ``tl.strategies.feature.FeatureHead``: ``scores = T(f) @ weight + bias`` with
-    ``T`` standardising (``mean``, ``std``) and/or L2-normalising; ``weight`` is features x classes."""
-
-    def __init__(self, in_features: int, classes: int, *, normalize: bool, standardize: bool, bias: bool,
-                 scale: float = 1.0):
-        super().__init__()
-        self.normalize, self.standardize, self.scale = normalize, standardize, scale
-        self.weight = nn.Parameter(torch.zeros(in_features, classes))
-        self.bias = nn.Parameter(torch.zeros(classes)) if bias else None
-        if standardize:
-            self.register_buffer("mean", torch.zeros(in_features))
-            self.register_buffer("std", torch.ones(in_features))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        if self.standardize:
-            f = (f - self.mean) / self.std
-        if self.normalize:
-            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        s = f @ self.weight
-        return s if self.bias is None else s + self.bias
 
 
 class ExportedModel(nn.Module):
@@ -73,6 +51,9 @@ def head_spec(head: nn.Module) -> dict:
     """What ``model.json`` says about a head, enough to rebuild it."""
     if isinstance(head, nn.Linear):
         return {"kind": "linear", "in_features": head.in_features, "classes": head.out_features, "scale": 1.0}
+    if isinstance(head, MLPHead):
+        return {"kind": "mlp", "in_features": head.in_features, "hidden": head.hidden, "classes": head.classes,
+                "dropout": head.dropout, "scale": 1.0}
     return {"kind": "feature_linear", "in_features": head.weight.shape[0], "classes": head.weight.shape[1],
             "normalize": head.normalize, "standardize": head.standardize, "bias": head.bias is not None,
             "scale": head.scale}
@@ -104,6 +85,8 @@ def _build(manifest: dict, where: str) -> ExportedModel:
             backbone = build_backbone(bb["name"], tuple(manifest["preprocessing"]["size"]))
         if h["kind"] == "linear":
             head: nn.Module = nn.Linear(h["in_features"], h["classes"])
+        elif h["kind"] == "mlp":
+            head = MLPHead(h["in_features"], h["classes"], hidden=h["hidden"], dropout=h["dropout"])
         elif h["kind"] == "feature_linear":
             head = LinearFeatureHead(h["in_features"], h["classes"], normalize=h["normalize"],
                                      standardize=h["standardize"], bias=h["bias"], scale=h["scale"])

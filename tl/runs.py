@@ -112,7 +112,9 @@ class RunConfig(BackboneFields):
             names = ", ".join(n for n, c in REGISTRY.items() if issubclass(c, wanted))
             raise ConfigError(f"config key 'strategy': '{self.strategy}' is not {what} strategy ({names}), which a "
                               f"run {'without' if self.source is None else 'with'} a source trains")
-        self.make_strategy()
+        if self.make_strategy().episodic:
+            raise ConfigError(f"config key 'strategy': '{self.strategy}' builds its classifier from one few-shot "
+                              f"episode's support set; a run trains on a whole labelled set (use it in a comparison)")
         if self.workers < 1 or self.checkpoint_every < 1 or self.limit < 0:
             raise ConfigError("config keys 'workers' and 'checkpoint_every' must be at least 1, 'limit' at least 0")
         if self.target_split == self.test_split:
@@ -401,7 +403,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     if output is not None:
         model = Classifier(make_backbone(cfg.backbone, None, cfg.input_size), len(classes))
         # the model as it was scored (AdaBN's: with the target's BatchNorm statistics)
-        scored = state.get("scored_model", state["model"])
+        scored = cfg.make_strategy().plain_state(state.get("scored_model", state["model"]))
         model.load_state_dict({k: v for k, v in scored.items() if k.split(".")[0] in ("backbone", "head")})
         output.mkdir(parents=True, exist_ok=True)
         save_weights(model, output / "model.safetensors")

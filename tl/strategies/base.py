@@ -150,6 +150,7 @@ class TrainedStrategy(Strategy):
 
     family: ClassVar[str] = "finetune"
     budget_key: ClassVar[str | None] = "steps"
+    episodic: ClassVar[bool] = False  # its classifier is built from one episode's support set (no run over a dataset)
     frozen: int = 0
     lr: float = 0.01
     backbone_lr_mult: float = 1.0
@@ -201,6 +202,15 @@ class TrainedStrategy(Strategy):
 
     def on_start(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> None:
         """Hook before the first step (``lp_ft`` fits its linear probe here)."""
+
+    def ready(self, model: Classifier) -> None:
+        """Hook before the model predicts or is exported (``protonet_ft`` computes its prototypes here);
+        it must leave training able to continue (a search scores between steps)."""
+
+    def plain_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained model's state dict as the plain backbone's (``lora`` merges its adapters), so an
+        exported model or a run's weights load into the architecture without the strategy."""
+        return state
 
     # --- one episode, in-process ---------------------------------------------------------------
     def start_episode(self, task: EpisodeTask) -> "EpisodeRun":
@@ -264,6 +274,7 @@ class EpisodeRun:
     def predict(self) -> np.ndarray:
         from tl.train.loop import predict
 
+        self.strategy.ready(self.model)
         return predict(self.model, self.query)
 
 

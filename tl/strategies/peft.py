@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning: train a small, chosen part of the backbone and a new head.
+"""Parameter-efficient fine-tuning: train a small, chosen part of the backbone (or a low-rank update
+of it) and a new head.
 
 The default learning rate, 0.05, was checked on validation episodes of the targets' ``adapt``
 splits (10-way, 8 episodes at 1 and 5 shots, both embedded targets, default source model): 0.01,
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tl.errors import ConfigError
 from tl.models import Backbone, Classifier
 from tl.strategies.base import TrainedStrategy
 
@@ -63,3 +65,34 @@ class NormTuning(PartialTuning):
 
     def selects(self, module: nn.Module, param_name: str) -> bool:
         return isinstance(module, NORM_LAYERS) and param_name in ("weight", "bias")
+
+
+@dataclass(frozen=True)
+class LoRA(TrainedStrategy):
+    """Low-rank adapters (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models"): every
+    convolution and linear layer of the unfrozen stages keeps its pretrained weight and learns a
+    rank-``rank`` update ``(alpha / rank) * B @ A`` (``tl.nn.lora``); BatchNorm's affine parameters stay
+    as pretrained, the head trains whole. An exported model or a run's weights have the adapters merged
+    into the layers, so they load as the plain backbone."""
+
+    name = "lora"
+    rank: int = 4
+    alpha: float = 4.0
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1 or self.alpha <= 0:
+            raise ConfigError(f"strategy '{self.name}': rank must be at least 1 and alpha positive")
+
+    def prepare(self, backbone: Backbone, n_classes: int) -> Classifier:
+        from tl.nn.lora import add_lora
+
+        model = super().prepare(backbone, n_classes)
+        add_lora(model.backbone.stages[model.backbone.frozen_stages:], self.rank, self.alpha)
+        return model
+
+    def plain_state(self, state):
+        from tl.nn.lora import merge_lora
+
+        return merge_lora(state)

@@ -10,12 +10,14 @@ from tl.strategies.adapt import ADAPT_STRATEGIES
 from tl.strategies.base import Strategy
 from tl.strategies.feature import LinearProbe, Logistic, Prototype
 from tl.strategies.finetune import Finetune, LPFT, Scratch
-from tl.strategies.peft import BitFit, NormTuning
+from tl.strategies.mlp import MLPProbe
+from tl.strategies.peft import BitFit, LoRA, NormTuning
+from tl.strategies.protonet import ProtoNetFT
 from tl.strategies.transductive import BDCSPN, SoftKMeans
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, BDCSPN, SoftKMeans, Finetune, LPFT, Scratch,
-                              BitFit, NormTuning, *ADAPT_STRATEGIES)
+    cls.name: cls for cls in (LinearProbe, Prototype, Logistic, MLPProbe, BDCSPN, SoftKMeans, Finetune, LPFT, Scratch,
+                              BitFit, NormTuning, LoRA, ProtoNetFT, *ADAPT_STRATEGIES)
 }
 
 
