@@ -1,0 +1,256 @@
+"""Recommend before training: rank (backbone, stage) candidates for a target's labelled shots by
+transferability scores on frozen embeddings (``tl.transfer_scores``), in seconds, and say when the
+ranking cannot tell the best candidates apart.
+
+Every candidate is a backbone with weights, at each of its stages (the frozen-depth candidates: the
+embedding after stage k is what fine-tuning with ``frozen: k`` starts from). Each score ranks the
+candidates; the ensemble rank is the mean of those ranks (no score is reliable everywhere, Agostinelli
+et al. 2022, "How stable are Transferability Metrics evaluations?"). "Can't tell": the top candidate
+ranks above the runner-up (mean rank over the scores, the two compared alone) in fewer than 95% of
+bootstrap resamples of the shots (resampled with replacement within each class; at one shot per class
+a resample is the same set, so there is no spread to measure and only an exact tie can't tell). The family rule: the best candidate at its backbone's last stage -> feature
+strategies on its embeddings; at an earlier stage k -> fine-tuning with ``frozen: k`` (its later
+stages are the source-specific part).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from tl.data.spec import DataSpec
+from tl.errors import ConfigError, DataError
+from tl.storage import Location
+from tl.transfer_scores import SCORES, all_scores
+
+WIN_SHARE = 0.95
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backbone with weights (``pretrained``, ``pretrained:shift``, ``random``, a file or folder,
+    ``torchvision:``/``timm:`` names); ``stages``: which stages to score (default every one); ``name``:
+    its label in the table (default ``backbone (weights)``)."""
+
+    backbone: str = "digits_cnn"
+    weights: str = "pretrained"
+    input_size: int | None = None
+    stages: list[int] | None = None
+    name: str | None = None
+
+    def label(self) -> str:
+        return self.name or f"{self.backbone} ({self.weights})"
+
+
+@dataclass(frozen=True)
+class RecommendConfig:
+    """``target``: a data spec (embedded name, or the user's labelled folder, CSV or Parquet); the
+    ``shots`` per class are drawn by ``seed`` from its ``split`` (embedded targets: ``adapt``, never the
+    test split; a user's data: every image unless ``split`` names a part of its split rule)."""
+
+    experiment: str = "recommend"
+    candidates: list[Candidate] = field(default_factory=lambda: [Candidate()])
+    target: str | DataSpec = "mnistm"
+    shots: int = 5
+    split: str | None = None
+    seed: int = 0
+    bootstrap: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise ConfigError("config key 'candidates' needs at least one backbone")
+        if self.shots < 1 or self.bootstrap < 0:
+            raise ConfigError("config keys 'shots' (at least 1) and 'bootstrap' (at least 0) are out of range")
+        labels = [c.label() for c in self.candidates]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"config key 'candidates': two candidates share the label '{labels[0]}'; give 'name'")
+
+
+def take_shots(labels: np.ndarray, classes, shots: int, seed: int, where: str) -> np.ndarray:
+    """Row indices of ``shots`` images per class drawn by ``seed``; a class with fewer is an error."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            raise DataError(f"class '{name}' of '{where}' has {len(idx)} images, fewer than shots={shots}")
+        keep.extend(rng.choice(idx, shots, replace=False))
+    return np.sort(np.asarray(keep))
+
+
+def stage_features(backbone, images: np.ndarray, stages: list[int], batch_size: int = 256) -> dict[int, np.ndarray]:
+    """Pooled features after each of ``stages`` (1-based), in one pass through the backbone."""
+    import torch
+
+    backbone.eval()
+    out: dict[int, list[np.ndarray]] = {s: [] for s in stages}
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = backbone.preprocessing(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])))
+            for s in range(1, max(stages) + 1):
+                x = backbone.stages[s - 1](x)
+                if s in out:
+                    out[s].append(backbone._pool(x).float().numpy())
+    return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def source_probabilities(weights: str | None, features: np.ndarray) -> np.ndarray | None:
+    """The source model's class probabilities on last-stage features, where ``weights`` is a
+    pretraining folder with its head (``head.safetensors``) of the right width; else None."""
+    from tl.pretrain import HEAD_FILE
+
+    if not weights or not os.path.isfile(os.path.join(weights, HEAD_FILE)):
+        return None
+    from safetensors.numpy import load_file
+
+    head = load_file(os.path.join(weights, HEAD_FILE))
+    w, b = head.get("weight"), head.get("bias")
+    if w is None or w.shape[1] != features.shape[1]:
+        return None
+    logits = features @ w.T + (b if b is not None else 0.0)
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+def ensemble_ranks(table: np.ndarray) -> np.ndarray:
+    """Mean rank per candidate (rows) over the scores (columns; higher is better, rank 1 the best),
+    ignoring a score that is NaN for any candidate; ties share their mean rank."""
+    from scipy.stats import rankdata
+
+    usable = [j for j in range(table.shape[1]) if np.isfinite(table[:, j]).all()]
+    if not usable:
+        return np.full(len(table), np.nan)
+    ranks = np.stack([rankdata(-table[:, j]) for j in usable], axis=1)
+    return ranks.mean(1)
+
+
+def _score_table(feats: list[np.ndarray], probs: list[np.ndarray | None], y: np.ndarray) -> np.ndarray:
+    return np.array([[all_scores(f, y, p)[s] for s in SCORES] for f, p in zip(feats, probs)])
+
+
+def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+    """Score every (candidate, stage) on the target's shots; returns the ranked result (``recommend.yaml``'s
+    content): rows best first, the recommended candidate, its family and rule, and whether it can tell."""
+    from tl.data.spec import load_data, part, resolve
+    from tl.models import input_size_of, make_backbone, num_stages
+    from tl.pretrain import resolve_weights, weights_reference
+
+    t0 = time.time()
+    name, spec = resolve(cfg.target, "target")
+    data = load_data(name, spec, None if spec is None else input_size_of(cfg.candidates[0].backbone,
+                                                                      cfg.candidates[0].input_size),
+                     "none", lazy=spec is not None)
+    split = cfg.split or ("adapt" if spec is None else None)
+    if split:
+        data = part(data, split, spec, "target")
+    rows = take_shots(data.labels, data.classes, cfg.shots, cfg.seed, data.name)
+    images, y = data.pixels(rows), data.labels[rows]
+    labels, feats, probs, refs = [], [], [], []
+    for cand in cfg.candidates:
+        stages = cand.stages or list(range(1, num_stages(cand.backbone) + 1))
+        weights = resolve_weights(cand.weights, cand.backbone, storage, log)
+        backbone = make_backbone(cand.backbone, weights, cand.input_size)
+        bad = [s for s in stages if not 1 <= s <= backbone.num_stages]
+        if bad:
+            raise ConfigError(f"candidate '{cand.label()}': backbone '{cand.backbone}' has stages 1..{backbone.num_stages}, "
+                              f"not {bad}")
+        by_stage = stage_features(backbone, images, stages)
+        for s in stages:
+            labels.append((cand, s, backbone.num_stages))
+            feats.append(by_stage[s])
+            probs.append(source_probabilities(weights, by_stage[s]) if s == backbone.num_stages else None)
+        refs.append(weights_reference(cand.weights, weights))
+    table = _score_table(feats, probs, y)
+    ens = ensemble_ranks(table)
+    order = np.argsort(ens, kind="stable")
+    seconds_scores = time.time() - t0
+    if len(order) > 1:
+        single = np.bincount(y).max() == 1  # one shot per class: every resample is the same set
+        n_boot = 0 if single else cfg.bootstrap
+        tied = ens[order[0]] == ens[order[1]]
+        wins = 0.0 if tied else (1.0 if single else _bootstrap(feats, probs, y, order, n_boot, cfg.seed))
+        second = labels[order[1]]
+        verdict = {"can_tell": bool(not tied and (single or (n_boot and wins >= WIN_SHARE))), "wins": wins,
+                   "runner_up": f"{second[0].label()} stage {second[1]}", "bootstrap": n_boot}
+    else:
+        verdict = {"can_tell": True, "wins": 1.0, "runner_up": None, "bootstrap": cfg.bootstrap}
+    best_cand, best_stage, last = labels[order[0]]
+    family = "features" if best_stage == last else "finetune"
+    rule = (f"stage {best_stage} is {best_cand.backbone}'s last: classify its embeddings (feature strategies)"
+            if family == "features" else
+            f"stage {best_stage} of {last} ranks above the later stages: fine-tune them, frozen: {best_stage}")
+    out_rows = []
+    for rank, i in enumerate(order, 1):
+        cand, s, n = labels[i]
+        out_rows.append({"rank": rank, "candidate": cand.label(), "backbone": cand.backbone, "weights": cand.weights,
+                         "stage": int(s), "stages": int(n), "ensemble_rank": float(ens[i]),
+                         "scores": {k: (None if not np.isfinite(v) else float(v)) for k, v in zip(SCORES, table[i])}})
+    result = {"experiment": cfg.experiment, "target": name if spec is None else spec.where, "split": split or "all",
+              "shots": cfg.shots, "seed": cfg.seed, "images": int(len(rows)), "classes": list(data.classes),
+              "candidates": [{"name": c.label(), **r} for c, r in zip(cfg.candidates, refs)],
+              "rows": out_rows,
+              "recommended": {"candidate": best_cand.label(), "backbone": best_cand.backbone,
+                              "weights": best_cand.weights, "stage": int(best_stage), "family": family,
+                              "frozen": int(best_stage) if family == "finetune" else None, "rule": rule},
+              **verdict, "seconds": round(time.time() - t0, 3), "seconds_scoring": round(seconds_scores, 3)}
+    log(f"[recommend] {name}, {cfg.shots}-shot: {best_cand.label()} stage {best_stage} -> {family}"
+        f"{'' if verdict['can_tell'] else ' (cannot tell it from ' + verdict['runner_up'] + ')'} "
+        f"in {result['seconds']:.1f} s")
+    return result
+
+
+def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
+    """The share of resamples of the shots (within each class, with replacement) in which the top
+    candidate ranks above the runner-up over the scores, the two compared alone (their mean rank
+    between the two; only these two are scored again, which keeps a recommendation to seconds)."""
+    from threadpoolctl import threadpool_limits
+
+    top, second = order[0], order[1]
+    rng = np.random.default_rng(seed + 1)
+    classes = np.unique(y)
+    wins = 0
+    with threadpool_limits(1):  # thousands of small products: one BLAS thread is faster than many
+        for _ in range(n_boot):
+            idx = np.concatenate([rng.choice(np.flatnonzero(y == c), (y == c).sum(), replace=True) for c in classes])
+            pair = [top, second]
+            ens = ensemble_ranks(_score_table([feats[i][idx] for i in pair],
+                                              [None if probs[i] is None else probs[i][idx] for i in pair], y[idx]))
+            wins += int(ens[0] < ens[1])
+    return wins / n_boot if n_boot else float("nan")
+
+
+def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
+    """``recommend.yaml`` (the result) and ``recommend.md`` (the ranked table, the family and its rule)."""
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recommend.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
+    rec = result["recommended"]
+    verdict = (f"Recommended: **{rec['candidate']}, stage {rec['stage']}** -> **{rec['family']}** "
+               f"({rec['rule']})." if result["can_tell"] else
+               f"**Can't tell** {rec['candidate']} stage {rec['stage']} from {result['runner_up']}: the top candidate "
+               f"beats it in {result['wins']:.0%} of {result['bootstrap']} resamples of the shots (needs "
+               f"{WIN_SHARE:.0%}). Leaning: {rec['candidate']} stage {rec['stage']} -> {rec['family']} ({rec['rule']}).")
+    lines = [f"# Recommendation for {result['target']} ({result['shots']} shots per class, split "
+             f"`{result['split']}`, seed {result['seed']})", "",
+             verdict, "",
+             f"Scores on the frozen embeddings of {result['images']} labelled images; higher is better for each; the "
+             f"ensemble rank is the mean of the per-score ranks (1 = best; a score missing for a candidate is left "
+             f"out). LEEP and NCE need the source model's head: the last stage of a pretraining folder only. "
+             f"Computed in {result['seconds']:.1f} s.", "",
+             "| rank | candidate | stage | ensemble rank | " + " | ".join(SCORES) + " |",
+             "|---|---|---|---|" + "---|" * len(SCORES)]
+    for r in result["rows"]:
+        cells = ["—" if r["scores"][k] is None else f"{r['scores'][k]:.4g}" for k in SCORES]
+        lines.append(f"| {r['rank']} | {r['candidate']} | {r['stage']} of {r['stages']} | {r['ensemble_rank']:.2f} | "
+                     + " | ".join(cells) + " |")
+    (folder / "recommend.md").write_text("\n".join(lines) + "\n")

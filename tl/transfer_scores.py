@@ -1,0 +1,171 @@
+"""Transferability scores: how well a frozen embedding of a target's labelled shots predicts their
+labels, computed in milliseconds, without training (NumPy, SciPy, scikit-learn only).
+
+Each score takes features ``F`` (n x d) and labels ``y`` (0..C-1); higher is better for every score.
+- ``logme``: LogME (You et al. 2021, "LogME: Practical Assessment of Pre-trained Models for Transfer
+  Learning"): the log marginal evidence of a Bayesian linear model from ``F`` to each one-hot label
+  column, maximised over its prior and noise precisions (α, β) by the paper's fixed-point iteration,
+  per sample, averaged over classes;
+- ``h_score``: H-score (Bao et al. 2019, "An Information-Theoretic Approach to Transferability in Task
+  Transfer Learning") with the shrinkage of Ibrahim et al. 2022 ("Newer is not always better:
+  Rethinking transferability metrics, their peculiarities, stability and performance"):
+  tr(Σ_α⁻¹ (1 - α) Σ_between), Σ_α the Ledoit-Wolf shrunk feature covariance;
+- ``leep`` (Nguyen et al. 2020, "LEEP: A New Measure to Evaluate Transferability of Learned
+  Representations") and ``nce`` (Tran et al. 2019, "Transferability and Hardness of Supervised
+  Classification Tasks") need the source model's class probabilities on the shots (a source head);
+- ``loo_prototype``: leave-one-out accuracy of the cosine nearest-prototype classifier on the shots
+  (undefined, NaN, with one shot of a class: its prototype would be the held-out image itself).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _svd(F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD (U, s, Vt) of F over its non-zero singular values, from the eigendecomposition of the
+    smaller Gram matrix (n x n or d x d): several times faster than LAPACK's SVD at these shapes."""
+    n, d = F.shape
+    if n <= d:
+        lam, u = np.linalg.eigh(F @ F.T)
+        keep = lam > max(lam.max(), 0.0) * 1e-12
+        s = np.sqrt(lam[keep])
+        u = u[:, keep]
+        return u, s, (F.T @ u / s).T
+    lam, v = np.linalg.eigh(F.T @ F)
+    keep = lam > max(lam.max(), 0.0) * 1e-12
+    s = np.sqrt(lam[keep])
+    v = v[:, keep]
+    return F @ v / s, s, v.T
+
+
+def log_evidence(F: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """ln p(y | F, α, β) of Bayesian linear regression y = F m + noise, m ~ N(0, α⁻¹ I), noise ~
+    N(0, β⁻¹ I) (Bishop 2006, eq. 3.86): the quantity LogME maximises, for one target column."""
+    F, y = np.asarray(F, np.float64), np.asarray(y, np.float64)
+    n, d = F.shape
+    u, s, _ = _svd(F)
+    return _evidence(s * s, u.T @ y, float(y @ y), n, d, alpha, beta)
+
+
+def _evidence(s2, z, y2, n, d, alpha, beta) -> float:
+    t = alpha + beta * s2
+    m2 = float(((beta * np.sqrt(s2) * z / t) ** 2).sum())
+    res2 = float(((alpha * z / t) ** 2).sum() + max(y2 - float(z @ z), 0.0))
+    logdet = float(np.log(t).sum() + (d - len(s2)) * np.log(alpha))
+    return (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
+            - beta / 2 * res2 - alpha / 2 * m2 - logdet / 2)
+
+
+def _logme_columns(s2, z, y2, n, d, iterations: int = 100, tol: float = 1e-5) -> np.ndarray:
+    """Maximised evidence of each target column (z: r x C, y2: C), by the fixed-point updates of You
+    et al. 2021 (MacKay's evidence approximation): γ = Σ βσ²/(α + βσ²), α = γ / mᵀm,
+    β = (n - γ) / ‖Fm - y‖², for every column at once until each ratio α/β settles."""
+    C = z.shape[1]
+    alpha, beta = np.ones(C), np.ones(C)
+    s2c = s2[:, None]
+    out2 = np.maximum(y2 - (z * z).sum(0), 0.0)  # the part of each column outside F's span
+    for _ in range(iterations):
+        t = alpha + beta * s2c
+        gamma = (beta * s2c / t).sum(0)
+        m2 = ((beta * np.sqrt(s2c) * z / t) ** 2).sum(0)
+        res2 = ((alpha * z / t) ** 2).sum(0) + out2
+        new_alpha, new_beta = gamma / np.maximum(m2, 1e-12), np.maximum(n - gamma, 1e-12) / np.maximum(res2, 1e-12)
+        done = np.abs(new_alpha / new_beta - alpha / beta) / (alpha / beta) < tol
+        alpha, beta = new_alpha, new_beta
+        if done.all():
+            break
+    return np.array([_evidence(s2, z[:, j], float(y2[j]), n, d, alpha[j], beta[j]) for j in range(C)])
+
+
+def logme(F: np.ndarray, y: np.ndarray) -> float:
+    """LogME: the maximised log evidence per sample, averaged over the one-hot columns of ``y``."""
+    F = np.asarray(F, np.float64)
+    n, d = F.shape
+    u, s, _ = _svd(F)
+    y = np.asarray(y)
+    onehot = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)
+    return float(np.mean(_logme_columns(s * s, u.T @ onehot, (onehot * onehot).sum(0), n, d) / n))
+
+
+def h_score(F: np.ndarray, y: np.ndarray, shrinkage: float | str = "auto") -> float:
+    """H-score tr(Σ⁻¹ Σ_between) with shrinkage α: Σ_α = (1 - α) S + α (tr S / d) I and the between-class
+    covariance scaled by (1 - α) (Ibrahim et al. 2022); ``auto``: α by Ledoit & Wolf 2004; 0: Bao et
+    al.'s definition (pseudo-inverse of the sample covariance). Computed in the span of the n samples
+    (their SVD), where the class means also lie, instead of inverting a d x d matrix."""
+    F = np.asarray(F, np.float64)
+    F = F - F.mean(0)
+    n, d = F.shape
+    if shrinkage == "auto":
+        from sklearn.covariance import ledoit_wolf_shrinkage
+
+        a = float(ledoit_wolf_shrinkage(F, assume_centered=True))
+    else:
+        a = float(shrinkage)
+    _, s, vt = _svd(F)
+    lam = (1 - a) * s * s / n + a * float((s * s).sum()) / n / d  # eigenvalues of Σ_α in the samples' span
+    keep = lam > lam.max() * 1e-10
+    y = np.asarray(y)
+    means = {c: F[y == c].mean(0) for c in np.unique(y)}
+    gv = np.stack([means[c] for c in y]) @ vt[keep].T
+    return float((1 - a) / n * ((gv * gv) / lam[keep]).sum())
+
+
+def leep(source_probs: np.ndarray, y: np.ndarray) -> float:
+    """LEEP: mean log of the expected empirical prediction Σ_z P(y|z) θ(x)_z, with P(y|z) from the
+    empirical joint of target labels and the source model's soft predictions θ over source classes z."""
+    p = np.asarray(source_probs, np.float64)
+    y = np.asarray(y)
+    classes = np.unique(y)
+    joint = np.stack([p[y == c].sum(0) for c in classes]) / len(y)  # C x Z
+    cond = joint / np.maximum(joint.sum(0, keepdims=True), 1e-300)  # P(y | z)
+    eep = (p @ cond.T)[np.arange(len(y)), np.searchsorted(classes, y)]
+    return float(np.mean(np.log(np.maximum(eep, 1e-300))))
+
+
+def nce(source_probs: np.ndarray, y: np.ndarray) -> float:
+    """NCE: -H(Y | Z), the negative conditional entropy of the target labels given the source model's
+    hard predictions z = argmax θ(x)."""
+    z = np.asarray(source_probs).argmax(1)
+    y = np.asarray(y)
+    n = len(y)
+    total = 0.0
+    for zz in np.unique(z):
+        ys = y[z == zz]
+        pz = len(ys) / n
+        _, counts = np.unique(ys, return_counts=True)
+        q = counts / len(ys)
+        total += pz * float((q * np.log(q)).sum())
+    return float(total)
+
+
+def loo_prototype(F: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out accuracy of the cosine nearest-prototype classifier (SimpleShot's L2-normalised
+    form); NaN when a class has a single shot."""
+    F = np.asarray(F, np.float64)
+    F = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2:
+        return float("nan")
+    sums = np.stack([F[y == c].sum(0) for c in classes])
+    idx = np.searchsorted(classes, y)
+    # cosine needs only directions: a class mean and a class sum point the same way
+    cos = F @ (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).T
+    own = sums[idx] - F  # the held-out image's own class without it
+    cos[np.arange(len(y)), idx] = (F * own).sum(1) / np.maximum(np.linalg.norm(own, axis=1), 1e-12)
+    return float(np.mean(cos.argmax(1) == idx))
+
+
+#: every score by name, the ones that need source probabilities last
+FEATURE_SCORES = {"logme": logme, "h_score": h_score, "loo_prototype": loo_prototype}
+SOURCE_SCORES = {"leep": leep, "nce": nce}
+SCORES = (*FEATURE_SCORES, *SOURCE_SCORES)
+
+
+def all_scores(F: np.ndarray, y: np.ndarray, source_probs: np.ndarray | None = None) -> dict[str, float]:
+    """Every score of one candidate (LEEP and NCE NaN without source probabilities)."""
+    out = {name: fn(F, y) for name, fn in FEATURE_SCORES.items()}
+    for name, fn in SOURCE_SCORES.items():
+        out[name] = fn(source_probs, y) if source_probs is not None else float("nan")
+    return out
