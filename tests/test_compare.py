@@ -50,6 +50,18 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     assert load_config(CompareConfig, str(tmp_path / "out" / "config.yaml")) == cfg
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Δ to best" in text and "validation episodes of the `adapt` split" in text
+    # the recommendation made before the cells ran, on the validation split's shots, beside the outcome
+    recs = yaml.safe_load((tmp_path / "out" / "recommend.yaml").read_text())
+    assert [(r["target"], r["shots"], r["split"]) for r in recs] == [("optdigits", 1, "adapt"), ("optdigits", 2, "adapt")]
+    assert all(len(r["rows"]) == 4 and r["recommended"]["family"] in ("feature", "finetune") for r in recs)
+    section = text.split("## Predicted before the run, against the outcome")[1]
+    table = [line for line in section.splitlines() if line.startswith("| optdigits |")]
+    assert len(table) == 2
+    for line, shots in zip(table, (1, 2)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        fam = "feature" if best[shots]["strategy"] != "finetune" else "finetune"
+        predicted = recs[shots - 1]["recommended"]["family"]
+        assert cells[6].endswith(f"({fam})") and cells[7] == ("yes" if fam == predicted else "no")
 
     tune_dir = tmp_path / "home" / "tune"
     before = sorted(os.listdir(tune_dir))

@@ -93,8 +93,8 @@ def test_recommend_ranks_the_pretrained_backbone_first_and_writes_its_table(pret
                   log=lambda _: None)
     assert len(r["rows"]) == 8 and r["images"] == 50 and r["split"] == "adapt"
     top = r["rows"][0]
-    assert top["candidate"] == "pretrained" and r["recommended"]["family"] in ("features", "finetune")
-    assert (r["recommended"]["family"] == "features") == (top["stage"] == 4)
+    assert top["candidate"] == "pretrained" and r["recommended"]["family"] in ("feature", "finetune")
+    assert (r["recommended"]["family"] == "feature") == (top["stage"] == 4)
     with_head = [row for row in r["rows"] if row["scores"]["leep"] is not None]
     assert [(row["candidate"], row["stage"]) for row in with_head] == [("pretrained", 4)]
     write_outputs(r, tmp_path / "out")

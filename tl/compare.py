@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
 from tl.data.spec import DataSpec, check_files_of, check_target, load_target, resolve
@@ -73,6 +74,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
     max_failures: int = 2
     mlflow: str = ""
     data: dict[str, DataSpec] = field(default_factory=dict)
+    recommend: bool = True
 
     def __post_init__(self) -> None:
         # every target becomes a name, the user's data an entry of ``data`` under it (one spelling
@@ -280,6 +282,11 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
         f"{len(cfg.strategies)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
         f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run"
         + (f"; trained cells take {gpu:g} GPU each, in bf16 mixed precision" if gpu else ""))
+    if cfg.recommend:  # the prediction is made before any cell runs, and recorded beside the outcome
+        from tl.recommend import for_comparison
+
+        (output / "recommend.yaml").write_text(yaml.safe_dump(for_comparison(cfg, weights, storage, log),
+                                                              sort_keys=False))
     shared = prepare(cfg, p["todo"], weights, storage, log) if p["todo"] else {}
     result = run_cells(grid, store, run_cell, shared=shared, what="compare", storage=storage, log=log,
                        retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures,
@@ -330,6 +337,12 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
     per_class = per_class_report(rows, best, {t: target_data(cfg, t)["test"].classes for t in best}, output)
     with open(output / "summary.md", "a") as f:
         f.write("\n" + per_class)
+        if (output / "recommend.yaml").is_file():
+            from tl.recommend import outcome_markdown
+
+            families = {label: e.build().family for label, e in entries.items()}
+            f.write("\n" + outcome_markdown(yaml.safe_load((output / "recommend.yaml").read_text()) or [], summary,
+                                            families, best))
     write_best(output / "best.yaml", cfg, weights, best, "recommended per target and shots: chosen on validation "
                f"episodes of the `{cfg.val_split}` split (the cheapest of the strategies tied there with the validation "
                "winner), its accuracy measured on the test episodes", incomplete=unfinished)

@@ -8,9 +8,10 @@ candidates; the ensemble rank is the mean of those ranks (no score is reliable e
 et al. 2022, "How stable are Transferability Metrics evaluations?"). "Can't tell": the top candidate
 ranks above the runner-up (mean rank over the scores, the two compared alone) in fewer than 95% of
 bootstrap resamples of the shots (resampled with replacement within each class; at one shot per class
-a resample is the same set, so there is no spread to measure and only an exact tie can't tell). The family rule: the best candidate at its backbone's last stage -> feature
-strategies on its embeddings; at an earlier stage k -> fine-tuning with ``frozen: k`` (its later
-stages are the source-specific part).
+a resample is the same set, so there is no spread to measure and only an exact tie can't tell).
+The family rule: the best candidate at its backbone's last stage -> ``feature`` strategies on its
+embeddings; at an earlier stage k -> ``finetune`` with ``frozen: k`` (its later stages are the
+source-specific part).
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     else:
         verdict = {"can_tell": True, "wins": 1.0, "runner_up": None, "bootstrap": cfg.bootstrap}
     best_cand, best_stage, last = labels[order[0]]
-    family = "features" if best_stage == last else "finetune"
+    family = "feature" if best_stage == last else "finetune"
     rule = (f"stage {best_stage} is {best_cand.backbone}'s last: classify its embeddings (feature strategies)"
-            if family == "features" else
+            if family == "feature" else
             f"stage {best_stage} of {last} ranks above the later stages: fine-tune them, frozen: {best_stage}")
     out_rows = []
     for rank, i in enumerate(order, 1):
@@ -254,3 +255,60 @@ def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
         lines.append(f"| {r['rank']} | {r['candidate']} | {r['stage']} of {r['stages']} | {r['ensemble_rank']:.2f} | "
                      + " | ".join(cells) + " |")
     (folder / "recommend.md").write_text("\n".join(lines) + "\n")
+
+
+def for_comparison(cfg: Any, weights: str | None, storage: "str | os.PathLike | Location",
+                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The recommendation for each (target, shots) of a comparison, made before its cells run: its backbone's
+    stages as the candidates, the shots drawn from the validation split (never a test image). A target without
+    validation images (a user's ``split: none``) gets none."""
+    out = []
+    for target in cfg.targets:
+        spec = cfg.spec(target)
+        if spec is not None and spec.split == "none":
+            log(f"[recommend] {target}: no validation split (split: none), no recommendation")
+            continue
+        for shots in cfg.shots:
+            rc = RecommendConfig(candidates=[Candidate(backbone=cfg.backbone, weights=weights or "random",
+                                                       input_size=cfg.input_size, name=cfg.backbone)],
+                                 target=spec if spec is not None else target, shots=shots, split=cfg.val_split,
+                                 seed=cfg.seeds[0])
+            try:
+                res = recommend(rc, storage, log)
+            except DataError as exc:  # too few validation images for these shots: the comparison still runs
+                log(f"[recommend] {target} {shots}-shot: no recommendation ({exc})")
+                continue
+            out.append({"target": target, **res})
+    return out
+
+
+def outcome_markdown(recs: list[dict[str, Any]], summary: "Any", families: dict[str, str], best: dict) -> str:
+    """summary.md's section that sets each recommendation made before the run beside the measured result:
+    the best feature and the best fine-tuning rows on the test episodes, and the family of the strategy
+    recommended on validation episodes."""
+    if not recs:
+        return ""
+    lines = ["## Predicted before the run, against the outcome", "",
+             "`tl.recommend` ranked the backbone's stages by transferability scores on the validation split's shots "
+             "before any cell ran (recommend.yaml). Family rule: the last stage ranked first -> feature strategies; an "
+             "earlier stage k -> fine-tuning with frozen: k. Outcome: the best row of each family on the test "
+             "episodes, and the family of the strategy recommended on validation episodes.", "",
+             "| target | shots | predicted | can tell | best feature row | best fine-tuning row | recommended (validation) "
+             "| prediction held | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        t, k = r["target"], r["shots"]
+        rows = summary[(summary["target"] == t) & (summary["shots"] == k)]
+        rows = rows.assign(family=[families.get(s, "") for s in rows["strategy"]])
+
+        def top(fam: str) -> str:
+            g = rows[rows["family"] == fam].sort_values("mean", ascending=False)
+            return "—" if g.empty else f"{g.iloc[0]['strategy']} {100 * g.iloc[0]['mean']:.1f}"
+
+        rec = r["recommended"]
+        chosen = best.get(str(t), {}).get(int(k), {}).get("label")
+        fam = families.get(chosen, "") if chosen else ""
+        predicted = f"{rec['family']} (stage {rec['stage']})"
+        held = "—" if not fam else ("yes" if fam == rec["family"] else "no")
+        lines.append(f"| {t} | {k} | {predicted} | {'yes' if r['can_tell'] else 'no'} | {top('feature')} | "
+                     f"{top('finetune')} | {chosen or '—'} ({fam or '?'}) | {held} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
