@@ -210,13 +210,16 @@ def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
     """The share of resamples of the shots (within each class, with replacement) in which the top
     candidate ranks above the runner-up over the scores, the two compared alone (their mean rank
     between the two; only these two are scored again, which keeps a recommendation to seconds)."""
+    from sklearn import config_context
     from threadpoolctl import threadpool_limits
 
     top, second = order[0], order[1]
     rng = np.random.default_rng(seed + 1)
     classes = np.unique(y)
     wins = 0
-    with threadpool_limits(1):  # thousands of small products: one BLAS thread is faster than many
+    # hundreds of small products: one BLAS thread is faster than many, and scikit-learn's argument checks
+    # (Ledoit-Wolf) cost more than the arithmetic here
+    with threadpool_limits(1), config_context(skip_parameter_validation=True):
         for _ in range(n_boot):
             idx = np.concatenate([rng.choice(np.flatnonzero(y == c), (y == c).sum(), replace=True) for c in classes])
             pair = [top, second]
