@@ -93,7 +93,7 @@ def main() -> int:
     for target in TARGETS:  # parsed once per process, as a comparison has them before it recommends
         load_embedded(target)
     rows, cache, taus = _table.Rows(), {}, {k: [] for k in (*SCORES, "ensemble")}
-    regrets, ratios = [], []
+    regrets, ratios, told = [], [], []
     for target in TARGETS:
         for shots in SHOTS:
             cfg = RecommendConfig(candidates=[Candidate(backbone=b, weights=w, input_size=s, name=lab)
@@ -114,12 +114,15 @@ def main() -> int:
             rows.record(part, "weighted Kendall tau, ensemble rank", round(tau, 3), "", f"{len(got)} candidates")
             regret = 100 * float(got.max() - got[0])
             regrets.append(regret)
+            if rec["can_tell"]:
+                told.append(regret)
             top = rec["rows"][0]
             best = rec["rows"][int(got.argmax())]
             rows.record(part, "top-1 regret", round(regret, 1), "points",
                         f"recommended {top['candidate']} stage {top['stage']} ({100 * got[0]:.1f}%); best "
                         f"{best['candidate']} stage {best['stage']} ({100 * got.max():.1f}%); "
-                        f"{'can tell' if rec['can_tell'] else 'cannot tell'} (wins {rec['wins']:.0%})")
+                        + ("can tell" if rec["can_tell"] else "says it cannot tell")
+                        + ("" if rec["wins"] is None else f" (wins {rec['wins']:.0%})"))
             cell = compare[(compare["target"] == target) & (compare["shots"] == shots)]["cell_seconds"].sum()
             ratios.append(cell / rec["seconds"])
             rows.record(part, "recommendation time", round(rec["seconds"], 2), "s",
@@ -129,6 +132,9 @@ def main() -> int:
             rows.record("all", f"mean weighted Kendall tau, {k}", round(float(np.mean(v)), 3), "",
                         f"{len(v)} (target, shots) settings")
     rows.record("all", "mean top-1 regret", round(float(np.mean(regrets)), 2), "points", f"max {max(regrets):.1f}")
+    if told:
+        rows.record("all", "mean top-1 regret where it says it can tell", round(float(np.mean(told)), 2), "points",
+                    f"{len(told)} of {len(regrets)} settings; max {max(told):.1f}")
     rows.record("all", "speed-up over the comparison", round(float(np.min(ratios)), 1), "x",
                 f"smallest of the 6 settings; median {np.median(ratios):.0f}x")
     cmd = p.prog + (" --smoke-test" if args.smoke_test else "")

@@ -8,7 +8,7 @@ candidates; the ensemble rank is the mean of those ranks (no score is reliable e
 et al. 2022, "How stable are Transferability Metrics evaluations?"). "Can't tell": the top candidate
 ranks above the runner-up (mean rank over the scores, the two compared alone) in fewer than 95% of
 bootstrap resamples of the shots (resampled with replacement within each class; at one shot per class
-a resample is the same set, so there is no spread to measure and only an exact tie can't tell).
+a resample is the same set, so no spread can be measured: it says "can't tell" there).
 The family rule: the best candidate at its backbone's last stage -> ``feature`` strategies on its
 embeddings; at an earlier stage k -> ``finetune`` with ``frozen: k`` (its later stages are the
 source-specific part).
@@ -172,12 +172,14 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     order = np.argsort(ens, kind="stable")
     seconds_scores = time.time() - t0
     if len(order) > 1:
-        single = np.bincount(y).max() == 1  # one shot per class: every resample is the same set
+        # one shot per class: every resample is the same set, so no spread can be measured, and scores fitted
+        # to one image per class cannot tell class structure from width (benchmarks/recommend.py): can't tell
+        single = np.bincount(y).max() == 1
         n_boot = 0 if single else cfg.bootstrap
         tied = ens[order[0]] == ens[order[1]]
-        wins = 0.0 if tied else (1.0 if single else _bootstrap(feats, probs, y, order, n_boot, cfg.seed))
+        wins = None if single else (0.0 if tied else _bootstrap(feats, probs, y, order, n_boot, cfg.seed))
         second = labels[order[1]]
-        verdict = {"can_tell": bool(not tied and (single or (n_boot and wins >= WIN_SHARE))), "wins": wins,
+        verdict = {"can_tell": bool(not single and not tied and n_boot and wins >= WIN_SHARE), "wins": wins,
                    "runner_up": f"{second[0].label()} stage {second[1]}", "bootstrap": n_boot}
     else:
         verdict = {"can_tell": True, "wins": 1.0, "runner_up": None, "bootstrap": cfg.bootstrap}
@@ -239,11 +241,13 @@ def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recommend.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
     rec = result["recommended"]
+    why = ("one labelled image per class: no resample of the shots can measure the scores' spread" if result["wins"] is None
+           else f"the top candidate beats it in {result['wins']:.0%} of {result['bootstrap']} resamples of the shots "
+                f"(needs {WIN_SHARE:.0%})")
     verdict = (f"Recommended: **{rec['candidate']}, stage {rec['stage']}** -> **{rec['family']}** "
                f"({rec['rule']})." if result["can_tell"] else
-               f"**Can't tell** {rec['candidate']} stage {rec['stage']} from {result['runner_up']}: the top candidate "
-               f"beats it in {result['wins']:.0%} of {result['bootstrap']} resamples of the shots (needs "
-               f"{WIN_SHARE:.0%}). Leaning: {rec['candidate']} stage {rec['stage']} -> {rec['family']} ({rec['rule']}).")
+               f"**Can't tell** {rec['candidate']} stage {rec['stage']} from {result['runner_up']}: {why}. "
+               f"Leaning: {rec['candidate']} stage {rec['stage']} -> {rec['family']} ({rec['rule']}).")
     lines = [f"# Recommendation for {result['target']} ({result['shots']} shots per class, split "
              f"`{result['split']}`, seed {result['seed']})", "",
              verdict, "",
