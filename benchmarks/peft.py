@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from benchmarks import _table
@@ -77,8 +76,9 @@ def trainable(name: str, params: dict) -> int:
 
     s = make_strategy(name, params)
     if s.uses_embeddings:  # mlp_probe: its head's parameters
-        head = s.fit_head(np.zeros((10, 256)), np.arange(10), 10)
-        return count_trainable(head)
+        from tl.nn.heads import MLPHead
+
+        return count_trainable(MLPHead(256, 10, s.hidden, s.dropout))
     return count_trainable(s.prepare(build_backbone("digits_cnn"), 10))
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tl.config import to_dict
+from tl.data.episodes import take_shots
 from tl.data.spec import DataSpec, check_files_of, load_data, load_target, resolve
 from tl.errors import ConfigError, DataError
 from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
@@ -185,18 +186,6 @@ def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], b
             {"data": target, "split": cfg.test_split}, None)
 
 
-def _take_shots(data, shots: int, seed: int):
-    """K images per class, drawn by ``seed``; a class with fewer is an error naming it."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c, name in enumerate(data.classes):
-        idx = np.flatnonzero(data.labels == c)
-        if len(idx) < shots:
-            raise DataError(f"class '{name}' of '{data.name}' has {len(idx)} images, fewer than shots={shots}")
-        keep.extend(rng.choice(idx, shots, replace=False))
-    return data.subset(np.sort(np.asarray(keep)))
-
-
 def embed(backbone: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Last-stage embeddings of raw images (as the embedding cache computes them)."""
     backbone.eval()
@@ -328,7 +317,7 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
         log(f"[export] {name} is transductive: its prototypes are refined on {len(rows)} unlabelled images of "
             f"{train_info['data']}")
     if cfg.train_on == "shots":
-        train = _take_shots(train, cfg.shots, cfg.seed)
+        train = train.subset(take_shots(train.labels, train.classes, cfg.shots, cfg.seed, train.name))
     missing = [c for c, n in train.class_counts().items() if n == 0]
     if missing:
         raise DataError(f"'{train.name}' has no labelled image of class(es) {missing}")

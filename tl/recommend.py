@@ -71,18 +71,6 @@ class RecommendConfig:
             raise ConfigError(f"config key 'candidates': two candidates share the label '{labels[0]}'; give 'name'")
 
 
-def take_shots(labels: np.ndarray, classes, shots: int, seed: int, where: str) -> np.ndarray:
-    """Row indices of ``shots`` images per class drawn by ``seed``; a class with fewer is an error."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c, name in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < shots:
-            raise DataError(f"class '{name}' of '{where}' has {len(idx)} images, fewer than shots={shots}")
-        keep.extend(rng.choice(idx, shots, replace=False))
-    return np.sort(np.asarray(keep))
-
-
 def stage_features(backbone, images: np.ndarray, stages: list[int], batch_size: int = 256) -> dict[int, np.ndarray]:
     """Pooled features after each of ``stages`` (1-based), in one pass through the backbone."""
     import torch
@@ -138,6 +126,7 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
               ) -> dict[str, Any]:
     """Score every (candidate, stage) on the target's shots; returns the ranked result (``recommend.yaml``'s
     content): rows best first, the recommended candidate, its family and rule, and whether it can tell."""
+    from tl.data.episodes import take_shots
     from tl.data.spec import load_data, part, resolve
     from tl.models import input_size_of, make_backbone, num_stages
     from tl.pretrain import resolve_weights, weights_reference
@@ -174,7 +163,7 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     if len(order) > 1:
         # one shot per class: every resample is the same set, so no spread can be measured, and scores fitted
         # to one image per class cannot tell class structure from width (benchmarks/recommend.py): can't tell
-        single = np.bincount(y).max() == 1
+        single = cfg.shots == 1
         n_boot = 0 if single else cfg.bootstrap
         tied = ens[order[0]] == ens[order[1]]
         wins = None if single else (0.0 if tied else _bootstrap(feats, probs, y, order, n_boot, cfg.seed))
@@ -215,7 +204,7 @@ def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
     from sklearn import config_context
     from threadpoolctl import threadpool_limits
 
-    top, second = order[0], order[1]
+    pair = [order[0], order[1]]
     rng = np.random.default_rng(seed + 1)
     classes = np.unique(y)
     wins = 0
@@ -224,7 +213,6 @@ def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
     with threadpool_limits(1), config_context(skip_parameter_validation=True):
         for _ in range(n_boot):
             idx = np.concatenate([rng.choice(np.flatnonzero(y == c), (y == c).sum(), replace=True) for c in classes])
-            pair = [top, second]
             ens = ensemble_ranks(_score_table([feats[i][idx] for i in pair],
                                               [None if probs[i] is None else probs[i][idx] for i in pair], y[idx]))
             wins += int(ens[0] < ens[1])

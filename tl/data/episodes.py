@@ -92,3 +92,16 @@ def sample_episodes(
             )
         )
     return episodes
+
+
+def take_shots(labels: np.ndarray, classes: Sequence[str], shots: int, seed: int, where: str) -> np.ndarray:
+    """Sorted row indices of ``shots`` images per class drawn by ``seed`` (what an export trains on and a
+    recommendation scores); a class with fewer is an error naming it and ``where`` it is."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            raise DataError(f"class '{name}' of '{where}' has {len(idx)} images, fewer than shots={shots}")
+        keep.extend(rng.choice(idx, shots, replace=False))
+    return np.sort(np.asarray(keep))
