@@ -14,7 +14,7 @@ from scipy.stats import multivariate_normal
 
 from tl.errors import ConfigError
 from tl.recommend import Candidate, RecommendConfig, ensemble_ranks, recommend, write_outputs
-from tl.transfer_scores import h_score, leep, log_evidence, logme, loo_prototype, nce
+from tl.transfer_scores import h_score, information_maximization, leep, log_evidence, logme, loo_prototype, nce, pool_im
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,6 +77,45 @@ def test_scores_rank_a_separable_embedding_above_a_random_one():
     assert list(ensemble_ranks(np.array([[1.0, 5.0], [0.0, 6.0], [-1.0, np.nan]]))) == [1.0, 2.0, 3.0]
 
 
+def test_pool_im_is_its_definition_and_prefers_an_embedding_that_clusters_the_pool():
+    """IM = H(mean p) - mean H(p) (scipy's entropy), over ln C; an embedding in which the unlabelled pool
+    forms the classes the single shots define scores above one where the pool is noise."""
+    from scipy.stats import entropy
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(4), size=30)
+    assert information_maximization(p, eps=0.0) == pytest.approx(entropy(p.mean(0)) - entropy(p, axis=1).mean())
+    centres = np.eye(4) * 4
+    shots, y = centres + rng.normal(size=(4, 4)) * 0.2, np.arange(4)  # one shot per class
+    clustered = np.repeat(centres, 50, axis=0) + rng.normal(size=(200, 4)) * 0.3
+    noise = rng.normal(size=(200, 4)) * 2
+    good, bad = pool_im(shots, y, clustered), pool_im(shots, y, noise)
+    assert -1 <= bad < good <= 1 and good > 0.5
+    # by hand: centred on the pool's mean, L2-normalised, softmax(20 cos) against the prototypes
+    mu = clustered.mean(0)
+    unit = lambda X: (X - mu) / np.linalg.norm(X - mu, axis=1, keepdims=True)  # noqa: E731
+    z = 20 * unit(clustered) @ unit(shots).T
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    assert good == pytest.approx((entropy(q.mean(0)) - entropy(q, axis=1).mean()) / np.log(4), rel=1e-6)
+
+
+def test_one_shot_ranks_by_the_unlabelled_pool_and_says_cannot_tell_without_it(pretrained):
+    """At one shot per class the ensemble is pool_im alone (LogME and H-score left out, LOO undefined,
+    LEEP only for one candidate), resampling the pool measures its spread; without a pool it cannot tell."""
+    cands = [Candidate(weights=pretrained, stages=[4], name="pretrained"),
+             Candidate(weights="random", stages=[4], name="random")]
+    r = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, bootstrap=20, pool=200), "/nonexistent",
+                  log=lambda _: None)
+    assert r["ensemble_of"] == ["pool_im"] and r["pool"] == 200 and r["images"] == 10
+    assert r["rows"][0]["candidate"] == "pretrained" and r["wins"] == 1.0 and r["can_tell"]
+    assert r["rows"][0]["scores"]["pool_im"] > r["rows"][1]["scores"]["pool_im"]
+    blind = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, pool=0), "/nonexistent",
+                      log=lambda _: None)
+    assert blind["pool"] == 0 and blind["wins"] is None and not blind["can_tell"]
+    assert blind["ensemble_of"] == ["logme", "h_score"] and blind["rows"][0]["scores"]["pool_im"] is None
+
+
 def test_copies_of_a_candidate_cannot_be_told_apart():
     twin = [Candidate(weights="random", stages=[4], name="a"), Candidate(weights="random", stages=[4], name="b")]
     r = recommend(RecommendConfig(candidates=twin, target="optdigits", shots=3, bootstrap=20), "/nonexistent",
@@ -115,3 +154,24 @@ def test_recommend_workflow_smoke_test(ray_local, tmp_path):
     doc = yaml.safe_load((tmp_path / "out" / "recommend.yaml").read_text())
     assert doc["target"] == "optdigits" and doc["shots"] == 2 and len(doc["rows"]) == 4
     assert json.loads(json.dumps(doc["recommended"]))["candidate"] == "digits_cnn (random)"
+
+
+@pytest.mark.parametrize("backbone", ["digits_cnn", "timm:resnet10t", "timm:vit_tiny_patch16_224"])
+def test_stage_features_are_the_backbones_own_features_at_each_stage(backbone):
+    """One pass through sequential stages (the last pooled by the model's own head) and one forward per
+    stage otherwise (a ViT) give what ``backbone(x, stage=s)`` gives."""
+    import torch
+
+    from tl.data import load_embedded
+    from tl.models import make_backbone
+    from tl.recommend import stage_features
+
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    images = load_embedded("optdigits").split("adapt").images[:5]
+    bb = make_backbone(backbone, "random", None if backbone == "digits_cnn" else 32).eval()
+    got = stage_features(bb, images, list(range(1, bb.num_stages + 1)), batch_size=3)
+    with torch.inference_mode():
+        x = bb.preprocessing(torch.from_numpy(images))
+        for s, f in got.items():
+            np.testing.assert_allclose(f, bb(x, stage=s).numpy(), rtol=1e-4, atol=1e-5)  # batches of 3 vs 5

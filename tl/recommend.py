@@ -5,10 +5,13 @@ ranking cannot tell the best candidates apart.
 Every candidate is a backbone with weights, at each of its stages (the frozen-depth candidates: the
 embedding after stage k is what fine-tuning with ``frozen: k`` starts from). Each score ranks the
 candidates; the ensemble rank is the mean of those ranks (no score is reliable everywhere, Agostinelli
-et al. 2022, "How stable are Transferability Metrics evaluations?"). "Can't tell": the top candidate
-ranks above the runner-up (mean rank over the scores, the two compared alone) in fewer than 95% of
-bootstrap resamples of the shots (resampled with replacement within each class; at one shot per class
-a resample is the same set, so no spread can be measured: it says "can't tell" there).
+et al. 2022, "How stable are Transferability Metrics evaluations?"). The split's other images, unlabelled
+(no label read), are the pool of ``pool_im``; with one shot per class the scores fitted to the shots
+alone (LogME, H-score) favour the widest embedding, so there the ensemble is the pool's score (and the
+source head's, where every candidate has one). "Can't tell": the top candidate ranks above the runner-up
+(mean rank over the scores, the two compared alone) in fewer than 95% of bootstrap resamples (the shots
+with replacement within each class, and the pool; at one shot per class without a pool a resample is
+the same set, so no spread can be measured: it says "can't tell" there).
 The family rule: the best candidate at its backbone's last stage -> ``feature`` strategies on its
 embeddings; at an earlier stage k -> ``finetune`` with ``frozen: k`` (its later stages are the
 source-specific part).
@@ -26,7 +29,7 @@ import numpy as np
 from tl.data.spec import DataSpec
 from tl.errors import ConfigError, DataError
 from tl.storage import Location
-from tl.transfer_scores import SCORES, all_scores
+from tl.transfer_scores import SCORES, SHOT_FITTED, all_scores
 
 WIN_SHARE = 0.95
 
@@ -51,7 +54,8 @@ class Candidate:
 class RecommendConfig:
     """``target``: a data spec (embedded name, or the user's labelled folder, CSV or Parquet); the
     ``shots`` per class are drawn by ``seed`` from its ``split`` (embedded targets: ``adapt``, never the
-    test split; a user's data: every image unless ``split`` names a part of its split rule)."""
+    test split; a user's data: every image unless ``split`` names a part of its split rule); ``pool``: at most
+    this many of that split's other images, read without their labels, for ``pool_im`` (0: none)."""
 
     experiment: str = "recommend"
     candidates: list[Candidate] = field(default_factory=lambda: [Candidate()])
@@ -60,30 +64,39 @@ class RecommendConfig:
     split: str | None = None
     seed: int = 0
     bootstrap: int = 100
+    pool: int = 512
 
     def __post_init__(self) -> None:
         if not self.candidates:
             raise ConfigError("config key 'candidates' needs at least one backbone")
-        if self.shots < 1 or self.bootstrap < 0:
-            raise ConfigError("config keys 'shots' (at least 1) and 'bootstrap' (at least 0) are out of range")
+        if self.shots < 1 or self.bootstrap < 0 or self.pool < 0:
+            raise ConfigError("config keys 'shots' (at least 1), 'bootstrap' and 'pool' (at least 0) are out of range")
         labels = [c.label() for c in self.candidates]
         if len(set(labels)) < len(labels):
             raise ConfigError(f"config key 'candidates': two candidates share the label '{labels[0]}'; give 'name'")
 
 
 def stage_features(backbone, images: np.ndarray, stages: list[int], batch_size: int = 256) -> dict[int, np.ndarray]:
-    """Pooled features after each of ``stages`` (1-based), in one pass through the backbone."""
+    """Pooled features after each of ``stages`` (1-based), what ``backbone(x, stage=s)`` gives: in one
+    pass through the stages where they run in sequence (the last pooled by the backbone's own head, a
+    timm model's included), else one forward per stage (timm ViTs)."""
     import torch
 
     backbone.eval()
     out: dict[int, list[np.ndarray]] = {s: [] for s in stages}
+    last = backbone.num_stages
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = backbone.preprocessing(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])))
+            if not getattr(backbone, "sequential", True):
+                for s in stages:
+                    out[s].append(backbone(x, stage=s).float().numpy())
+                continue
             for s in range(1, max(stages) + 1):
-                x = backbone.stages[s - 1](x)
+                x = backbone.run_stages(x, s - 1, s)
                 if s in out:
-                    out[s].append(backbone._pool(x).float().numpy())
+                    pooled = backbone(x, stage=s, start=s) if s == last else backbone._pool(x)
+                    out[s].append(pooled.float().numpy())
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
@@ -106,20 +119,30 @@ def source_probabilities(weights: str | None, features: np.ndarray) -> np.ndarra
     return p / p.sum(1, keepdims=True)
 
 
-def ensemble_ranks(table: np.ndarray) -> np.ndarray:
+def ensemble_ranks(table: np.ndarray, leave_out: tuple[int, ...] = ()) -> np.ndarray:
     """Mean rank per candidate (rows) over the scores (columns; higher is better, rank 1 the best),
-    ignoring a score that is NaN for any candidate; ties share their mean rank."""
+    ignoring a score that is NaN for any candidate and the columns ``leave_out``; ties share their mean rank."""
     from scipy.stats import rankdata
 
-    usable = [j for j in range(table.shape[1]) if np.isfinite(table[:, j]).all()]
+    usable = [j for j in range(table.shape[1]) if j not in leave_out and np.isfinite(table[:, j]).all()]
     if not usable:
         return np.full(len(table), np.nan)
     ranks = np.stack([rankdata(-table[:, j]) for j in usable], axis=1)
     return ranks.mean(1)
 
 
-def _score_table(feats: list[np.ndarray], probs: list[np.ndarray | None], y: np.ndarray) -> np.ndarray:
-    return np.array([[all_scores(f, y, p)[s] for s in SCORES] for f, p in zip(feats, probs)])
+def _score_table(feats: list[np.ndarray], probs: list[np.ndarray | None], y: np.ndarray,
+                 pools: list[np.ndarray | None], skip: tuple[int, ...] = ()) -> np.ndarray:
+    """Candidates x SCORES; the columns ``skip`` are not computed (NaN)."""
+    names = tuple(s for j, s in enumerate(SCORES) if j not in skip)
+    rows = (all_scores(f, y, p, q, names) for f, p, q in zip(feats, probs, pools))
+    return np.array([[sc.get(s, np.nan) for s in SCORES] for sc in rows])
+
+
+def _left_out(single: bool, has_pool: bool) -> tuple[int, ...]:
+    """The score columns the ensemble leaves out: the shot-fitted ones at one shot per class when the pool
+    score stands in for them (benchmarks/recommend.py: 25-33 points of regret with them there)."""
+    return tuple(SCORES.index(s) for s in SHOT_FITTED) if single and has_pool else ()
 
 
 def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print
@@ -140,8 +163,10 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     if split:
         data = part(data, split, spec, "target")
     rows = take_shots(data.labels, data.classes, cfg.shots, cfg.seed, data.name)
-    images, y = data.pixels(rows), data.labels[rows]
-    labels, feats, probs, refs = [], [], [], []
+    rest = np.setdiff1d(np.arange(len(data.labels)), rows)
+    pool_rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(rest, min(cfg.pool, len(rest)), replace=False))
+    images, y = data.pixels(np.concatenate([rows, pool_rows])), data.labels[rows]  # the pool's labels are not read
+    labels, feats, probs, pools, refs = [], [], [], [], []
     for cand in cfg.candidates:
         stages = cand.stages or list(range(1, num_stages(cand.backbone) + 1))
         weights = resolve_weights(cand.weights, cand.backbone, storage, log)
@@ -153,22 +178,26 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
         by_stage = stage_features(backbone, images, stages)
         for s in stages:
             labels.append((cand, s, backbone.num_stages))
-            feats.append(by_stage[s])
-            probs.append(source_probabilities(weights, by_stage[s]) if s == backbone.num_stages else None)
+            feats.append(by_stage[s][: len(rows)])
+            pools.append(by_stage[s][len(rows):] if len(pool_rows) else None)
+            probs.append(source_probabilities(weights, feats[-1]) if s == backbone.num_stages else None)
         refs.append(weights_reference(cand.weights, weights))
-    table = _score_table(feats, probs, y)
-    ens = ensemble_ranks(table)
+    table = _score_table(feats, probs, y, pools)
+    single = cfg.shots == 1
+    leave_out = _left_out(single, len(pool_rows) > 0)
+    ens = ensemble_ranks(table, leave_out)
     order = np.argsort(ens, kind="stable")
     seconds_scores = time.time() - t0
     if len(order) > 1:
-        # one shot per class: every resample is the same set, so no spread can be measured, and scores fitted
-        # to one image per class cannot tell class structure from width (benchmarks/recommend.py): can't tell
-        single = cfg.shots == 1
-        n_boot = 0 if single else cfg.bootstrap
+        # one shot per class and no pool: every resample is the same set, so no spread can be measured, and
+        # scores fitted to one image per class cannot tell class structure from width: can't tell
+        blind = single and not len(pool_rows)
+        n_boot = 0 if blind else cfg.bootstrap
         tied = ens[order[0]] == ens[order[1]]
-        wins = None if single else (0.0 if tied else _bootstrap(feats, probs, y, order, n_boot, cfg.seed))
+        wins = None if blind else (0.0 if tied else _bootstrap(feats, probs, pools, y, order, n_boot, cfg.seed,
+                                                                leave_out))
         second = labels[order[1]]
-        verdict = {"can_tell": bool(not single and not tied and n_boot and wins >= WIN_SHARE), "wins": wins,
+        verdict = {"can_tell": bool(not blind and not tied and n_boot and wins >= WIN_SHARE), "wins": wins,
                    "runner_up": f"{second[0].label()} stage {second[1]}", "bootstrap": n_boot}
     else:
         verdict = {"can_tell": True, "wins": 1.0, "runner_up": None, "bootstrap": cfg.bootstrap}
@@ -184,7 +213,8 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
                          "stage": int(s), "stages": int(n), "ensemble_rank": float(ens[i]),
                          "scores": {k: (None if not np.isfinite(v) else float(v)) for k, v in zip(SCORES, table[i])}})
     result = {"experiment": cfg.experiment, "target": name if spec is None else spec.where, "split": split or "all",
-              "shots": cfg.shots, "seed": cfg.seed, "images": int(len(rows)), "classes": list(data.classes),
+              "shots": cfg.shots, "seed": cfg.seed, "images": int(len(rows)), "pool": int(len(pool_rows)),
+              "ensemble_of": [s for j, s in enumerate(SCORES) if j not in leave_out and np.isfinite(table[:, j]).all()], "classes": list(data.classes),
               "candidates": [{"name": c.label(), **r} for c, r in zip(cfg.candidates, refs)],
               "rows": out_rows,
               "recommended": {"candidate": best_cand.label(), "backbone": best_cand.backbone,
@@ -197,10 +227,10 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     return result
 
 
-def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
-    """The share of resamples of the shots (within each class, with replacement) in which the top
-    candidate ranks above the runner-up over the scores, the two compared alone (their mean rank
-    between the two; only these two are scored again, which keeps a recommendation to seconds)."""
+def _bootstrap(feats, probs, pools, y, order, n_boot: int, seed: int, leave_out: tuple[int, ...]) -> float:
+    """The share of resamples of the shots (within each class, with replacement) and of the pool in
+    which the top candidate ranks above the runner-up over the scores, the two compared alone (their mean
+    rank between the two; only these two are scored again, which keeps a recommendation to seconds)."""
     from sklearn import config_context
     from threadpoolctl import threadpool_limits
 
@@ -213,8 +243,11 @@ def _bootstrap(feats, probs, y, order, n_boot: int, seed: int) -> float:
     with threadpool_limits(1), config_context(skip_parameter_validation=True):
         for _ in range(n_boot):
             idx = np.concatenate([rng.choice(np.flatnonzero(y == c), (y == c).sum(), replace=True) for c in classes])
+            q = None if pools[pair[0]] is None else rng.integers(0, len(pools[pair[0]]), len(pools[pair[0]]))
             ens = ensemble_ranks(_score_table([feats[i][idx] for i in pair],
-                                              [None if probs[i] is None else probs[i][idx] for i in pair], y[idx]))
+                                              [None if probs[i] is None else probs[i][idx] for i in pair], y[idx],
+                                              [None if q is None else pools[i][q] for i in pair], leave_out),
+                                 leave_out)
             wins += int(ens[0] < ens[1])
     return wins / n_boot if n_boot else float("nan")
 
@@ -229,9 +262,10 @@ def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recommend.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
     rec = result["recommended"]
-    why = ("one labelled image per class: no resample of the shots can measure the scores' spread" if result["wins"] is None
-           else f"the top candidate beats it in {result['wins']:.0%} of {result['bootstrap']} resamples of the shots "
-                f"(needs {WIN_SHARE:.0%})")
+    why = ("one labelled image per class and no unlabelled pool: no resample can measure the scores' spread"
+           if result["wins"] is None else
+           f"the top candidate beats it in {result['wins']:.0%} of {result['bootstrap']} resamples of the shots "
+           f"{'and the pool ' if result['pool'] else ''}(needs {WIN_SHARE:.0%})")
     verdict = (f"Recommended: **{rec['candidate']}, stage {rec['stage']}** -> **{rec['family']}** "
                f"({rec['rule']})." if result["can_tell"] else
                f"**Can't tell** {rec['candidate']} stage {rec['stage']} from {result['runner_up']}: {why}. "
@@ -239,9 +273,13 @@ def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
     lines = [f"# Recommendation for {result['target']} ({result['shots']} shots per class, split "
              f"`{result['split']}`, seed {result['seed']})", "",
              verdict, "",
-             f"Scores on the frozen embeddings of {result['images']} labelled images; higher is better for each; the "
-             f"ensemble rank is the mean of the per-score ranks (1 = best; a score missing for a candidate is left "
-             f"out). LEEP and NCE need the source model's head: the last stage of a pretraining folder only. "
+             f"Scores on the frozen embeddings of {result['images']} labelled images and {result['pool']} unlabelled "
+             f"ones of the same split (pool_im; their labels are not read); higher is better for each; the ensemble "
+             f"rank is the mean of the per-score ranks of {', '.join(result['ensemble_of'])} (1 = best; a score "
+             f"missing for any candidate is left out"
+             + ("; with one shot per class LogME and H-score are left out: fitted to one image per class they favour "
+                "the widest embedding" if result["shots"] == 1 and result["pool"] else "")
+             + f"). LEEP and NCE need the source model's head: the last stage of a pretraining folder only. "
              f"Computed in {result['seconds']:.1f} s.", "",
              "| rank | candidate | stage | ensemble rank | " + " | ".join(SCORES) + " |",
              "|---|---|---|---|" + "---|" * len(SCORES)]

@@ -14,7 +14,11 @@ Each score takes features ``F`` (n x d) and labels ``y`` (0..C-1); higher is bet
   Representations") and ``nce`` (Tran et al. 2019, "Transferability and Hardness of Supervised
   Classification Tasks") need the source model's class probabilities on the shots (a source head);
 - ``loo_prototype``: leave-one-out accuracy of the cosine nearest-prototype classifier on the shots
-  (undefined, NaN, with one shot of a class: its prototype would be the held-out image itself).
+  (undefined, NaN, with one shot of a class: its prototype would be the held-out image itself);
+- ``pool_im``: the one score that also reads the target's unlabelled images (``pool``): how confidently
+  and evenly the shots' cosine prototypes split them (information maximisation). Every other score is
+  fitted to the shots alone, and with one shot per class those cannot tell class structure from the
+  embedding's width (benchmarks/recommend.py); this one still can.
 """
 
 from __future__ import annotations
@@ -157,15 +161,63 @@ def loo_prototype(F: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(cos.argmax(1) == idx))
 
 
-#: every score by name, the ones that need source probabilities last
+#: the temperature of pool_im's cosine logits; chosen among 5, 10, 20, 30 and 50 on benchmarks/recommend
+#: (10 and below rank the candidates worse there; 20-50 alike): a choice made on that benchmark's candidates
+POOL_TEMPERATURE = 20.0
+
+
+def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float = POOL_TEMPERATURE) -> float:
+    """Information maximisation of the shots' cosine prototypes on unlabelled target images: (H(mean
+    p) - mean H(p)) / ln C over the pool's predictions p = softmax(temperature · cos(x, prototype)),
+    in [-1, 1]: high when the pool falls confidently and evenly into the classes the shots define.
+    The objective of SHOT (Liang et al. 2020, "Do We Really Need to Access the Source Data?") and the
+    label-free selection rule of tl's adaptation runs, here on the prototype classifier of SimpleShot
+    (Wang et al. 2019: features centred, on the pool's mean here, and L2-normalised). No pool label
+    is read."""
+    F, P = np.asarray(F, np.float64), np.asarray(pool, np.float64)
+    mu = P.mean(0)
+
+    def unit(X: np.ndarray) -> np.ndarray:
+        X = X - mu
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    F, P = unit(F), unit(P)
+    y = np.asarray(y)
+    classes = np.unique(y)
+    protos = np.stack([F[y == c].mean(0) for c in classes])
+    logits = temperature * P @ (protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)).T
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    return information_maximization(p / p.sum(1, keepdims=True)) / float(np.log(len(classes)))
+
+
+def information_maximization(p: np.ndarray, eps: float = 1e-8) -> float:
+    """IM = H(E[p]) − E[H(p)] of class probabilities ``p`` (n x C): the mutual information between
+    inputs and predicted classes (Shi & Sha 2012; the objective of SHOT, Liang et al. 2020). High when
+    each prediction is confident and the classes are used evenly; collapsed or unsure predictions score low."""
+    p = np.asarray(p, np.float64)
+    mean = p.mean(0)
+    return float(-(mean * np.log(mean + eps)).sum() + (p * np.log(p + eps)).sum(1).mean())
+
+
+#: every score by name: fitted to the shots alone, then on the unlabelled pool, then from source probabilities
 FEATURE_SCORES = {"logme": logme, "h_score": h_score, "loo_prototype": loo_prototype}
+POOL_SCORES = {"pool_im": pool_im}
 SOURCE_SCORES = {"leep": leep, "nce": nce}
-SCORES = (*FEATURE_SCORES, *SOURCE_SCORES)
+SCORES = (*FEATURE_SCORES, *POOL_SCORES, *SOURCE_SCORES)
+#: fitted to the shots' features alone: with one shot per class they favour the widest embedding
+SHOT_FITTED = ("logme", "h_score")
 
 
-def all_scores(F: np.ndarray, y: np.ndarray, source_probs: np.ndarray | None = None) -> dict[str, float]:
-    """Every score of one candidate (LEEP and NCE NaN without source probabilities)."""
-    out = {name: fn(F, y) for name, fn in FEATURE_SCORES.items()}
+def all_scores(F: np.ndarray, y: np.ndarray, source_probs: np.ndarray | None = None,
+               pool: np.ndarray | None = None, names: tuple[str, ...] = SCORES) -> dict[str, float]:
+    """The scores ``names`` (default every one) of one candidate (LEEP and NCE NaN without source
+    probabilities, pool_im NaN without unlabelled images)."""
+    out = {name: fn(F, y) for name, fn in FEATURE_SCORES.items() if name in names}
+    for name, fn in POOL_SCORES.items():
+        if name in names:
+            out[name] = fn(F, y, pool) if pool is not None and len(pool) else float("nan")
     for name, fn in SOURCE_SCORES.items():
-        out[name] = fn(source_probs, y) if source_probs is not None else float("nan")
+        if name in names:
+            out[name] = fn(source_probs, y) if source_probs is not None else float("nan")
     return out

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 
 
 def information_maximization(logits: torch.Tensor, eps: float = 1e-8) -> float:
-    """IM = H(E[p]) − E[H(p)]: the mutual information between inputs and predicted classes
-    (Shi & Sha 2012; the objective of SHOT, Liang et al. 2020). High when each prediction is
-    confident and the classes are used evenly; a collapsed or unsure model scores low."""
-    p = F.softmax(logits.float(), dim=1)
-    mean = p.mean(0)
-    h_mean = -(mean * torch.log(mean + eps)).sum()
-    mean_h = -(p * torch.log(p + eps)).sum(1).mean()
-    return float(h_mean - mean_h)
+    """IM = H(E[p]) − E[H(p)] of the softmax of ``logits`` (``tl.transfer_scores.information_maximization``:
+    Shi & Sha 2012; the objective of SHOT, Liang et al. 2020). High when each prediction is confident and
+    the classes are used evenly; a collapsed or unsure model scores low."""
+    from tl.transfer_scores import information_maximization as im
+
+    return im(F.softmax(logits.detach().float(), dim=1).cpu().numpy(), eps)
 
 
 def soft_neighborhood_density(logits: torch.Tensor, temperature: float = 0.05) -> float:
