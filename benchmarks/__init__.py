@@ -1,2 +1,2 @@
 """Benchmarks: ``python -m benchmarks.<name>`` from the repository root; each measures, prints a table
-and writes it under ``results/bench/`` (not timed tests: DESIGN section 6)."""
+and writes it under ``results/bench/`` (not timed tests: docs/architecture.md, "Conventions")."""

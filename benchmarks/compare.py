@@ -116,7 +116,7 @@ def main() -> int:
                    "pool start included")
 
             logical = float(__import__("ray").cluster_resources().get("CPU", 1))
-            # Ray's default here (more logical CPUs than cores, DESIGN section 5), then one trial per core
+            # Ray's default here (more logical CPUs than cores, docs/architecture.md, "Ray in this project"), then one trial per core
             for cpus, limit in ((1.0, 0), (1.0, cores)):
                 tag = f"cpus_per_trial={cpus:g}, max_concurrent={limit or 'none'}"
                 home = scratch / f"home-{limit}"

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the whole session (DESIGN section 5), temporary tl homes."""
+"""Shared fixtures: one local Ray for the whole session (docs/architecture.md, "Ray in this project"), temporary tl homes."""
 
 from __future__ import annotations
 

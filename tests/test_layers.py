@@ -1,4 +1,4 @@
-"""The package's layers (DESIGN section 4) as CI checks: the import-linter contract in
+"""The package's layers (docs/architecture.md, "Layers") as CI checks: the import-linter contract in
 pyproject.toml, and no import circle anywhere in tl/ (module level or inside functions)."""
 
 import subprocess

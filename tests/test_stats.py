@@ -1,4 +1,4 @@
-"""The statistics and the recommendation against values worked out by hand (DESIGN section 3)."""
+"""The statistics and the recommendation against values worked out by hand (docs/architecture.md, "Evaluation protocol")."""
 
 import json
 

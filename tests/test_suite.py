@@ -1,4 +1,4 @@
-"""The embedded digits suite: sizes, determinism and split disjointness (DESIGN section 2)."""
+"""The embedded digits suite: sizes, determinism and split disjointness (docs/architecture.md, "The embedded suite")."""
 
 import numpy as np
 import pytest

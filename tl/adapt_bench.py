@@ -1,5 +1,5 @@
 """The unsupervised adaptation benchmark: source-only and each method, on each target, over seeds,
-with three model-selection rules reported side by side (DESIGN section 3).
+with three model-selection rules reported side by side (docs/architecture.md, "Evaluation protocol").
 
 Each run is one Ray Train run, scored at every checkpoint, and one cell of ``tl.grid``: a Tune trial
 that builds and fits its ``TorchTrainer`` (Train V2's Tune-around-function pattern), so a cluster
@@ -271,7 +271,7 @@ def _own_settings(cfg: AdaptExperimentConfig) -> str:
 
 def _concurrent(cfg: AdaptExperimentConfig) -> int:
     """Runs at once: as many trainers as the cluster's CPUs hold, ``workers`` each, with room for
-    the Ray Data tasks that feed them (DESIGN section 5: starvation hangs)."""
+    the Ray Data tasks that feed them (docs/architecture.md, "Ray in this project": starvation hangs)."""
     import ray
 
     from tl.runtime import cpus_per_worker

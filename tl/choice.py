@@ -1,5 +1,5 @@
 """The recommendation per (target, shots), made on validation episodes and confirmed on test ones
-(DESIGN section 3).
+(docs/architecture.md, "Evaluation protocol").
 
 Choosing the winner on the test episodes it is then reported on overstates it (the winner's
 curse: the maximum of noisy means is biased upwards). So every cell also scores its strategy on

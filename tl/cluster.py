@@ -1,4 +1,4 @@
-"""Running a workflow on a Ray cluster through the Jobs API (DESIGN section 5).
+"""Running a workflow on a Ray cluster through the Jobs API (docs/architecture.md, "Ray in this project").
 
 Why a job and not a Ray Client connection from a laptop: a job's driver runs on the head, next
 to the cluster's storage, and outlives the submitter's connection; the code travels as a runtime

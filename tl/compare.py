@@ -3,7 +3,7 @@
 Every cell runs on the same seeded episodes (paired differences). A strategy entry may carry a
 small ``search`` (for example ``frozen: [0, 1, 2, 3, 4]``): the cell then scores each candidate on
 validation episodes of the target's ``adapt`` split (no image shared with the test episodes),
-keeps the best, and evaluates it on the test episodes (DESIGN: "nested search is a loop, not a
+keeps the best, and evaluates it on the test episodes ("nested search is a loop, not a
 nested Tuner"). Finished cells live in ``<storage>/runs/<experiment>/cells`` (``tl.grid``), so an
 interrupted comparison loses at most its unfinished cells and no row is ever written twice.
 """

@@ -1,5 +1,5 @@
 """Episodic evaluation: the same seeded episodes for every strategy, one row per episode, and the
-validation episodes a cell's choices are made on (DESIGN section 3; the statistics over the rows are
+validation episodes a cell's choices are made on (docs/architecture.md, "Evaluation protocol"; the statistics over the rows are
 ``tl.stats`` and ``tl.report``). Feature strategies index the embedding cache; nothing is recomputed
 per episode.
 """
@@ -193,7 +193,7 @@ def run_cell(spec: dict, data: dict, embeddings: dict, weights: str | None, fixe
         weights = target_weights[target]
     emb = (embeddings.get(target) or {}).get(bn) or {}
     backbone = None if cands[0].uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
-    # an adaptation strategy's unlabelled target pool: the validation half (DESIGN section 2), never a test image
+    # an adaptation strategy's unlabelled target pool: the validation half (docs/architecture.md, "The embedded suite"), never a test image
     pool = data[target]["val"] if cands[0].needs_target else None
     # every cell scores its strategy on the validation episodes (the recommendation is made there);
     # a cell with a search also chooses its candidate there

@@ -3,7 +3,7 @@ of encoded images, or a split of the embedded suite (``mnistm:test``).
 
 The driver holds a folder's or manifest's listing (ids, paths, labels), never an image: Ray Data
 tasks read and decode the files (or a Parquet input's row groups), recording an error per row
-rather than failing the whole dataset on one corrupt file (DESIGN section 5); the model runs in
+rather than failing the whole dataset on one corrupt file (docs/architecture.md, "Ray in this project"); the model runs in
 ``map_batches`` with a callable class over an ``ActorPoolStrategy`` (fractional CPUs per actor; one
 GPU per actor when the cluster has GPUs), and ``write_parquet`` writes the table's parts, which the
 driver joins in input order into one Parquet file and one CSV, a part at a time. The model travels

@@ -35,7 +35,7 @@ def resolve_storage(path: "str | os.PathLike | Location | None") -> Location:
 
 def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
     """CPUs each of ``num_workers`` may ask for so the group fits the running Ray's logical CPUs
-    and leaves ``reserve`` for the Ray Data tasks around it (DESIGN section 5: starvation hangs)."""
+    and leaves ``reserve`` for the Ray Data tasks around it (docs/architecture.md, "Ray in this project": starvation hangs)."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))

@@ -1,4 +1,4 @@
-"""The statistics of a few-shot comparison (DESIGN section 3), on scipy.
+"""The statistics of a few-shot comparison (docs/architecture.md, "Evaluation protocol"), on scipy.
 
 Means over E episodes get a 95% confidence interval with the t quantile (t_0.975,E-1 * s / sqrt(E):
 2.262 at E = 10, 1.96 only as E grows large); two strategies run on the same episodes are compared

@@ -1,7 +1,7 @@
 """Places on any filesystem pyarrow reaches: a local path, ``s3://bucket/key``, ``gs://…`` and the rest.
 
 tl's storage (cells, Tune and Train storage, caches, pretrained backbones) and every output go through
-``Location``, so a local folder and a bucket are the same code (DESIGN section 4). A URI may carry
+``Location``, so a local folder and a bucket are the same code (docs/architecture.md, "Layers"). A URI may carry
 pyarrow's own query options (``s3://b/tl?endpoint_override=http://host:9000``, as a local S3 server
 needs); they travel with every path joined to it, so a Ray worker on another node rebuilds the same
 filesystem from the string. Credentials come from the usual places (environment, profile, instance

@@ -50,12 +50,12 @@ def shlex_args() -> list[str]:
 
 
 def local_cpus() -> int:
-    """Logical CPUs of the local Ray this module starts: more than cores (DESIGN section 5)."""
+    """Logical CPUs of the local Ray this module starts: more than cores (docs/architecture.md, "Ray in this project")."""
     return max(4, 2 * (os.cpu_count() or 1))
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` or start a local Ray with more logical CPUs than cores (DESIGN section 5)."""
+    """Connect to ``address`` or start a local Ray with more logical CPUs than cores (docs/architecture.md, "Ray in this project")."""
     import ray
 
     from tl.errors import ConfigError

@@ -1,7 +1,7 @@
 """Decoding images inside Ray Data: one image's bytes as a viewer shows them (``decode_image``), a
 batch of bytes (``_Decode``, the loads and the file check) or of listed files read in the task
 (``ReadDecode``, over ``listing_dataset``: training streams, extraction, prediction). A file that
-fails is that row's error, by name, never a failed dataset (DESIGN section 5)."""
+fails is that row's error, by name, never a failed dataset (docs/architecture.md, "Ray in this project")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Seeded N-way K-shot Q-query episodes.
 
 Episode ``i`` of seed ``s`` is drawn from its own generator, ``default_rng([s, i])``, so every
-strategy that asks with the same seed gets the same episodes (paired comparisons, DESIGN section 3)
+strategy that asks with the same seed gets the same episodes (paired comparisons, docs/architecture.md, "Evaluation protocol")
 whatever the number of episodes asked for.
 """
 

@@ -5,7 +5,7 @@ Each becomes the one ImageSet schema: listed (``FileIndex``), held as files (``F
 per row or streamed through Ray Data), or read into memory. Images are read as bytes
 (``read_binary_files``) and decoded by ``tl.data.decode``, which records a per-row error instead of
 failing the whole dataset, so one corrupt file stops the load with the list of bad files, by name
-(DESIGN section 5). Folders, manifests and Parquet files may be local or at a URI.
+(docs/architecture.md, "Ray in this project"). Folders, manifests and Parquet files may be local or at a URI.
 """
 
 from __future__ import annotations

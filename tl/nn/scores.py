@@ -1,7 +1,7 @@
 """Unsupervised model-selection scores on unlabelled target predictions (higher is better).
 
 No target label is read: these choose a checkpoint (or hyper-parameter) for unsupervised domain
-adaptation where target accuracy cannot be measured (DESIGN section 3; Musgrave et al. 2022,
+adaptation where target accuracy cannot be measured (docs/architecture.md, "Evaluation protocol"; Musgrave et al. 2022,
 "Benchmarking Validation Methods for Unsupervised Domain Adaptation").
 """
 

@@ -12,6 +12,10 @@ from tl.errors import ConfigError
 
 @dataclass(frozen=True)
 class StrategyEntry:
+    """``strategy``: a registered name (see "Strategy parameters"); ``params``: its fixed parameters;
+    ``search``: lists of values for some of them, chosen per cell on validation episodes; ``label``: its
+    name in tables (default the strategy's own, ``finetune_k2`` for a fixed depth)."""
+
     strategy: str
     label: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
