@@ -59,3 +59,72 @@ def test_no_tracked_file_points_outside_the_repository():
             if any(p.search(line) for p in OUTSIDE):
                 hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()[:100]}")
     assert not hits, "\n".join(hits)
+
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "cluster" / "README.md"]
+REPO_DIRS = ("results/", "workflows/", "docs/", "cluster/", "benchmarks/", "tests/", "tl/")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command) for every command line in the pages' code blocks: ``python -m workflows.*`` and
+    ``benchmarks.*`` (the command after ``--`` of a job submission included), ``make`` targets and the
+    scripts under cluster/; continuation lines joined, trailing comments dropped."""
+    out = []
+    for page in PAGES:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                for part in re.split(r"\s--\s", line):
+                    part = part.strip()
+                    if re.match(r"(\.venv/bin/)?python (-m (workflows|benchmarks)\.|cluster/)|make ", part):
+                        out.append((str(page.relative_to(REPO)), part))
+    return out
+
+
+def test_docs_have_commands():
+    commands = documented_commands()
+    modules = {re.search(r"-m ([\w.]+)", c).group(1) for _, c in commands if " -m " in c}
+    assert len(commands) > 50 and {"workflows.compare", "workflows.export", "workflows.predict",
+                                   "workflows.recommend", "workflows.adapt"} <= modules, modules
+
+
+def test_every_documented_command_is_valid(monkeypatch, capsys, tmp_path):
+    """Each documented command line, checked without running it: its module or script exists, its options
+    parse, its config files exist and every --set key and value builds the workflow's config (the
+    workflow's own ``--check``); a repository path it names exists (outputs aside); a report folder has
+    its rows; a make target exists. The commands themselves run in their --smoke-test form in the
+    workflows' own tests."""
+    import importlib
+    import shlex
+    import sys
+
+    makefile = (REPO / "Makefile").read_text()
+    bad = []
+    for page, command in documented_commands():
+        # a placeholder bucket cannot be reached from a test: a local folder stands in for it (the keys and
+        # options are what is checked; tests/test_storage.py runs workflows against a real S3 API)
+        words = [re.sub(r"\b(s3|gs)://[^\s'\"\],]+", str(tmp_path / "bucket"), w) for w in shlex.split(command)]
+        try:
+            if words[0] == "make":
+                assert re.search(rf"^{re.escape(words[1])}:", makefile, re.M), "no such make target"
+                continue
+            if not words[1] == "-m":  # a script of the repository
+                assert (REPO / words[1]).is_file(), f"no file {words[1]}"
+                continue
+            module, args = words[2], words[3:]
+            paths = [a.split("=", 1)[-1] for i, a in enumerate(args) if i == 0 or args[i - 1] != "--output"]
+            for p in paths:
+                if p.startswith(REPO_DIRS):
+                    assert (REPO / p).exists(), f"no {p} in the repository"
+            assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"no module {module}"
+            if module.startswith("benchmarks.") or module == "workflows.submit":
+                continue  # a benchmark runs when called; a submission's own command is checked on its own
+            if module == "workflows.report":
+                assert (REPO / args[0] / "rows.parquet").is_file(), f"{args[0]} has no rows.parquet"
+                continue
+            monkeypatch.setattr(sys, "argv", [module, *args, "--check"])
+            code = importlib.import_module(module).main()
+            assert code == 0, f"exit {code}"
+        except (AssertionError, Exception, SystemExit) as exc:
+            bad.append(f"{page}: {command}\n    {type(exc).__name__}: {exc} {capsys.readouterr().err[-300:]}")
+    assert not bad, "\n".join(bad)

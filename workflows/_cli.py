@@ -26,7 +26,16 @@ def parser(prog: str, description: str, package: str = "workflows") -> argparse.
                         "~/.cache/tl; never inside the repository)")
     p.add_argument("--output", default=None, metavar="DIR|URI",
                    help="where results go: a folder or a URI (default results/<experiment>)")
+    p.add_argument("--check", action="store_true",
+                   help="check the command line and the config (every key, value and config file), then stop: "
+                        "nothing runs, Ray does not start")
     return p
+
+
+def checked(config: object) -> int:
+    """What ``--check`` prints once the config is built: the command and its keys are valid."""
+    print(f"ok: {type(config).__name__} built, nothing run")
+    return 0
 
 
 @contextmanager

@@ -32,6 +32,8 @@ def main() -> int:
     if args.gpu:
         base["use_gpu"] = True
     cfg = load_config(AdaptExperimentConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     output = args.output or f"results/{cfg.experiment}"
     _cli.init_ray(args.address)

@@ -43,6 +43,8 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
     if args.smoke_test:
         base |= smoke
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     output = args.output or f"results/{cfg.experiment}"
     if args.dry_run:

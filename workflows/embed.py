@@ -45,6 +45,8 @@ def main() -> int:
     base: dict = {"data": "optdigits", "split": "test"} if args.smoke_test else {}
     job = load_config(EmbedJob, args.config, args.overrides, base=base)
     name, spec = resolve(job.data, "data")
+    if args.check:
+        return _cli.checked(job)
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)
     size = input_size_of(job.backbone, job.input_size)

@@ -33,6 +33,8 @@ def main() -> int:
     job = load_config(FolderJob, args.config, args.overrides, base={"per_class": 3} if args.smoke_test else {})
     if not args.output:
         raise ConfigError("--output: say where the folder goes, for example --output /tmp/my-digits")
+    if args.check:
+        return _cli.checked(job)
     name, _, split = job.dataset.partition(":")
     data = load_embedded(name)
     if split:

@@ -28,6 +28,8 @@ def main() -> int:
         base = {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}, "target": "optdigits",
                 "weights": "random", "train_on": "shots", "shots": 5}
     cfg = load_config(ExportConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     name = Location.of(cfg.data).name if cfg.data else (cfg.target or "best").replace(":", "-")
     output = args.output or f"models/{name}-{f'{cfg.shots}shot' if cfg.shots else cfg.strategy}"

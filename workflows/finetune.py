@@ -28,6 +28,8 @@ def main() -> int:
     if args.gpu:
         base.update(use_gpu=True, amp=True)
     cfg = load_config(RunConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     output = args.output or f"results/finetune/{cfg.key()}"
     _cli.init_ray(args.address)

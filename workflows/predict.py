@@ -30,6 +30,10 @@ def main() -> int:
     from tl.storage import Location
 
     cfg = load_config(PredictConfig, args.config, args.overrides)
+    if args.check:
+        if not args.smoke_test and (args.model is None or args.input is None):
+            p.error("give MODEL and INPUT (or --smoke-test)")
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)
     model, source = args.model, args.input

@@ -24,6 +24,8 @@ def main() -> int:
     if args.gpu:
         base["use_gpu"] = True
     cfg = load_config(PretrainConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)
     result = pretrain(cfg, storage)

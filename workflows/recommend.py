@@ -23,6 +23,8 @@ def main() -> int:
 
     base: dict = {"target": "optdigits", "shots": 2, "bootstrap": 20} if args.smoke_test else {}
     cfg = load_config(RecommendConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     _cli.init_ray(args.address)  # pretrained weights are made on Ray Train when missing; a user's images read with Ray Data
     result = recommend(cfg, storage)

@@ -130,6 +130,8 @@ def render() -> str:
 def main() -> int:
     p = _cli.parser("reference", "Write the configuration reference (docs/configuration.md) from the config classes.")
     args = p.parse_args()
+    if args.check:
+        return _cli.checked(p)
     target = Path(args.output) if args.output else PAGE
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render())

@@ -24,6 +24,8 @@ def main() -> int:
         base = {"experiment": "search-smoke", "target": "optdigits", "shots": 1, "val_episodes": 2, "test_episodes": 3,
                 "max_steps": 9, "space": {"frozen": {"grid": [3, 4]}, "lr": {"grid": [0.01, 0.1]}}}
     cfg = load_config(SearchConfig, args.config, args.overrides, base=base)
+    if args.check:
+        return _cli.checked(cfg)
     storage = resolve_storage(args.storage)
     output = args.output or f"results/{cfg.experiment}"
     _cli.init_ray(args.address)
