@@ -21,7 +21,7 @@ class TrainingError(TLError):
     """Training diverged or could not run (names the strategy, step and learning rate)."""
 
 
-# The exit statuses of every workflow (README, "Exit statuses"): one number per kind of outcome.
+# The exit statuses of every workflow (docs/workflows.md, "Exit statuses"): one number per kind of outcome.
 EXIT_OK = 0  # everything finished
 EXIT_BUG = 1  # an unexpected error (a traceback is printed): a bug to report
 EXIT_BAD_INPUT = 2  # a usage error or bad input, named in one line; nothing was half-written

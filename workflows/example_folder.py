@@ -1,5 +1,5 @@
 """Write an image folder like a user's own (one subfolder per class, a few PNGs each) from the
-embedded suite, for the README's worked example and for trying tl on a folder.
+embedded suite, for the worked example of docs/data.md and for trying tl on a folder.
 
     python -m workflows.example_folder --output /tmp/my-digits --set per_class=12 --set dataset=mnistm:test
 """
