@@ -185,3 +185,47 @@ def test_ci_shrinks_as_episodes_grow(optdigits_embeddings):
         rows = pd.DataFrame(run_episodes(proto, data, shots=1, queries=15, episodes=n, seed=1, embeddings=vectors))
         cis.append(summarize(rows).iloc[0]["ci95"])
     assert cis[0] > cis[1] > cis[2], cis
+
+
+def test_extraction_runs_cpu_tasks_that_keep_the_backbone_and_gpu_actors(ray_local):
+    """On CPUs the backbone runs in Ray Data tasks (``embed_batch``), at most ``actors`` at a time,
+    whose worker process keeps it built for the next block and extraction; on GPUs an actor per GPU.
+    Read from the dataset's plan (the GPU one is never executed here: this cluster has no GPU)."""
+    import ray.data
+
+    from tl.embeddings import _embed
+    from tl.models.embedder import Embedder, embed_batch
+
+    def plan(use_gpu):
+        cfg = EmbedConfig(actors=2, cpus_per_actor=0.5, use_gpu=use_gpu)
+        op = _embed(ray.data.range(4), cfg, None, "d", 2, "numpy")._logical_plan.dag
+        return op.fn, op.compute, op.ray_remote_args
+
+    fn, compute, remote = plan(False)
+    assert fn is embed_batch and isinstance(compute, ray.data.TaskPoolStrategy) and compute.size == 2
+    assert remote.get("num_cpus") == 0.5 and not remote.get("num_gpus")
+    fn, compute, remote = plan(True)
+    assert fn is Embedder and isinstance(compute, ray.data.ActorPoolStrategy) and remote.get("num_gpus") == 1
+
+
+def test_a_worker_builds_the_backbone_once_per_weights_and_restores_its_threads():
+    import torch
+
+    from tl.models import embedder
+
+    batch = {"image": np.random.default_rng(0).random((3, 3, 28, 28), dtype=np.float32), "row": np.arange(3)}
+    args = dict(backbone="digits_cnn", weights=None, stage=None, input_size=None, threads=1)
+    embedder._BUILT.clear()
+    threads = torch.get_num_threads()
+    first = list(embedder.embed_batch(batch, digest="a", **args))
+    built = next(iter(embedder._BUILT.values()))
+    assert torch.get_num_threads() == 1
+    again = list(embedder.embed_batch(batch, digest="a", **{**args, "stage": 2, "threads": 0}))
+    assert next(iter(embedder._BUILT.values())) is built, "the same weights: the same built model"
+    assert torch.get_num_threads() == embedder._DEFAULT_THREADS[0], "threads 0: the process default again"
+    assert first[0]["embedding"].shape == (3, 256) and again[0]["embedding"].shape[0] == 3
+    assert np.array_equal(first[0]["row"], batch["row"]) and "image" not in first[0]
+    list(embedder.embed_batch(batch, digest="b", **args))
+    assert len(embedder._BUILT) == embedder._KEEP and next(iter(embedder._BUILT.values())) is not built
+    torch.set_num_threads(threads)
+    embedder._BUILT.clear()

@@ -1,7 +1,7 @@
 """Embedding extraction with Ray Data, cached by content.
 
-The backbone runs in ``map_batches`` with a callable class on an actor pool (one GPU per actor when
-asked). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
+The backbone runs in ``map_batches``: on CPUs as tasks whose worker processes keep it built between
+blocks and extractions, on GPUs as an actor pool (one GPU per actor). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
 a digest of its weights, the stage read, the preprocessing and the dataset's fingerprint, so
 anything that changes the embeddings changes the key. ``manifest.json`` is written last: a folder
 without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
-from tl.models.embedder import Embedder, FileEmbedder
+from tl.models.embedder import Embedder, FileEmbedder, embed_batch
 from tl.runtime import cluster_gpus
 from tl.storage import Location
 
@@ -40,7 +40,9 @@ MANIFEST = "manifest.json"
 @dataclass(frozen=True)
 class EmbedConfig:
     """How to extract: which backbone, weights and stage; how big the batches (an array's; files are
-    read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time) and the actor pool."""
+    read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time), and how many
+    run at once: ``actors`` CPU tasks of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch
+    threads (0: the process default), or ``actors`` GPU actors when ``use_gpu``."""
 
     backbone: str = "digits_cnn"
     weights: str | None = None
@@ -54,8 +56,8 @@ class EmbedConfig:
 
     @staticmethod
     def on_cluster(**fields) -> "EmbedConfig":
-        """``fields`` with the actor pool the running cluster offers: one Ray Data GPU actor per GPU
-        where it has GPUs (extraction is the big axis), one CPU actor otherwise."""
+        """``fields`` with what the running cluster offers: one Ray Data GPU actor per GPU where it
+        has GPUs (extraction is the big axis), one CPU task at a time otherwise."""
         gpus = int(cluster_gpus())
         return EmbedConfig(**fields, use_gpu=gpus > 0, actors=max(1, gpus))
 
@@ -81,12 +83,32 @@ def cache_key(backbone: str, digest: str, stage: int | None, preprocessing: dict
 
 
 def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
-    """The backbone, the stage read (None: the last), the preprocessing, the cache key and folder."""
+    """The backbone, the stage read (None: the last), the preprocessing, the cache key and folder,
+    and the weights' digest."""
     model = make_backbone(cfg.backbone, cfg.weights, cfg.input_size)
     stage = cfg.stage if cfg.stage != model.num_stages else None
     pp = model.preprocessing.describe()
-    key = cache_key(cfg.backbone, weights_digest(model), stage, pp, fingerprint)
-    return model, stage, pp, key, Location.of(cache_root) / "embeddings" / key
+    digest = weights_digest(model)
+    key = cache_key(cfg.backbone, digest, stage, pp, fingerprint)
+    return model, stage, pp, key, Location.of(cache_root) / "embeddings" / key, digest
+
+
+def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int, batch_format: str, decode=None):
+    """``ds`` mapped through the backbone by Ray Data. On CPUs: tasks (``embed_batch``), at most
+    ``cfg.actors`` at a time, in worker processes that keep the backbone built for the next block and
+    the next extraction (an actor pool starts fresh processes each time: 1,000 files took 14-15 s
+    with actors against 1.6-1.8 s with warm tasks here). On GPUs: an actor pool, one actor per GPU
+    holding the model on its device (``Embedder``, ``FileEmbedder`` where ``decode`` reads files)."""
+    import ray.data
+
+    build = dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage, input_size=cfg.input_size,
+                 threads=cfg.threads_per_actor)
+    if cfg.use_gpu:
+        cls, kwargs = (Embedder, build) if decode is None else (FileEmbedder, dict(build, decode=decode))
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                              batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor, num_gpus=1)
+    return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode), concurrency=cfg.actors,
+                          batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor)
 
 
 def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print,
@@ -94,13 +116,11 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
     """Embeddings of ``data`` from the cache, or extracted with Ray Data and cached (a lazy set, held
     as files or Parquet rows, streams from them: ``extract_stream``; ``load``: False leaves its
     vectors in the cache, for a job that only fills it)."""
-    import ray.data
-
     if data.lazy:
         return extract_stream(data.name, data.fingerprint(), data.images, data.labels, data.ids, cfg, cache_root, log,
                               load)
     t0 = time.time()
-    model, stage, pp, key, where = _place(cfg, data.fingerprint(), cache_root)
+    model, stage, pp, key, where, digest = _place(cfg, data.fingerprint(), cache_root)
     fs, folder = where.fs, where.path
     cached = _read(fs, folder, len(data))
     if cached is not None:
@@ -111,15 +131,8 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
         log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
         fs.delete_dir(folder)
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
-        f"on {cfg.actors} actor(s), batch {cfg.batch_size}")
-    ds = data.to_ray(("row", "image", "label", "id")).map_batches(
-        Embedder,
-        fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage,
-                                   input_size=cfg.input_size, threads=cfg.threads_per_actor),
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size, batch_format="numpy",
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
-    )
+        f"{cfg.actors} at a time, batch {cfg.batch_size}")
+    ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy")
     # a long extraction shows Ray Data's progress bars (rows done) on a terminal; in a log file Ray
     # would print a block of resource lines every 10 s instead, so there tl's own lines say it
     ds.context.enable_progress_bars = sys.stderr.isatty()
@@ -150,19 +163,18 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
                    cache_root: "str | Location", log: Callable[[str], None] = print, load: bool = True) -> Embeddings:
     """Embeddings of images held as files or Parquet rows (``images``: ``tl.data.sources.FileImages``
     or ``tl.data.parquet.ParquetImages``), streamed by Ray Data from storage to the cache: read,
-    decode to uint8, embed on the actor pool, ``write_parquet``. The driver holds the listing and,
+    decode to uint8, embed (``_embed``), ``write_parquet``. The driver holds the listing and,
     when ``load``, the finished vectors (row-aligned with ``labels`` and ``ids``); never a pixel.
     The key hashes ``fingerprint`` (the listing's metadata) and the decode size. An image that does
     not decode, or images of mixed sizes (unless ``mixed_sizes: resize``), fail the extraction with
     their names, and no cache is committed."""
     import pyarrow.compute as pc
-    import ray.data
 
     from tl.data.decode import LISTING_BLOCK, _check_sizes
 
     t0 = time.time()
     size = images.size
-    model, stage, pp, key, where = _place(cfg, f"stream:{fingerprint}:{list(size)}", cache_root)
+    model, stage, pp, key, where, digest = _place(cfg, f"stream:{fingerprint}:{list(size)}", cache_root)
     fs, folder = where.fs, where.path
     info = _manifest(fs, folder)
     table = None
@@ -171,18 +183,14 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
             log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
             fs.delete_dir(folder)
         log(f"[embed] extracting {len(images)} images of '{name}' with {cfg.backbone} (stage {cfg.stage or 'last'}), "
-            f"streamed read -> decode -> embed -> Parquet on {cfg.actors} actor(s), blocks of about {LISTING_BLOCK} "
+            f"streamed read -> decode -> embed -> Parquet, {cfg.actors} at a time, blocks of about {LISTING_BLOCK} "
             f"images")
-        # the driver's listing goes to the object store in blocks; each actor reads, decodes (uint8)
-        # and embeds a block's images in one process (read_binary_files and a decoding step before
-        # the actors instead: 0.28x the plain loop at 10k files, results/bench/files.md of
-        # 2026-12-01; decoding in tasks of their own beside the actors: about 1.5x slower per image)
-        ds = images.dataset(labels, ids).map_batches(
-            FileEmbedder,
-            fn_constructor_kwargs=dict(decode=images.reader(uint8=True), backbone=cfg.backbone, weights=cfg.weights,
-                                       stage=stage, input_size=cfg.input_size, threads=cfg.threads_per_actor),
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=images.batch_rows, batch_format="pandas",
-            num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
+        # the driver's listing goes to the object store in blocks; each task (actor on GPUs) reads,
+        # decodes (uint8) and embeds a block's images in one process (read_binary_files and a
+        # decoding step before instead: 0.28x the plain loop at 10k files, results/bench/files.md of
+        # 2026-12-01; decoding in tasks of their own beside the model's: about 1.5x slower per image)
+        ds = _embed(images.dataset(labels, ids), cfg, stage, digest, images.batch_rows, "pandas",
+                    decode=images.reader(uint8=True))
         ds.context.enable_progress_bars = sys.stderr.isatty()
         part = f"data-{uuid.uuid4().hex[:8]}"
         ds.write_parquet(f"{folder}/{part}", filesystem=fs)

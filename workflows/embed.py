@@ -17,7 +17,8 @@ from workflows import _cli
 class EmbedJob:
     """``data``: a data spec (an embedded name, or a folder, CSV or Parquet, local or at a URI; a
     folder without class subfolders is unlabelled); ``split``: one split of it (every image when
-    unset)."""
+    unset); ``actors``: extraction tasks at a time on CPUs (GPU actors with ``use_gpu``), each with
+    ``threads_per_actor`` torch threads (0: the process default)."""
 
     data: str | DataSpec = "mnistm"
     split: str | None = None
@@ -27,7 +28,7 @@ class EmbedJob:
     input_size: int | None = None
     batch_size: int = 256
     actors: int = 1
-    threads_per_actor: int = 0  # torch threads per actor; 0: torch's default (every core)
+    threads_per_actor: int = 0
     use_gpu: bool = False
 
 
