@@ -56,10 +56,7 @@ def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None
 
 
 def child_tl(root: str, size: int) -> dict:
-    """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir),
-    twice: the first extraction of a job (its worker processes start and import torch) and a second
-    into another cache (the workers and their built backbone kept, as a comparison's later
-    extractions find them)."""
+    """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir)."""
     from tl.data.sources import index_image_folder
     from tl.embeddings import EmbedConfig, extract_files
     from tl.models import input_size_of
@@ -67,19 +64,17 @@ def child_tl(root: str, size: int) -> dict:
     t0 = time.perf_counter()
     _cli.init_ray(None)
     start_s = time.perf_counter() - t0
-    seconds = []
-    for _ in range(2):
-        cache = tempfile.mkdtemp(prefix="tl-bench-files-")
-        try:
-            t0 = time.perf_counter()
-            index = index_image_folder(root)
-            # as many one-thread tasks at a time as the plain loop has torch threads: the same threads
-            cfg = EmbedConfig(backbone=BACKBONE, batch_size=256, actors=os.cpu_count() or 1, threads_per_actor=1)
-            emb = extract_files(index, input_size_of(BACKBONE), cfg, cache, log=lambda _: None, load=False)
-            seconds.append(time.perf_counter() - t0)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-    return {"images": emb.info["rows"], "seconds": seconds[0], "warm_seconds": seconds[1], "ray_start_s": start_s,
+    cache = tempfile.mkdtemp(prefix="tl-bench-files-")
+    try:
+        t0 = time.perf_counter()
+        index = index_image_folder(root)
+        # as many one-thread actors as the plain loop has torch threads: the same threads
+        cfg = EmbedConfig(backbone=BACKBONE, batch_size=256, actors=os.cpu_count() or 1, threads_per_actor=1)
+        emb = extract_files(index, input_size_of(BACKBONE), cfg, cache, log=lambda _: None, load=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"images": emb.info["rows"], "seconds": seconds, "ray_start_s": start_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -140,22 +135,18 @@ def main() -> int:
             results[n] = (ray_r, plain_r)
             part = f"{n // 1000}k"
             record(part, f"Ray Data read->decode->embed->Parquet, {n} files", n / ray_r["seconds"], "images/s",
-                   f"{ray_r['seconds']:.1f} s, the job's first extraction: {os.cpu_count()} one-thread tasks at a time, each reading, decoding and embedding a block, in worker processes that start and import torch; Ray start {ray_r['ray_start_s']:.1f} s not included; {mb:.0f} MB of PNG")
-            record(part, "the same, the job's second extraction", n / ray_r["warm_seconds"], "images/s",
-                   f"{ray_r['warm_seconds']:.1f} s, into another cache: worker processes and their backbone kept")
+                   f"{ray_r['seconds']:.1f} s, {os.cpu_count()} actors of 1 torch thread, each reading, decoding and embedding its blocks; Ray start {ray_r['ray_start_s']:.1f} s not included; {mb:.0f} MB of PNG")
             record(part, "plain PyTorch loop over the same files", n / plain_r["seconds"], "images/s",
                    f"{plain_r['seconds']:.1f} s, {os.cpu_count()} torch threads")
             record(part, "ratio Ray Data / plain loop (throughput)", plain_r["seconds"] / ray_r["seconds"], "x",
-                   "target >= 0.9; the first extraction")
-            record(part, "ratio Ray Data / plain loop, second extraction", plain_r["seconds"] / ray_r["warm_seconds"],
-                   "x", "")
+                   "target >= 0.9")
             record(part, "driver peak RSS (Ray Data run)", ray_r["rss_mb"], "MB", "ru_maxrss of the driver process")
             record(part, "peak RSS of the plain loop", plain_r["rss_mb"], "MB", "")
         lo, hi = sizes[0], sizes[-1]
         growth = results[hi][0]["rss_mb"] / results[lo][0]["rss_mb"] - 1
         record("all", f"driver peak RSS growth {lo} -> {hi} files", 100 * growth, "%", "target <= 10")
         # the rate at scale: the extra images over the extra seconds, without each run's fixed start
-        # (worker processes importing torch and building the backbone; the plain loop's model is
+        # (the actors' processes importing torch and building the backbone; the plain loop's model is
         # built before its clock starts)
         marginal = [(hi - lo) / (results[hi][k]["seconds"] - results[lo][k]["seconds"]) for k in (0, 1)]
         record("all", f"Ray Data marginal throughput {lo} -> {hi} files", marginal[0], "images/s",

@@ -188,22 +188,26 @@ def test_ci_shrinks_as_episodes_grow(optdigits_embeddings):
 
 
 def test_extraction_runs_cpu_tasks_that_keep_the_backbone_and_gpu_actors(ray_local):
-    """On CPUs the backbone runs in Ray Data tasks (``embed_batch``), at most ``actors`` at a time,
-    whose worker process keeps it built for the next block and extraction; on GPUs an actor per GPU.
-    Read from the dataset's plan (the GPU one is never executed here: this cluster has no GPU)."""
+    """A small set on CPUs runs in Ray Data tasks (``embed_batch``), at most ``actors`` at a time,
+    whose worker process keeps the backbone built for the next block and extraction; a large one on
+    an actor pool of CPU actors; on GPUs an actor per GPU. Read from the dataset's plan (the GPU one
+    is never executed here: this cluster has no GPU)."""
     import ray.data
 
-    from tl.embeddings import _embed
+    from tl.embeddings import TASK_MAX_ROWS, _embed
     from tl.models.embedder import Embedder, embed_batch
 
-    def plan(use_gpu):
+    def plan(use_gpu, rows=4):
         cfg = EmbedConfig(actors=2, cpus_per_actor=0.5, use_gpu=use_gpu)
-        op = _embed(ray.data.range(4), cfg, None, "d", 2, "numpy")._logical_plan.dag
+        op = _embed(ray.data.range(4), cfg, None, "d", 2, "numpy", rows)._logical_plan.dag
         return op.fn, op.compute, op.ray_remote_args
 
     fn, compute, remote = plan(False)
     assert fn is embed_batch and isinstance(compute, ray.data.TaskPoolStrategy) and compute.size == 2
     assert remote.get("num_cpus") == 0.5 and not remote.get("num_gpus")
+    fn, compute, remote = plan(False, TASK_MAX_ROWS + 1)
+    assert fn is Embedder and isinstance(compute, ray.data.ActorPoolStrategy) and not remote.get("num_gpus")
+    assert remote.get("num_cpus") == 0.5
     fn, compute, remote = plan(True)
     assert fn is Embedder and isinstance(compute, ray.data.ActorPoolStrategy) and remote.get("num_gpus") == 1
 

@@ -1,7 +1,7 @@
 """Embedding extraction with Ray Data, cached by content.
 
-The backbone runs in ``map_batches``: on CPUs as tasks whose worker processes keep it built between
-blocks and extractions, on GPUs as an actor pool (one GPU per actor). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
+The backbone runs in ``map_batches``: for a small set on CPUs as tasks whose worker processes keep it
+built between blocks and extractions, otherwise on an actor pool (one GPU per actor on GPUs). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
 a digest of its weights, the stage read, the preprocessing and the dataset's fingerprint, so
 anything that changes the embeddings changes the key. ``manifest.json`` is written last: a folder
 without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
@@ -41,8 +41,9 @@ MANIFEST = "manifest.json"
 class EmbedConfig:
     """How to extract: which backbone, weights and stage; how big the batches (an array's; files are
     read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time), and how many
-    run at once: ``actors`` CPU tasks of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch
-    threads (0: the process default), or ``actors`` GPU actors when ``use_gpu``."""
+    run at once: ``actors`` (CPU tasks for a small set, else an actor pool; GPU actors when
+    ``use_gpu``) of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch threads (0: the
+    process default)."""
 
     backbone: str = "digits_cnn"
     weights: str | None = None
@@ -93,20 +94,30 @@ def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
     return model, stage, pp, key, Location.of(cache_root) / "embeddings" / key, digest
 
 
-def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int, batch_format: str, decode=None):
-    """``ds`` mapped through the backbone by Ray Data. On CPUs: tasks (``embed_batch``), at most
-    ``cfg.actors`` at a time, in worker processes that keep the backbone built for the next block and
-    the next extraction (an actor pool starts fresh processes each time: 1,000 files took 14-15 s
-    with actors against 1.6-1.8 s with warm tasks here). On GPUs: an actor pool, one actor per GPU
-    holding the model on its device (``Embedder``, ``FileEmbedder`` where ``decode`` reads files)."""
+#: at most this many images are embedded by CPU tasks; more by an actor pool (``_embed``)
+TASK_MAX_ROWS = 4096
+
+
+def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int, batch_format: str, rows: int,
+           decode=None):
+    """``ds`` (``rows`` images) mapped through the backbone by Ray Data. A small set on CPUs: tasks
+    (``embed_batch``), at most ``cfg.actors`` at a time, in worker processes that keep the backbone
+    built for the next block and the next extraction (an actor pool starts fresh processes each
+    time: 1,000 files took 14-18 s per extraction with actors against 1.5-2.8 s with warm tasks, on
+    2 busy cores). A large set (over ``TASK_MAX_ROWS``), or GPUs: an actor pool (``Embedder``,
+    ``FileEmbedder`` where ``decode`` reads files; one GPU per actor), whose start is paid once and
+    whose blocks stay on a few processes: with tasks, 10,000 files took 31.8 s cold and 8.9 s warm,
+    100,000 took 91.4 s cold and 67.6 s warm, against 13.2 s and 58.6 s with actors
+    (``python -m benchmarks.files``, 2026-12-04 and results/bench/files.md)."""
     import ray.data
 
     build = dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage, input_size=cfg.input_size,
                  threads=cfg.threads_per_actor)
-    if cfg.use_gpu:
+    if cfg.use_gpu or rows > TASK_MAX_ROWS:
         cls, kwargs = (Embedder, build) if decode is None else (FileEmbedder, dict(build, decode=decode))
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                              batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor, num_gpus=1)
+                              batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor,
+                              num_gpus=1 if cfg.use_gpu else 0)
     return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode), concurrency=cfg.actors,
                           batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor)
 
@@ -132,7 +143,7 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
         fs.delete_dir(folder)
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"{cfg.actors} at a time, batch {cfg.batch_size}")
-    ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy")
+    ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy", len(data))
     # a long extraction shows Ray Data's progress bars (rows done) on a terminal; in a log file Ray
     # would print a block of resource lines every 10 s instead, so there tl's own lines say it
     ds.context.enable_progress_bars = sys.stderr.isatty()
@@ -189,7 +200,7 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
         # decodes (uint8) and embeds a block's images in one process (read_binary_files and a
         # decoding step before instead: 0.28x the plain loop at 10k files, results/bench/files.md of
         # 2026-12-01; decoding in tasks of their own beside the model's: about 1.5x slower per image)
-        ds = _embed(images.dataset(labels, ids), cfg, stage, digest, images.batch_rows, "pandas",
+        ds = _embed(images.dataset(labels, ids), cfg, stage, digest, images.batch_rows, "pandas", len(images),
                     decode=images.reader(uint8=True))
         ds.context.enable_progress_bars = sys.stderr.isatty()
         part = f"data-{uuid.uuid4().hex[:8]}"

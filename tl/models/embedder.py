@@ -46,8 +46,8 @@ class FileEmbedder(Embedder):
     """An ``Embedder`` that first reads and decodes its batch's listed images (``decode``: a
     ``tl.data.decode.ReadDecode`` over files, or a ``tl.data.parquet.ReadGroups`` over Parquet row
     groups, which yields its chunks), in the same actor: decoding beside the model in each actor
-    keeps a block's pixels in one process from file to embedding. The GPU path; on CPUs
-    ``embed_batch`` does the same in tasks."""
+    keeps a block's pixels in one process from file to embedding. The actor path (GPUs, large
+    sets); for a small set on CPUs ``embed_batch`` does the same in tasks."""
 
     def __init__(self, decode, **kwargs):
         super().__init__(**kwargs)
