@@ -1,9 +1,10 @@
 """Embedding extraction with Ray Data, cached by content.
 
 The backbone runs in ``map_batches``: for a small set on CPUs as tasks whose worker processes keep it
-built between blocks and extractions, otherwise on an actor pool (one GPU per actor on GPUs). The output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name,
-a digest of its weights, the stage read, the preprocessing and the dataset's fingerprint, so
-anything that changes the embeddings changes the key. ``manifest.json`` is written last: a folder
+built between blocks and extractions, otherwise on an actor pool (one GPU per actor on GPUs). The
+output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name, a digest
+of its weights, the stage read, the preprocessing and the dataset's fingerprint, so anything that
+changes the embeddings changes the key. ``manifest.json`` is written last: a folder
 without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
 filesystems understand (``s3://``, ``gs://``, ``hdfs://``), so every node of a cluster sees it.
 """
@@ -107,8 +108,8 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
     2 busy cores). A large set (over ``TASK_MAX_ROWS``), or GPUs: an actor pool (``Embedder``,
     ``FileEmbedder`` where ``decode`` reads files; one GPU per actor), whose start is paid once and
     whose blocks stay on a few processes: with tasks, 10,000 files took 31.8 s cold and 8.9 s warm,
-    100,000 took 91.4 s cold and 67.6 s warm, against 13.2 s and 58.6 s with actors
-    (``python -m benchmarks.files``, 2026-12-04 and results/bench/files.md)."""
+    100,000 took 91.4 s cold and 67.6 s warm (``python -m benchmarks.files`` run with tasks,
+    2026-12-04), against 13.2 s and 58.6 s with actors (results/bench/files.md, 2026-12-02)."""
     import ray.data
 
     build = dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage, input_size=cfg.input_size,
