@@ -1,8 +1,9 @@
 """A comparison's driver, and a many-shot fine-tuning run's on Ray Train, hold a user folder's labels
 and paths, never its pixel array: the target here is 586 MiB at float32, and the driver process (real
 runs on the session's Ray) must grow by a third of that at most in each, while reading the same folder
-into memory grows it by more than the array. Peak RSS is the kernel's own high-water mark
-(``VmHWM``), reset after the imports and between the measurements."""
+into memory (decoded and stacked at float32, as the old driver did) grows it by more than the array.
+Peak RSS is the kernel's own high-water mark (``VmHWM``), reset after the imports and between the
+measurements."""
 
 import json
 import subprocess
@@ -24,10 +25,11 @@ from pathlib import Path
 import matplotlib, ray, ray.data, ray.train, ray.tune, torch, torchvision  # noqa: F401,E401
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401,E402
+import numpy as np  # noqa: E402
 import tl.compare, tl.embeddings, tl.evaluate, tl.report, tl.runs  # noqa: F401,E401,E402
+from PIL import Image  # noqa: E402
 from tl.compare import CompareConfig, run_compare
 from tl.config import load_config
-from tl.data.sources import load_image_folder
 from tl.runs import RunConfig, run
 
 
@@ -53,11 +55,13 @@ record = run(load_config(RunConfig, base=json.loads(run_cfg)), home, log=lambda 
 run_peak = status("VmHWM:")
 base2 = status("VmRSS:")
 reset_peak()
-held = load_image_folder(folder, (%(side)d, %(side)d))
+# the old driver's way: every file decoded and stacked at float32 in this process
+paths = sorted(Path(folder).glob("*/*.png"))
+held = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in paths])
 print("RESULT " + json.dumps({"compare_growth": compare_peak - base, "rows": res.rows, "exit": res.exit_status,
                               "run_growth": run_peak - base1, "run_sizes": record["sizes"],
                               "run_accuracy": record["history"][-1]["target_test_accuracy"],
-                              "in_memory_growth": status("VmHWM:") - base2, "held": held.images.nbytes / 2**20}))
+                              "in_memory_growth": status("VmHWM:") - base2, "held": held.nbytes / 2**20}))
 """ % {"side": SIDE}
 
 

@@ -82,7 +82,7 @@ def test_folder_without_manifest_is_rebuilt(ray_local, tmp_path):
     assert os.path.exists(os.path.join(again.path, MANIFEST))
 
 
-def test_corrupt_image_stops_extraction_with_its_name(tmp_path):
+def test_corrupt_image_stops_extraction_with_its_name(ray_local, tmp_path):
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -92,7 +92,7 @@ def test_corrupt_image_stops_extraction_with_its_name(tmp_path):
             Image.fromarray(np.full((10, 10, 3), 50 * i, np.uint8)).save(root / c / f"{i}.png")
     (root / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     storage = tmp_path / "home"
-    env = dict(os.environ, RAY_ADDRESS="")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     out = subprocess.run([sys.executable, "-m", "workflows.embed", "--storage", str(storage),
                           "--set", f"data={root}", "--set", "weights=random"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

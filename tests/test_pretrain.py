@@ -43,16 +43,19 @@ def test_ddp_pretraining_checkpoint_scores_well_above_chance(ray_local, storage)
     assert again.reused and again.val_accuracy == res.val_accuracy
 
 
-def _run_pretrain(storage: Path, *extra: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+def _run_pretrain(address: str, storage: Path, *extra: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "workflows.pretrain", "--storage", str(storage), "--workers", "1",
            "--set", "epochs=4", "--set", "limit=800", "--set", "batch_size=32", *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
 
-def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
-    proc = _run_pretrain(storage)
+def test_killed_pretraining_resumes_from_its_last_checkpoint(ray_local, storage):
+    """The driver (a job on the session's Ray) killed after the first registered checkpoint: Ray ends
+    the job's Train workers with it, and the same command again resumes from that checkpoint."""
+    address = ray_local.get_runtime_context().gcs_address
+    proc = _run_pretrain(address, storage)
     deadline = time.time() + 240
     # a checkpoint counts once Ray Train has registered it (its snapshot file is written after the files)
     while time.time() < deadline and not list(storage.glob("ray/pretrain-*/checkpoint_manager_snapshot.json")):
@@ -63,7 +66,7 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(storage):
     proc.wait(timeout=30)
     assert not list(storage.glob("backbones/*/meta.json")), "a killed run must not look finished"
 
-    second = _run_pretrain(storage)
+    second = _run_pretrain(address, storage)
     out, _ = second.communicate(timeout=400)
     assert second.returncode == 0, out
     assert "resuming from the checkpoint at epoch" in out, out

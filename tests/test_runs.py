@@ -128,12 +128,13 @@ def test_two_worker_ddp_adaptation_run_completes_checkpoints_and_is_reused(ray_l
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
     """The driver killed mid-run; the same command again resumes from the last registered checkpoint
-    (the benchmark's run of the one worker: what holds for it holds for fine-tuning)."""
+    (the benchmark's run of the one worker: what holds for it holds for fine-tuning). The driver is a
+    job on the session's Ray, which ends the killed job's Train workers with it."""
     out = tmp_path / "out"
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
            "--output", str(out), "--set", "weights=random", "--set", "methods=[{strategy: dann}]",
-           "--set", "checkpoint_every=10", "--set", "params.steps=60"]
+           "--set", "checkpoint_every=10", "--set", "params.steps=30"]
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     deadline = time.time() + 300
@@ -154,5 +155,5 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, storage, tmp_path):
               and ": step " in ln]
     assert logged and min(logged) > resumed, "steps before the checkpoint were redone"
     (cell,) = cells.glob("*.parquet")
-    assert pd.read_parquet(cell)["step"].tolist() == list(range(10, 61, 10))
+    assert pd.read_parquet(cell)["step"].tolist() == list(range(10, 31, 10))
     assert (out / "summary.md").is_file() and (out / "command.txt").is_file()
