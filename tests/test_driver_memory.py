@@ -62,7 +62,7 @@ print("RESULT " + json.dumps({"compare_growth": compare_peak - base, "rows": res
                               "run_growth": run_peak - base1, "run_sizes": record["sizes"],
                               "run_accuracy": record["history"][-1]["target_test_accuracy"],
                               "in_memory_growth": status("VmHWM:") - base2, "held": held.nbytes / 2**20}))
-""" % {"side": SIDE}
+"""
 
 
 def test_comparison_and_fine_tuning_drivers_never_hold_the_pixel_array(ray_local, pretrained, tmp_path):
