@@ -62,3 +62,18 @@ def test_plan_orders_todo_longest_first_and_names_are_stable(tmp_path):
     assert [c.what for c in plan(cells, CellStore(tmp_path))["todo"]] == ["cell z", "cell y", "cell x"]
     assert cells[0].name == _cells({"x": "ok"})[0].name and cells[0].name.startswith("x__")
     assert Cell.from_plain({**cells[0].__dict__, "parts": list(cells[0].parts)}) == cells[0]
+
+
+def _progress_fn(spec: dict) -> tuple[pd.DataFrame, str]:
+    import ray.data
+
+    return pd.DataFrame({"bars": [ray.data.DataContext.get_current().enable_progress_bars]}), "bars"
+
+
+def test_a_trial_draws_no_data_progress_bars(ray_local, tmp_path):
+    """A trial's stderr is no terminal, and each redraw of a Ray Data bar there was one more log line:
+    the trial process has them off (a fresh process has them on)."""
+    store = CellStore(tmp_path / "cells")
+    res = run_cells(_cells({"a": "ok"}), store, _progress_fn, shared={}, what="bars", storage=tmp_path,
+                    log=lambda s: None)
+    assert list(res.rows(store)["bars"]) == [False]

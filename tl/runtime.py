@@ -83,6 +83,17 @@ def torch_threads(num_workers: int) -> int:
 COMMIT_VAR = "TL_GIT_COMMIT"  # set by workflows.submit: a job's upload has no .git
 
 
+def quiet_data_progress() -> None:
+    """Ray Data's progress bars only where stderr is a terminal, in this process: a Tune trial's or a
+    Ray Train worker's stderr never is, and there each redraw of a bar became a log line (about 500
+    of the 1,000 lines one short adaptation run printed)."""
+    import sys
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
 def git_head(cwd: str | os.PathLike, dirty_mark: bool = False) -> str:
     """The HEAD commit of the checkout at ``cwd`` ("" outside one); ``dirty_mark``: append ``+dirty``
     when tracked files have uncommitted changes."""

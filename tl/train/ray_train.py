@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tl.errors import TrainingError
-from tl.runtime import cpus_per_worker
+from tl.runtime import cpus_per_worker, quiet_data_progress
 from tl.storage import Location
 
 STATE_FILE = "state.pt"
@@ -71,11 +71,13 @@ def _root_message(exc: BaseException) -> str:
 
 
 def start(threads: int, seed: int) -> tuple[int, int]:
-    """Inside a worker: torch's threads and seed set; returns (world rank, world size)."""
+    """Inside a worker: torch's threads and seed set, Ray Data's progress bars off (no terminal);
+    returns (world rank, world size)."""
     import ray.train
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    quiet_data_progress()
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
 
