@@ -92,7 +92,17 @@ def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray
     cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits",
                          label_smoothing=0.1)
     assert cfg.key() != PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="shift").key()
+    # a missing backbone is pretrained first (what ``weights: pretrained`` does on a fresh storage),
+    # then found by its key
+    from tl.pretrain import META_FILE, ensure_pretrained, pretrained_path
+
+    overrides = dict(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits", label_smoothing=0.1)
+    where = pretrained_path(storage, **overrides)
+    assert not (where / META_FILE).is_file()
+    made = ensure_pretrained(storage, log=lambda _: None, **overrides)
+    assert str(made) == str(where) and (where / META_FILE).is_file()
     res = pretrain(cfg, storage)
+    assert res.reused and str(res.path) == str(where)
     assert res.epochs_run == 3 and res.val_accuracy > 0.3, res.val_accuracy  # 10-way chance: 0.1
     with pytest.raises(ConfigError, match="config key 'augment' must be one of"):
         PretrainConfig(augment="colour")
