@@ -89,14 +89,13 @@ def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray
     assert PretrainConfig().key() == "digits_cnn-mnist-2a3c2e2dacab"  # the key pretrained:digits had
     assert PretrainConfig(augment="shift").key() == "digits_cnn-mnist-2bb031ea069d"  # the former default's
     assert PretrainConfig(data=str(storage)).augment == "shift"  # a user's folder
-    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits",
-                         label_smoothing=0.1)
-    assert cfg.key() != PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="shift").key()
+    overrides = dict(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits", label_smoothing=0.1)
+    cfg = PretrainConfig(**overrides)
+    assert cfg.key() != PretrainConfig(**{**overrides, "augment": "shift", "label_smoothing": 0.0}).key()
     # a missing backbone is pretrained first (what ``weights: pretrained`` does on a fresh storage),
     # then found by its key
     from tl.pretrain import META_FILE, ensure_pretrained, pretrained_path
 
-    overrides = dict(epochs=3, limit=1200, batch_size=64, workers=1, lr=0.05, augment="digits", label_smoothing=0.1)
     where = pretrained_path(storage, **overrides)
     assert not (where / META_FILE).is_file()
     made = ensure_pretrained(storage, log=lambda _: None, **overrides)
