@@ -27,14 +27,15 @@ def _stream(proc, lines: list[str]) -> threading.Thread:
     return t
 
 
+STEPS, KILL_AFTER = 40, 20  # a worker run's steps (a checkpoint every 10), and the step it is killed after
 WORKER_RUNS = {
-    # workflow, its log prefix, its arguments: 40 steps, a checkpoint every 10, 2 retries on failure
+    # workflow, its log prefix, its arguments: STEPS steps, a checkpoint every 10, 2 retries on failure
     "finetune": ("finetune", ["--workers", "1", "--set", "weights=random", "--set", "target=optdigits",
-                              "--set", "limit=256", "--set", "checkpoint_every=10", "--set", "params.steps=40",
+                              "--set", "limit=256", "--set", "checkpoint_every=10", "--set", f"params.steps={STEPS}",
                               "--set", "params.batch_size=32", "--set", "max_failures=2"]),
     "adapt": ("adapt", ["--workers", "1", "--set", "weights=random", "--set", "targets=[optdigits]",
                         "--set", "seeds=[0]", "--set", "methods=[{strategy: dann}]", "--set", "limit=256",
-                        "--set", "checkpoint_every=10", "--set", "params.steps=40", "--set", "params.batch_size=32",
+                        "--set", "checkpoint_every=10", "--set", f"params.steps={STEPS}", "--set", "params.batch_size=32",
                         "--set", "max_failures=2"]),
 }
 
@@ -42,7 +43,7 @@ WORKER_RUNS = {
 @pytest.mark.parametrize("workflow", sorted(WORKER_RUNS))
 def test_killed_train_worker_restarts_from_its_last_checkpoint(workflow, ray_local, storage, tmp_path):
     """SIGKILL the Ray Train worker after its second checkpoint: the run restarts (FailureConfig),
-    resumes from the last registered checkpoint, and finishes all 40 steps."""
+    resumes from the last registered checkpoint, and finishes all its steps."""
     prefix, args = WORKER_RUNS[workflow]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"workflows.{workflow}", "--storage", str(storage), "--output", str(tmp_path / "out"),
@@ -53,13 +54,13 @@ def test_killed_train_worker_restarts_from_its_last_checkpoint(workflow, ray_loc
 
     def steps_seen() -> list[int]:
         return [int(ln.split(" step ", 1)[1].split("/")[0]) for ln in list(lines)
-                if f"[{prefix}]" in ln and " step " in ln and "/40" in ln]
+                if f"[{prefix}]" in ln and " step " in ln and f"/{STEPS}" in ln]
 
     deadline, killed, last_before = time.time() + 400, None, None
     while time.time() < deadline and proc.poll() is None and killed is None:
         steps = steps_seen()
         pids = [int(ln.split(" pid ", 1)[1].split()[0]) for ln in list(lines) if "worker rank 0 pid" in ln]
-        if steps and max(steps) >= 20 and pids:
+        if steps and max(steps) >= KILL_AFTER and pids:
             last_before = max(steps)
             os.kill(pids[-1], signal.SIGKILL)
             killed = pids[-1]
@@ -78,12 +79,12 @@ def test_killed_train_worker_restarts_from_its_last_checkpoint(workflow, ray_loc
     # a step line is printed once its checkpoint is handed to Ray Train, whose one-slot result queue
     # means the previous checkpoint is registered: at most one interval of reported progress is redone
     assert last_before - 10 <= resumed <= last_before + 10 and resumed > 0, (last_before, resumed)
-    assert max(steps_seen()) == 40, text[-4000:]
+    assert max(steps_seen()) == STEPS, text[-4000:]
     if workflow == "finetune":
-        assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 40
+        assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == STEPS
     else:
         runs = pd.read_csv(tmp_path / "out" / "runs.csv")
-        assert runs["step"].max() == 40 and runs["step"].is_unique, runs[["step"]].to_string()
+        assert runs["step"].max() == STEPS and runs["step"].is_unique, runs[["step"]].to_string()
 
 
 def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):

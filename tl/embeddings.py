@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -29,7 +27,7 @@ from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder, FileEmbedder, embed_batch
-from tl.runtime import cluster_gpus
+from tl.runtime import cluster_gpus, data_progress
 from tl.storage import Location
 
 if TYPE_CHECKING:
@@ -145,9 +143,7 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"{cfg.actors} at a time, batch {cfg.batch_size}")
     ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy", len(data))
-    # a long extraction shows Ray Data's progress bars (rows done) on a terminal; in a log file Ray
-    # would print a block of resource lines every 10 s instead, so there tl's own lines say it
-    ds.context.enable_progress_bars = sys.stderr.isatty()
+    data_progress(ds.context)  # bars on a terminal; in a log file tl's own lines say it
     part = f"data-{uuid.uuid4().hex[:8]}"
     ds.write_parquet(f"{folder}/{part}", filesystem=fs)
     info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
@@ -203,7 +199,7 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
         # 2026-12-01; decoding in tasks of their own beside the model's: about 1.5x slower per image)
         ds = _embed(images.dataset(labels, ids), cfg, stage, digest, images.batch_rows, "pandas", len(images),
                     decode=images.reader(uint8=True))
-        ds.context.enable_progress_bars = sys.stderr.isatty()
+        data_progress(ds.context)
         part = f"data-{uuid.uuid4().hex[:8]}"
         ds.write_parquet(f"{folder}/{part}", filesystem=fs)
         # one read: the checks' columns, and the vectors when they are wanted

@@ -25,7 +25,7 @@ from ray import tune
 
 from tl.config import config_hash
 from tl.errors import ConfigError, TLError
-from tl.runtime import hardware, quiet_data_progress
+from tl.runtime import hardware, data_progress
 from tl.storage import Location
 
 CellFn = Callable[..., "tuple[pd.DataFrame, str]"]
@@ -129,7 +129,7 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per trial: trials are the parallel axis
-    quiet_data_progress()
+    data_progress()
     cell = Cell.from_plain(config["cell"])
     store = CellStore(root)
     t0 = time.time()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import pandas as pd
 
 from tl.data.decode import ReadDecode, listing_dataset
 from tl.errors import ConfigError, DataError
+from tl.runtime import data_progress
 from tl.storage import Location, check_writable, is_uri
 
 SPLITS = ("adapt", "test", "train", "val", "heldout", "all")
@@ -284,7 +284,7 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
     ds = ds.map_batches(_Rows(classes), batch_format="numpy")
     ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = sys.stderr.isatty()  # rows done, on a terminal (tl.embeddings)
+    data_progress(ds.context)
     parts = out_loc / f".predictions-{uuid.uuid4().hex[:8]}"
     try:
         ds.write_parquet(parts.path, filesystem=parts.fs)

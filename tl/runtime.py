@@ -7,6 +7,7 @@ import platform
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from tl.errors import ConfigError
 from tl.storage import Location, check_writable
@@ -83,15 +84,16 @@ def torch_threads(num_workers: int) -> int:
 COMMIT_VAR = "TL_GIT_COMMIT"  # set by workflows.submit: a job's upload has no .git
 
 
-def quiet_data_progress() -> None:
-    """Ray Data's progress bars only where stderr is a terminal, in this process: a Tune trial's or a
-    Ray Train worker's stderr never is, and there each redraw of a bar became a log line (about 500
-    of the 1,000 lines one short adaptation run printed)."""
+def data_progress(context: Any = None) -> None:
+    """Ray Data's progress bars (rows done) on ``context`` (a dataset's; this process's by default)
+    only where stderr is a terminal. In a log file each redraw would be a line (inside a Tune trial
+    or a Ray Train worker, never a terminal: about 500 of the 1,000 lines one short adaptation run
+    printed), and a long extraction would print a block of resource lines every 10 s."""
     import sys
 
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    (context or ray.data.DataContext.get_current()).enable_progress_bars = sys.stderr.isatty()
 
 
 def git_head(cwd: str | os.PathLike, dirty_mark: bool = False) -> str:

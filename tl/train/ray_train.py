@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tl.errors import TrainingError
-from tl.runtime import cpus_per_worker, quiet_data_progress
+from tl.runtime import cpus_per_worker, data_progress
 from tl.storage import Location
 
 STATE_FILE = "state.pt"
@@ -77,7 +77,7 @@ def start(threads: int, seed: int) -> tuple[int, int]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    quiet_data_progress()
+    data_progress()
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
 
