@@ -18,7 +18,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from tl.data.imageset import ImageSet
 from tl.errors import DataError
@@ -38,6 +37,14 @@ EMBEDDED = ("mnist", "optdigits", "mnistm")
 def _grey_to_rgb(x: np.ndarray) -> np.ndarray:
     """N x H x W in [0, 1] -> N x 3 x H x W."""
     return np.repeat(x[:, None, :, :], 3, axis=1).astype(np.float32)
+
+
+def train_test_split(*args, **kwargs):
+    """scikit-learn's, imported on first use: importing it costs 1.4 s on 2 cores, which every Ray
+    worker that imports ``tl.data`` to decode a user's files would otherwise pay."""
+    from sklearn.model_selection import train_test_split as split
+
+    return split(*args, **kwargs)
 
 
 def stratified_halves(labels: np.ndarray, seed: int) -> np.ndarray:
