@@ -176,7 +176,9 @@ def preprocessed_dataset(data, preprocessing):
     import numpy as np
 
     def preprocess(batch: dict) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        images = np.ascontiguousarray(batch["image"])
+        # Ray Data hands out read-only views of its blocks; torch warns on one and may not write it
+        x = torch.from_numpy(images if images.flags.writeable else images.copy())
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         with torch.no_grad():
             x = preprocessing(x)
