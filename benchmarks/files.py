@@ -142,7 +142,11 @@ def main() -> int:
                    "target >= 0.9")
             record(part, "driver peak RSS (Ray Data run)", ray_r["rss_mb"], "MB", "ru_maxrss of the driver process")
             record(part, "peak RSS of the plain loop", plain_r["rss_mb"], "MB", "")
-        lo, hi = sizes[0], sizes[-1]
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if len(results) > 1:  # the rows across sizes
+        lo, hi = min(results), max(results)
         growth = results[hi][0]["rss_mb"] / results[lo][0]["rss_mb"] - 1
         record("all", f"driver peak RSS growth {lo} -> {hi} files", 100 * growth, "%", "target <= 10")
         # the rate at scale: the extra images over the extra seconds, without each run's fixed start
@@ -153,9 +157,6 @@ def main() -> int:
                f"fixed start {results[lo][0]['seconds'] - lo / marginal[0]:.1f} s")
         record("all", f"plain loop marginal throughput {lo} -> {hi} files", marginal[1], "images/s", "")
         record("all", "ratio of marginal throughputs", marginal[0] / marginal[1], "x", "")
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     cmd = p.prog + (" --smoke-test" if args.smoke_test else "")
     _table.save(rows, Path(args.output or "results/bench"), "files", args.smoke_test, [
         "# Extraction from image files", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
