@@ -172,13 +172,16 @@ def _worker(c: dict) -> None:
                           weight_decay=c["weight_decay"])
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+    # the epoch each resume started at, carried from checkpoint to checkpoint into the backbone's meta.json
+    resumes = list((state or {}).get("resumes", [])) + ([start] if state is not None else [])
     per_worker = max(1, c["batch_size"] // world)
     steps_per_epoch = max(1, (c["train_size"] // world) // per_worker)
     total = steps_per_epoch * c["epochs"]
     warmup = int(c["warmup_epochs"] * steps_per_epoch)
     gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
     if start >= c["epochs"]:  # the run had finished: hand its last checkpoint back
-        ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": float(state["val_accuracy"])}, state)
+        ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": float(state["val_accuracy"])},
+                         dict(state, resumes=resumes))
     for epoch in range(start, c["epochs"]):
         model.train()
         losses = []
@@ -206,7 +209,7 @@ def _worker(c: dict) -> None:
         loss = ray_train.global_mean(float(np.mean(losses)) if losses else float("nan"))
         ray_train.checkpoint({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc},
                              {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                              "epoch": epoch + 1, "val_accuracy": acc},
+                              "epoch": epoch + 1, "val_accuracy": acc, "resumes": resumes},
                              f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {loss:.4f}  source val accuracy "
                              f"{acc:.4f}")
 
@@ -244,7 +247,8 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
     wall = time.time() - t0
     meta = {
         "backbone": cfg.backbone, "data": to_dict(cfg)["data"], "classes": list(train.classes), "val_accuracy": acc,
-        "epochs": int(state["epoch"]), "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
+        "epochs": int(state["epoch"]), "resumed_at_epochs": [int(e) for e in state.get("resumes", [])],
+        "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
         "config": to_dict(cfg), "wall_s": wall, **provenance(),
     }
     with tempfile.TemporaryDirectory(prefix="tl-pretrain-") as tmp:
