@@ -173,7 +173,7 @@ def _worker(c: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     # the epoch each resume started at, carried from checkpoint to checkpoint into the backbone's meta.json
-    resumes = list((state or {}).get("resumes", [])) + ([start] if state is not None else [])
+    resumes = [] if state is None else [*state.get("resumes", []), start]
     per_worker = max(1, c["batch_size"] // world)
     steps_per_epoch = max(1, (c["train_size"] // world) // per_worker)
     total = steps_per_epoch * c["epochs"]

@@ -177,9 +177,12 @@ def preprocessed_dataset(data, preprocessing):
 
     def preprocess(batch: dict) -> dict:
         images = np.ascontiguousarray(batch["image"])
-        # Ray Data hands out read-only views of its blocks; torch warns on one and may not write it
-        x = torch.from_numpy(images if images.flags.writeable else images.copy())
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        # Ray Data hands out read-only views of its blocks (torch warns on one): uint8 images get their
+        # float copy anyway, float ones are copied only when read-only
+        if images.dtype == np.uint8:
+            x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+        else:
+            x = torch.from_numpy(images.astype(np.float32, copy=not images.flags.writeable))
         with torch.no_grad():
             x = preprocessing(x)
         return {"image": x.numpy(), "label": batch["label"]}
