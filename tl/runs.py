@@ -248,6 +248,9 @@ def _worker(c: dict) -> None:
                          c["seed"] + 7919, False, c["unlabelled"])
     state, step = ray_train.resume(model, c["prefix"], "step")
     history = list(state["history"]) if state is not None else []
+    # the step of each resume from a checkpoint (a killed driver run again, or Ray Train's retry after a
+    # failed worker): kept in the state, and each checkpoint's metrics say how many came before it
+    resumes = [] if state is None else [*state.get("resumes", []), step]
     if state is None:  # the strategy's hook (lp_ft's probe) sees the first batch, which is then trained on
         first = next(batches)
         strategy.on_start(model, *first)
@@ -270,7 +273,7 @@ def _worker(c: dict) -> None:
         metrics: dict[str, float] = {"step": step, "loss": ray_train.global_mean(float(np.mean(losses)))}
         if c["adapt"]:
             metrics["coeff"] = strategy.coefficient(step - 1)
-        metrics.update(lr=opt.param_groups[0]["lr"], train_s=time.perf_counter() - t0)
+        metrics.update(lr=opt.param_groups[0]["lr"], train_s=time.perf_counter() - t0, attempt=len(resumes))
         scored = ray_train.unwrap(model)
         if rank == 0:
             if isinstance(strategy, AdaptStrategy) and "target_pool" in shards:  # AdaBN: target BatchNorm statistics
@@ -280,7 +283,7 @@ def _worker(c: dict) -> None:
             history.append(metrics)
         extra = {} if scored is ray_train.unwrap(model) else {"scored_model": scored.state_dict()}
         ray_train.checkpoint(metrics, {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                       "step": step, "history": history, **extra},
+                                       "step": step, "history": history, "resumes": resumes, **extra},
                              f"{c['prefix']} step {step}/{strategy.steps}  loss {metrics['loss']:.4f}  "
                              f"{_scores_text(metrics)}  ({metrics['train_s']:.1f} s training)")
 
@@ -396,7 +399,8 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
                            max_failures=cfg.max_failures)
     state = ray_train.load_result_state(result)
     record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source_name, "target": cfg.target_name,
-              "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"], "weights": weights,
+              "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"],
+              "resumed_at_steps": [int(s) for s in state.get("resumes", [])], "weights": weights,
               "config": to_dict(cfg), "params": cfg.resolved_params(), "classes": list(classes),
               "wall_s": time.time() - t0, "sizes": {k: len(v) for k, v in sets.items()}, **provenance()}
     where = ""
