@@ -100,15 +100,17 @@ def test_pool_im_is_its_definition_and_prefers_an_embedding_that_clusters_the_po
     assert good == pytest.approx((entropy(q.mean(0)) - entropy(q, axis=1).mean()) / np.log(4), rel=1e-6)
 
 
-def test_one_shot_ranks_by_the_unlabelled_pool_and_says_cannot_tell_without_it(pretrained):
+def test_one_shot_ranks_by_the_unlabelled_pool_and_never_says_it_can_tell(pretrained):
     """At one shot per class the ensemble is pool_im alone (LogME and H-score left out, LOO undefined,
-    LEEP only for one candidate), resampling the pool measures its spread; without a pool it cannot tell."""
+    LEEP only for one candidate), resampling the pool measures its spread, but it never says it can tell."""
     cands = [Candidate(weights=pretrained, stages=[4], name="pretrained"),
              Candidate(weights="random", stages=[4], name="random")]
     r = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, bootstrap=20, pool=200), "/nonexistent",
                   log=lambda _: None)
     assert r["ensemble_of"] == ["pool_im"] and r["pool"] == 200 and r["images"] == 10
-    assert r["rows"][0]["candidate"] == "pretrained" and r["wins"] == 1.0 and r["can_tell"]
+    # the pool's resamples agree, but one image per class leaves the draw's spread unmeasured: it leans, never tells
+    assert r["rows"][0]["candidate"] == "pretrained" and r["wins"] == 1.0 and not r["can_tell"]
+    assert r["recommended"]["candidate"] == "pretrained"
     assert r["rows"][0]["scores"]["pool_im"] > r["rows"][1]["scores"]["pool_im"]
     blind = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, pool=0), "/nonexistent",
                       log=lambda _: None)
