@@ -162,7 +162,7 @@ def test_a_killed_comparison_resumes_from_the_bucket_with_no_duplicate_row(ray_l
     cells = Location.of(home) / "runs" / "s3-kill" / "cells"
     cmd = [sys.executable, "-m", "workflows.compare", "--storage", home, "--output", out,
            "--set", f"weights={pretrained}", "--set", "experiment=s3-kill", "--set", "targets=[optdigits]",
-           "--set", "shots=[1,2,3]", "--set", "episodes=3", "--set", "queries=5",
+           "--set", "shots=[1,2,3]", "--set", "episodes=3", "--set", "queries=5", "--set", "recommend=false",
            "--set", 'strategies=[{strategy: finetune, label: ft3, params: {frozen: 3, steps: 40}}, '
                     '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 40}}]']
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
