@@ -100,7 +100,8 @@ def test_fine_tuning_on_two_ddp_workers_matches_one_worker(ray_local, storage, t
         rec = run(cfg, storage / f"w{workers}", tmp_path / f"out{workers}", log=lambda _: None)
         assert rec["steps"] == 4 and rec["source"] is None
         (last,) = rec["history"]
-        assert set(last) == {"step", "loss", "lr", "train_s", "target_test_accuracy"}  # no source, no pool
+        assert set(last) == {"step", "loss", "lr", "train_s", "attempt", "target_test_accuracy"}  # no source, no pool
+        assert last["attempt"] == 0 and rec["resumed_at_steps"] == []  # never resumed
         assert json.loads((tmp_path / f"out{workers}" / "run.json").read_text())["steps"] == 4
         losses[workers] = last["loss"]
     assert losses[1] == pytest.approx(losses[2], abs=1e-4), losses

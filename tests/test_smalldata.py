@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tl.compare import CompareConfig, run_compare
+from tl.compare import CompareConfig, dry_run, run_compare
 from tl.config import load_config
 from tl.data import load_embedded
 from tl.errors import ConfigError
@@ -86,10 +86,13 @@ def test_dry_run_runs_no_trial(tmp_path):
                         "--output", str(tmp_path / "out"), "--set", "targets=[optdigits]", "--set", "shots=[1,5]"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # what the dry run counts, as tl.compare.dry_run returns it for the same config
+    est = dry_run(load_config(CompareConfig, overrides=["targets=[optdigits]", "shots=[1,5]"]), tmp_path / "home",
+                  log=lambda _: None)
     # the 11 default strategies (dann and the four that use unlabelled target images included) x 2 shot counts
-    assert "[dry-run] 22 trials to run of 22 cells" in r.stdout and "estimated wall time" in r.stdout
+    assert len(est["plan"]["todo"]) == 22 and not est["plan"]["done"] and not est["plan"]["failed"]
     # every cell is scored on 4 validation episodes; finetune's 2 cells on 4 for each of its 5 depths
-    assert "220 test episodes" in r.stdout and f"{20 * 4 + 2 * 5 * 4} validation episodes" in r.stdout
+    assert est["test_episodes"] == 220 and est["val_episodes"] == 20 * 4 + 2 * 5 * 4 and est["wall_s"] > 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
 
