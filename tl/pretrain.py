@@ -165,15 +165,14 @@ def _worker(c: dict) -> None:
     rank, world = ray_train.start(c["threads"], c["seed"])
     model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
     pp = model.backbone.preprocessing
-    state, start = ray_train.resume(model, "[pretrain]", "epoch")
+    # resumes: the epoch each resume started at, carried from checkpoint to checkpoint into the backbone's meta.json
+    state, start, resumes = ray_train.resume(model, "[pretrain]", "epoch")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     opt = torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], nesterov=True,
                           weight_decay=c["weight_decay"])
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-    # the epoch each resume started at, carried from checkpoint to checkpoint into the backbone's meta.json
-    resumes = [] if state is None else [*state.get("resumes", []), start]
     per_worker = max(1, c["batch_size"] // world)
     steps_per_epoch = max(1, (c["train_size"] // world) // per_worker)
     total = steps_per_epoch * c["epochs"]
@@ -247,7 +246,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
     wall = time.time() - t0
     meta = {
         "backbone": cfg.backbone, "data": to_dict(cfg)["data"], "classes": list(train.classes), "val_accuracy": acc,
-        "epochs": int(state["epoch"]), "resumed_at_epochs": [int(e) for e in state.get("resumes", [])],
+        "epochs": int(state["epoch"]), "resumed_at_epochs": ray_train.resumed_at(state),
         "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
         "config": to_dict(cfg), "wall_s": wall, **provenance(),
     }

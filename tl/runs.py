@@ -246,11 +246,10 @@ def _worker(c: dict) -> None:
     if c["unlabelled"]:
         second = _stream(ray.train.get_dataset_shard(c["unlabelled"]), max(1, strategy.target_batch_size // world),
                          c["seed"] + 7919, False, c["unlabelled"])
-    state, step = ray_train.resume(model, c["prefix"], "step")
+    # resumes: the step of each resume from a checkpoint (a killed driver run again, or Ray Train's retry after
+    # a failed worker), kept in the state; each checkpoint's metrics say how many came before it
+    state, step, resumes = ray_train.resume(model, c["prefix"], "step")
     history = list(state["history"]) if state is not None else []
-    # the step of each resume from a checkpoint (a killed driver run again, or Ray Train's retry after a
-    # failed worker): kept in the state, and each checkpoint's metrics say how many came before it
-    resumes = [] if state is None else [*state.get("resumes", []), step]
     if state is None:  # the strategy's hook (lp_ft's probe) sees the first batch, which is then trained on
         first = next(batches)
         strategy.on_start(model, *first)
@@ -400,7 +399,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     state = ray_train.load_result_state(result)
     record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source_name, "target": cfg.target_name,
               "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"],
-              "resumed_at_steps": [int(s) for s in state.get("resumes", [])], "weights": weights,
+              "resumed_at_steps": ray_train.resumed_at(state), "weights": weights,
               "config": to_dict(cfg), "params": cfg.resolved_params(), "classes": list(classes),
               "wall_s": time.time() - t0, "sizes": {k: len(v) for k, v in sets.items()}, **provenance()}
     where = ""

@@ -82,11 +82,12 @@ def start(threads: int, seed: int) -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None, int]:
-    """Inside a worker: the latest checkpoint's state loaded into ``model`` and its position (the
-    state's ``counter``: ``step`` or ``epoch``), or (None, 0) on a fresh start. ``what`` starts the
-    lines it prints: rank 0 says where it resumes, every rank its pid and start (which a fault test
-    uses to find the worker to kill)."""
+def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None, int, list[int]]:
+    """Inside a worker: the latest checkpoint's state loaded into ``model``, its position (the
+    state's ``counter``: ``step`` or ``epoch``) and the positions of every resume so far, this one
+    included (kept as the state's ``resumes``: a caller saves the list in each checkpoint it writes);
+    (None, 0, []) on a fresh start. ``what`` starts the lines it prints: rank 0 says where it resumes,
+    every rank its pid and start (which a fault test uses to find the worker to kill)."""
     import ray.train
 
     state = restore_state()
@@ -98,7 +99,12 @@ def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None
         if rank == 0:
             print(f"{what} resuming from the checkpoint at {counter} {position}", flush=True)
     print(f"{what} worker rank {rank} pid {os.getpid()} starts at {counter} {position}", flush=True)
-    return state, position
+    return state, position, ([] if state is None else [*state.get("resumes", []), position])
+
+
+def resumed_at(state: dict) -> list[int]:
+    """The positions a run's final checkpoint state says it resumed at (``resume``'s list)."""
+    return [int(p) for p in state.get("resumes", [])]
 
 
 def restore_state() -> dict | None:
