@@ -12,6 +12,8 @@ from tl.models import Classifier, build_backbone, count_trainable, load_weights,
 # Like torchvision's trainable-layers table: resnet18 at k=0 is torchvision's 11,689,512 less fc.
 TRAINABLE = {
     "digits_cnn": [388896, 387968, 369408, 295424, 0],
+    # three 5x5 convolutions with BatchNorm (4,992; 205,184; 819,968), then 4x4x256 -> 512 with BatchNorm (2,098,688)
+    "dtn": [3128832, 3123840, 2918656, 2098688, 0],
     "resnet18": [11176512, 11166976, 11019008, 10493440, 8393728, 0],
     "resnet50": [23508032, 23498496, 23282688, 22063104, 14964736, 0],
 }
