@@ -267,11 +267,32 @@ def test_lr_is_annealed_as_ganin_et_al():
     assert {g["name"] for g in opt.param_groups} == {"head", "backbone", "alignment"}
 
 
+def test_the_reference_recipes_schedules_and_discriminator_are_reachable():
+    """TLlib's digits recipe over 3,000 steps: GRL 2/(1+exp(-i/1000))-1 is gamma 3, the learning rate's
+    (1+0.001 i)^-0.75 is lr_gamma 3; BatchNorm in the discriminator; Nesterov momentum in the optimiser."""
+    s = make_strategy("dann", {"steps": 3000, "gamma": 3, "lr_gamma": 3, "lr_schedule": "ganin",
+                               "discriminator_bn": True, "nesterov": True, "hidden": [16, 16]})
+    for i in (0, 500, 1000, 2999):
+        assert s.coefficient(i) == pytest.approx(2 / (1 + math.exp(-i / 1000)) - 1)
+        assert s.lr_scale(i) == pytest.approx((1 + 0.001 * i) ** -0.75)
+    model = s.prepare(build_backbone("digits_cnn"), 10)
+    norms = [m for m in model.alignment.discriminator.net if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [m.num_features for m in norms] == [16, 16]
+    assert all(g["nesterov"] for g in make_optimizer(s, model).param_groups)
+    plain = make_strategy("dann", {"hidden": [16, 16]})
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.prepare(build_backbone("digits_cnn"), 10).modules())
+    assert not any(g["nesterov"] for g in make_optimizer(plain, plain.prepare(build_backbone("digits_cnn"), 10)).param_groups)
+    ganin = make_strategy("dann", {"lr_schedule": "ganin"})
+    assert ganin.lr_scale(1) == pytest.approx((1 + 10 / ganin.steps) ** -0.75)  # Ganin et al.'s rate by default
+
+
 def test_bad_adaptation_settings_are_named():
     with pytest.raises(ConfigError, match="bn_forward"):
         make_strategy("dann", {"bn_forward": "mixed"})
     with pytest.raises(ConfigError, match="lr_schedule"):
         make_strategy("cdan", {"lr_schedule": "cosine"})
+    with pytest.raises(ConfigError, match="lr_gamma"):
+        make_strategy("dann", {"lr_gamma": -1})
 
 
 def _episode_task(shots=2, with_source=True):

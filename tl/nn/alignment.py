@@ -37,9 +37,10 @@ class DANNLoss(Alignment):
 
     adversarial = True
 
-    def __init__(self, feature_dim: int, hidden: Sequence[int] = (256, 256), dropout: float = 0.0):
+    def __init__(self, feature_dim: int, hidden: Sequence[int] = (256, 256), dropout: float = 0.0,
+                 batch_norm: bool = False):
         super().__init__()
-        self.discriminator = DomainDiscriminator(feature_dim, hidden, dropout)
+        self.discriminator = DomainDiscriminator(feature_dim, hidden, dropout, batch_norm)
 
     def forward(self, f_s, f_t, logits_s=None, logits_t=None, coeff=1.0):
         d = self.discriminator(grad_reverse(torch.cat([f_s, f_t]), coeff))
@@ -56,7 +57,8 @@ class CDANLoss(Alignment):
     adversarial = True
 
     def __init__(self, feature_dim: int, num_classes: int, hidden: Sequence[int] = (256, 256),
-                 entropy: bool = True, max_dim: int = 4096, random_dim: int = 1024, dropout: float = 0.0):
+                 entropy: bool = True, max_dim: int = 4096, random_dim: int = 1024, dropout: float = 0.0,
+                 batch_norm: bool = False):
         super().__init__()
         self.entropy = entropy
         self.randomized = feature_dim * num_classes > max_dim
@@ -65,7 +67,7 @@ class CDANLoss(Alignment):
             gen = torch.Generator().manual_seed(0)
             self.register_buffer("r_f", torch.randn(feature_dim, random_dim, generator=gen))
             self.register_buffer("r_g", torch.randn(num_classes, random_dim, generator=gen))
-        self.discriminator = DomainDiscriminator(out, hidden, dropout)
+        self.discriminator = DomainDiscriminator(out, hidden, dropout, batch_norm)
 
     def multilinear(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if self.randomized:

@@ -12,15 +12,18 @@ from torch import nn
 
 class DomainDiscriminator(nn.Module):
     """An MLP that returns one logit per row, "source" being positive (Ganin et al. 2016 use a
-    small MLP on the features; CDAN's code adds dropout 0.5 after each hidden layer). Logits, not
+    small MLP on the features; CDAN's code adds dropout 0.5 after each hidden layer; ``batch_norm``:
+    BatchNorm between each hidden layer and its ReLU, as TLlib's discriminator has by default). Logits, not
     probabilities: the loss is BCE-with-logits, which is numerically safe under mixed precision."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (256, 256), dropout: float = 0.0):
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (256, 256), dropout: float = 0.0,
+                 batch_norm: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers += [nn.Linear(d, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+            layers += [nn.Linear(d, h)] + ([nn.BatchNorm1d(h)] if batch_norm else []) + [nn.ReLU(inplace=True)] \
+                + ([nn.Dropout(dropout)] if dropout > 0 else [])
             d = h
         layers.append(nn.Linear(d, 1))
         self.net = nn.Sequential(*layers)

@@ -145,7 +145,8 @@ class TrainedStrategy(Strategy):
     ``frozen``: first k stages frozen; ``lr``: head learning rate; ``backbone_lr_mult``: the
     backbone's rate as a multiple of it; ``batch_norm``: ``train`` (batch statistics, updated) or
     ``frozen`` (running statistics fixed: the safe choice for tiny few-shot batches);
-    ``clip_grad``: gradient-norm clip (0: none), which keeps 1-shot fine-tuning from diverging.
+    ``clip_grad``: gradient-norm clip (0: none), which keeps 1-shot fine-tuning from diverging;
+    ``nesterov``: Nesterov momentum (Sutskever et al. 2013) in the SGD optimiser.
     """
 
     family: ClassVar[str] = "finetune"
@@ -157,6 +158,7 @@ class TrainedStrategy(Strategy):
     steps: int = 60
     batch_size: int = 128
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     batch_norm: str = "frozen"
     clip_grad: float = 1.0
