@@ -46,3 +46,15 @@ register(BackboneSpec(
     description="the digits network of the domain-adaptation literature (DTN: Taigman et al. 2017; Long et al. "
                 "2018 for CDAN): three strided 5x5 convolutions with dropout, then 512 features on 32x32 inputs",
 ))
+
+
+def _dtn_b256_stages() -> list[nn.Module]:
+    return _dtn_stages() + [nn.Sequential(nn.Linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True))]
+
+
+register(BackboneSpec(
+    name="dtn_b256", builder=_dtn_b256_stages, feature_dim=256,
+    preprocessing=Preprocessing((32, 32), *DIGITS),
+    description="dtn with the 256-unit bottleneck (linear, BatchNorm, ReLU) that TLlib's classifier puts between "
+                "the DTN and its head and discriminator, as a fifth stage",
+))
