@@ -23,7 +23,7 @@ def set_batch_norm(model: nn.Module, mode: str) -> None:
 def make_optimizer(strategy, model: nn.Module) -> torch.optim.Optimizer:
     base = model.module if hasattr(model, "module") else model
     return torch.optim.SGD(strategy.param_groups(base), lr=strategy.lr, momentum=strategy.momentum,
-                           nesterov=bool(getattr(strategy, "nesterov", False)), weight_decay=strategy.weight_decay)
+                           nesterov=strategy.nesterov, weight_decay=strategy.weight_decay)
 
 
 def _to(batch, dev: torch.device):
