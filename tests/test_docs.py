@@ -81,6 +81,26 @@ def documented_commands() -> list[tuple[str, str]]:
     return out
 
 
+CONFIGS = sorted((REPO / "workflows" / "configs").glob("*.yaml"))
+
+
+def config_commands() -> list[tuple[str, str]]:
+    """(config, command) for every ``python -m workflows.*`` line in a config file's header comment: the
+    command that config was made for, so a config that no longer builds fails like a documented command."""
+    out = []
+    for path in CONFIGS:
+        for line in path.read_text().splitlines():
+            match = re.match(r"#\s*(python -m workflows\.\S.*)", line)
+            if match:
+                out.append((str(path.relative_to(REPO)), re.sub(r"\s+#.*$", "", match.group(1)).strip()))
+    return out
+
+
+def test_every_config_names_its_own_command():
+    named = {page for page, command in config_commands() if page in command}
+    assert CONFIGS and named == {str(p.relative_to(REPO)) for p in CONFIGS}
+
+
 def test_docs_have_commands():
     commands = documented_commands()
     modules = {re.search(r"-m ([\w.]+)", c).group(1) for _, c in commands if " -m " in c}
@@ -100,7 +120,7 @@ def test_every_documented_command_is_valid(monkeypatch, capsys, tmp_path):
 
     makefile = (REPO / "Makefile").read_text()
     bad = []
-    for page, command in documented_commands():
+    for page, command in documented_commands() + config_commands():
         # a placeholder bucket cannot be reached from a test: a local folder stands in for it (the keys and
         # options are what is checked; tests/test_storage.py runs workflows against a real S3 API)
         words = [re.sub(r"\b(s3|gs)://[^\s'\"\],]+", str(tmp_path / "bucket"), w) for w in shlex.split(command)]
