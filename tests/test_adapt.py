@@ -356,3 +356,6 @@ def test_the_benchmark_summary_states_each_methods_own_settings():
     text = describe(cfg, rows)
     assert "600 steps of 32 source" in text and "own settings over that recipe: dann_long: steps 3000." in text
     assert "own settings" not in describe(load_config(AdaptExperimentConfig), rows)
+    # the experiment's own recipe (params): the steps it sets, and the keys the sentence has no place for
+    shared = describe(load_config(AdaptExperimentConfig, overrides=["params={steps: 1200, weight_decay: 0.001, augment: digits}"]), rows)
+    assert "1200 steps of 32 source" in shared and "weight_decay 0.001, augment digits," in shared

@@ -256,11 +256,20 @@ def describe(cfg: AdaptExperimentConfig, rows: pd.DataFrame) -> str:
             f"Backbone {cfg.backbone} ({cfg.weights}), {p['steps']} steps of {p['batch_size']} source + "
             f"{p['target_batch_size']} target images, SGD momentum {p['momentum']}, lr {p['lr']} "
             f"({p['lr_schedule']} annealing), BatchNorm `{p['batch_norm']}` with a `{p['bn_forward']}` forward, "
-            f"{cfg.workers} Ray Train workers, a checkpoint scored every {cfg.checkpoint_every} steps; seeds "
-            f"{list(cfg.seeds)}.{_own_settings(cfg)} Selection rules: last iterate; (a) source validation accuracy; (b) information "
+            f"{_other_settings(cfg)}{cfg.workers} Ray Train workers, a checkpoint scored every {cfg.checkpoint_every} "
+            f"steps; seeds {list(cfg.seeds)}.{_own_settings(cfg)} Selection rules: last iterate; (a) source validation accuracy; (b) information "
             f"maximisation (IM) and soft neighbourhood density (SND) of predictions on the unlabelled target pool; "
             f"(c) oracle = best target test accuracy over checkpoints (uses test labels: an upper bound, not a "
             f"result). Nothing was chosen on the target test split. Config hash {config_hash(to_dict(cfg))}.")
+
+
+STATED = {"steps", "batch_size", "target_batch_size", "momentum", "lr", "lr_schedule", "batch_norm", "bn_forward"}
+
+
+def _other_settings(cfg: AdaptExperimentConfig) -> str:
+    """The experiment's params that the sentence above does not spell out (weight decay, augmentation, ...)."""
+    other = [f"{k} {v}" for k, v in cfg.params.items() if k not in STATED]
+    return f"{', '.join(other)}, " if other else ""
 
 
 def _own_settings(cfg: AdaptExperimentConfig) -> str:
