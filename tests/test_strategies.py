@@ -189,6 +189,24 @@ def test_frozen_prefix_cache_gives_the_same_model():
     assert np.array_equal(fast, predict(model, q))
 
 
+def test_a_support_set_one_image_over_the_batch_size_trains():
+    """11 support images in batches of 10: the eleventh joins the last batch rather than forming a batch of
+    one, which BatchNorm1d (digits_cnn's head) cannot normalise in training mode; each pass uses every image once."""
+    from tl.strategies.base import _support_batches
+
+    bb, x, y, q, ep = episode(3)  # 5-way 3-shot: 15 images
+    x11, y11 = x[:11], y[:11]
+    s = make_strategy("finetune", {"steps": 4, "batch_size": 10})
+    batches = _support_batches(x11, y11, s.batch_size, 0)
+    sizes = [len(next(batches)[0]) for _ in range(3)]
+    assert sizes == [11, 11, 11]
+    model = s.prepare(bb, 5)
+    train_steps(model, s, _support_batches(x11, y11, s.batch_size, 0), 4)
+    passes = _support_batches(torch.arange(12), y[:12], 10, 0)  # 12 = 10 + 2: two batches, every image once
+    first, second = next(passes)[0], next(passes)[0]
+    assert (len(first), len(second)) == (10, 2) and sorted(torch.cat([first, second]).tolist()) == list(range(12))
+
+
 def test_bad_strategy_config_is_named():
     with pytest.raises(ConfigError, match="unknown strategy 'dnn'"):
         make_strategy("dnn")

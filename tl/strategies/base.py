@@ -298,10 +298,17 @@ def _support_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: in
 
 
 def _shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    """Each pass a new permutation cut into batches; a last batch of one image joins the batch before
+    it, since BatchNorm in training mode cannot normalise a single sample (DTN's and digits_cnn's
+    BatchNorm1d raise on it)."""
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [n]
     while True:
         order = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
+        for i, j in zip(starts, ends):
+            idx = order[i:j]
             yield x[idx], y[idx]
