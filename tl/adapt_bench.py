@@ -263,12 +263,12 @@ def describe(cfg: AdaptExperimentConfig, rows: pd.DataFrame) -> str:
             f"result). Nothing was chosen on the target test split. Config hash {config_hash(to_dict(cfg))}.")
 
 
-STATED = {"steps", "batch_size", "target_batch_size", "momentum", "lr", "lr_schedule", "batch_norm", "bn_forward"}
+_STATED = {"steps", "batch_size", "target_batch_size", "momentum", "lr", "lr_schedule", "batch_norm", "bn_forward"}
 
 
 def _other_settings(cfg: AdaptExperimentConfig) -> str:
     """The experiment's params that the sentence above does not spell out (weight decay, augmentation, ...)."""
-    other = [f"{k} {v}" for k, v in cfg.params.items() if k not in STATED]
+    other = [f"{k} {v}" for k, v in cfg.params.items() if k not in _STATED]
     return f"{', '.join(other)}, " if other else ""
 
 
