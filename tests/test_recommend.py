@@ -91,13 +91,36 @@ def test_pool_im_is_its_definition_and_prefers_an_embedding_that_clusters_the_po
     noise = rng.normal(size=(200, 4)) * 2
     good, bad = pool_im(shots, y, clustered), pool_im(shots, y, noise)
     assert -1 <= bad < good <= 1 and good > 0.5
+
     # by hand: centred on the pool's mean, L2-normalised, softmax(20 cos) against the prototypes
     mu = clustered.mean(0)
     unit = lambda X: (X - mu) / np.linalg.norm(X - mu, axis=1, keepdims=True)  # noqa: E731
-    z = 20 * unit(clustered) @ unit(shots).T
-    q = np.exp(z - z.max(1, keepdims=True))
-    q /= q.sum(1, keepdims=True)
-    assert good == pytest.approx((entropy(q.mean(0)) - entropy(q, axis=1).mean()) / np.log(4), rel=1e-6)
+
+    def softmax_cos(protos):
+        z = 20 * unit(clustered) @ (protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
+        q = np.exp(z - z.max(1, keepdims=True))
+        return q / q.sum(1, keepdims=True)
+
+    def im(q):
+        return (entropy(q.mean(0)) - entropy(q, axis=1).mean()) / np.log(4)
+
+    q = softmax_cos(unit(shots))
+    assert pool_im(shots, y, clustered, refine=0) == pytest.approx(im(q), rel=1e-6)
+    # one soft k-means step (Ren et al. 2018): each prototype the mean of its shot and the pool weighted by q
+    step = (unit(shots) + q.T @ unit(clustered)) / (1 + q.sum(0))[:, None]
+    assert pool_im(shots, y, clustered, refine=1) == pytest.approx(im(softmax_cos(step)), rel=1e-6)
+
+
+def test_refining_on_the_pool_reads_the_clusters_past_an_atypical_shot():
+    """One shot per class, one of them drawn near another class's cluster: the unrefined prototypes split
+    the pool unevenly (two prototypes claim one cluster), the refined ones move onto the clusters."""
+    rng = np.random.default_rng(5)
+    centres = np.eye(4) * 4
+    pool = np.repeat(centres, 50, axis=0) + rng.normal(size=(200, 4)) * 0.3
+    shots, y = centres.copy(), np.arange(4)
+    shots[3] = 0.8 * centres[2] + 0.2 * centres[3]  # class 3's image looks more like class 2
+    raw, refined = pool_im(shots, y, pool, refine=0), pool_im(shots, y, pool)
+    assert refined > raw + 0.05 and refined > 0.8
 
 
 def test_one_shot_ranks_by_the_unlabelled_pool_and_never_says_it_can_tell(pretrained):

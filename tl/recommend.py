@@ -7,8 +7,9 @@ embedding after stage k is what fine-tuning with ``frozen: k`` starts from). Eac
 candidates; the ensemble rank is the mean of those ranks (no score is reliable everywhere, Agostinelli
 et al. 2022, "How stable are Transferability Metrics evaluations?"). The split's other images, unlabelled
 (no label read), are the pool of ``pool_im``; with one shot per class the scores fitted to the shots
-alone (LogME, H-score) favour the widest embedding, so there the ensemble is the pool's score (and the
-source head's, where every candidate has one). "Can't tell": the top candidate ranks above the runner-up
+alone (LogME, H-score) favour the widest embedding, so there the ensemble is the pool's score (its
+prototypes refined on the pool, as one image per class can be atypical; and the source head's, where
+every candidate has one). "Can't tell": the top candidate ranks above the runner-up
 (mean rank over the scores, the two compared alone) in fewer than 95% of bootstrap resamples (the shots
 with replacement within each class, and the pool; at one shot per class without a pool a resample is
 the same set, so no spread can be measured; and with a pool, the resamples of the pool miss the larger
@@ -31,7 +32,7 @@ import numpy as np
 from tl.data.spec import DataSpec
 from tl.errors import ConfigError, DataError
 from tl.storage import Location
-from tl.transfer_scores import SCORES, SHOT_FITTED, all_scores
+from tl.transfer_scores import POOL_REFINE, SCORES, SHOT_FITTED, all_scores
 
 WIN_SHARE = 0.95
 
@@ -200,8 +201,9 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
                                                                 leave_out))
         second = labels[order[1]]
         # one shot per class, even with a pool: which image was drawn moves the ranking more than any resample
-        # shows (benchmarks/recommend.py: weighted tau 0.53-0.76 over three draws at mnistm 1-shot, and one draw's
-        # pick 27.6 points below the best although it won 100% of the pool's resamples): it leans, never tells
+        # shows (benchmarks/pool_refine.py: weighted tau 0.56-0.72 over ten draws at mnistm 1-shot; before the
+        # prototypes were refined on the pool, two draws' picks were 27.6 points below the best although each
+        # won 100% of the pool's resamples): it leans, never tells
         verdict = {"can_tell": bool(not single and not tied and n_boot and wins >= WIN_SHARE), "wins": wins,
                    "runner_up": f"{second[0].label()} stage {second[1]}", "bootstrap": n_boot}
     else:
@@ -286,7 +288,8 @@ def write_outputs(result: dict[str, Any], folder: "str | os.PathLike") -> None:
              f"rank is the mean of the per-score ranks of {', '.join(result['ensemble_of'])} (1 = best; a score "
              f"missing for any candidate is left out"
              + ("; with one shot per class LogME and H-score are left out: fitted to one image per class they favour "
-                "the widest embedding" if result["shots"] == 1 and result["pool"] else "")
+                f"the widest embedding, and pool_im's prototypes are refined on the pool (soft k-means, {POOL_REFINE} steps)"
+                if result["shots"] == 1 and result["pool"] else "")
              + f"). LEEP and NCE need the source model's head: the last stage of a pretraining folder only. "
              f"Computed in {result['seconds']:.1f} s.", "",
              "| rank | candidate | stage | ensemble rank | " + " | ".join(SCORES) + " |",

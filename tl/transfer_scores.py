@@ -16,9 +16,9 @@ Each score takes features ``F`` (n x d) and labels ``y`` (0..C-1); higher is bet
 - ``loo_prototype``: leave-one-out accuracy of the cosine nearest-prototype classifier on the shots
   (undefined, NaN, with one shot of a class: its prototype would be the held-out image itself);
 - ``pool_im``: the one score that also reads the target's unlabelled images (``pool``): how confidently
-  and evenly the shots' cosine prototypes split them (information maximisation). Every other score is
-  fitted to the shots alone, and with one shot per class those cannot tell class structure from the
-  embedding's width (benchmarks/recommend.py); this one still can.
+  and evenly the shots' cosine prototypes, refined on the pool, split them (information maximisation).
+  Every other score is fitted to the shots alone, and with one shot per class those cannot tell class
+  structure from the embedding's width (benchmarks/recommend.py); this one still can.
 """
 
 from __future__ import annotations
@@ -164,16 +164,34 @@ def loo_prototype(F: np.ndarray, y: np.ndarray) -> float:
 #: the temperature of pool_im's cosine logits; chosen among 5, 10, 20, 30 and 50 on benchmarks/recommend
 #: (10 and below rank the candidates worse there; 20-50 alike): a choice made on that benchmark's candidates
 POOL_TEMPERATURE = 20.0
+#: soft k-means steps that move pool_im's prototypes onto the pool. One shot per class is one image: an
+#: atypical draw puts its prototype off its class's cluster; unrefined, the score ranked the ResNet-18's
+#: last stage (32.8 %) first at mnistm 1-shot on 2 of 10 draws, against the best candidate's 60.4 %.
+#: With 3, 5 or 10 steps each of the 10 draws picked the best on both targets, 1 or 2 steps did not
+#: (``python -m benchmarks.pool_refine``, results/bench/pool_refine.md): a choice made on that benchmark.
+#: Only where a class has a single shot: over 5 and 10 shots the averaged prototypes need no correction,
+#: and refined ones follow whatever clusters an embedding has (mnistm's backgrounds), which lowered
+#: pool_im's weighted tau there from 0.76-0.77 to 0.63-0.73 (``python -m benchmarks.recommend``, 2026-12-05)
+POOL_REFINE = 5
 
 
-def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float = POOL_TEMPERATURE) -> float:
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float = POOL_TEMPERATURE,
+            refine: int | None = None) -> float:
     """Information maximisation of the shots' cosine prototypes on unlabelled target images: (H(mean
     p) - mean H(p)) / ln C over the pool's predictions p = softmax(temperature · cos(x, prototype)),
     in [-1, 1]: high when the pool falls confidently and evenly into the classes the shots define.
     The objective of SHOT (Liang et al. 2020, "Do We Really Need to Access the Source Data?") and the
     label-free selection rule of tl's adaptation runs, here on the prototype classifier of SimpleShot
-    (Wang et al. 2019: features centred, on the pool's mean here, and L2-normalised). No pool label
-    is read."""
+    (Wang et al. 2019: features centred, on the pool's mean here, and L2-normalised). Before scoring,
+    ``refine`` soft k-means steps move each prototype to the mean of its shots and of the pool weighted
+    by p (Ren et al. 2018, "Meta-Learning for Semi-Supervised Few-Shot Classification"), so that one
+    atypical shot does not decide how an embedding's clusters are read (None: ``POOL_REFINE`` steps
+    where a class has a single shot, none otherwise). No pool label is read."""
     F, P = np.asarray(F, np.float64), np.asarray(pool, np.float64)
     mu = P.mean(0)
 
@@ -184,11 +202,20 @@ def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float =
     F, P = unit(F), unit(P)
     y = np.asarray(y)
     classes = np.unique(y)
-    protos = np.stack([F[y == c].mean(0) for c in classes])
-    logits = temperature * P @ (protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)).T
-    logits -= logits.max(1, keepdims=True)
-    p = np.exp(logits)
-    return information_maximization(p / p.sum(1, keepdims=True)) / float(np.log(len(classes)))
+    sums = np.stack([F[y == c].sum(0) for c in classes])
+    counts = np.array([(y == c).sum() for c in classes], np.float64)
+    protos = sums / counts[:, None]
+    if refine is None:
+        refine = POOL_REFINE if counts.min() == 1 else 0
+
+    def predict(protos: np.ndarray) -> np.ndarray:
+        return _softmax(temperature * P @ (protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True),
+                                                               1e-12)).T)
+
+    for _ in range(refine):
+        p = predict(protos)
+        protos = (sums + p.T @ P) / (counts + p.sum(0))[:, None]
+    return information_maximization(predict(protos)) / float(np.log(len(classes)))
 
 
 def information_maximization(p: np.ndarray, eps: float = 1e-8) -> float:
