@@ -4,7 +4,13 @@ the same files on the same threads, at N = 10,000 and 100,000 synthetic PNGs, wi
 RSS at each N. Writes results/bench/files.md and files.csv.
 
     python -m benchmarks.files                       # 10k and 100k files of 64x64 (about 15 minutes on 2 cores)
+    python -m benchmarks.files --backbone resnet18 --input-size 64   # a backbone whose compute outweighs the start
     python -m benchmarks.files --smoke-test          # 500 and 2,000 files
+
+``digits_cnn`` (the default) embeds a 28x28 image in well under a millisecond, so at 10,000 files
+the fixed start of the Ray Data path (its first execution in a fresh Ray and the actors' processes
+importing torch) weighs against a loop whose model was built before its clock started; another
+backbone writes its own table (``files_<backbone><size>``) beside the default one.
 
 Each measurement runs in its own process, so a peak RSS is that process's own (``ru_maxrss``):
 the driver of the Ray Data run holds the file listing, never the pixels.
@@ -24,7 +30,13 @@ from benchmarks import _table
 from workflows import _cli
 
 CLASSES = 10
-BACKBONE = "digits_cnn"
+BACKBONE = "digits_cnn"  # the default; --backbone another
+
+
+def _input(backbone: str, input_size: int | None) -> tuple[int, int]:
+    from tl.models import input_size_of
+
+    return input_size_of(backbone, input_size)
 
 
 def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None:
@@ -55,11 +67,10 @@ def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None
         Image.fromarray(img).save(root / f"c{c}" / f"{i:07d}.png")
 
 
-def child_tl(root: str, size: int) -> dict:
+def child_tl(root: str, backbone: str, input_size: int | None) -> dict:
     """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir)."""
     from tl.data.sources import index_image_folder
     from tl.embeddings import EmbedConfig, extract_files
-    from tl.models import input_size_of
 
     t0 = time.perf_counter()
     _cli.init_ray(None)
@@ -69,8 +80,9 @@ def child_tl(root: str, size: int) -> dict:
         t0 = time.perf_counter()
         index = index_image_folder(root)
         # as many one-thread actors as the plain loop has torch threads: the same threads
-        cfg = EmbedConfig(backbone=BACKBONE, batch_size=256, actors=os.cpu_count() or 1, threads_per_actor=1)
-        emb = extract_files(index, input_size_of(BACKBONE), cfg, cache, log=lambda _: None, load=False)
+        cfg = EmbedConfig(backbone=backbone, input_size=input_size, batch_size=256, actors=os.cpu_count() or 1,
+                          threads_per_actor=1)
+        emb = extract_files(index, _input(backbone, input_size), cfg, cache, log=lambda _: None, load=False)
         seconds = time.perf_counter() - t0
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -78,18 +90,18 @@ def child_tl(root: str, size: int) -> dict:
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def child_torch(root: str, size: int) -> dict:
+def child_torch(root: str, backbone: str, input_size: int | None) -> dict:
     """The plain loop: list, read, decode (the same ``decode_image``), stack, embed; every core a
     torch thread."""
     import numpy as np
     import torch
 
     from tl.data.decode import decode_image
-    from tl.models import input_size_of, make_backbone
+    from tl.models import make_backbone
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = make_backbone(BACKBONE, None).eval()
-    size = input_size_of(BACKBONE)
+    model = make_backbone(backbone, None, input_size).eval()
+    size = _input(backbone, input_size)
     t0 = time.perf_counter()
     files = sorted(str(p) for p in Path(root).glob("*/*.png"))
     n = 0
@@ -107,10 +119,12 @@ def main() -> int:
     p = _cli.parser("files", "Benchmark streamed extraction from image files against a plain PyTorch loop.",
                     package="benchmarks")
     file_options(p)
+    p.add_argument("--backbone", default=BACKBONE, help=f"the backbone that embeds them (default {BACKBONE})")
+    p.add_argument("--input-size", type=int, default=None, help="its input side (default: the backbone's own)")
     p.add_argument("--child", choices=["tl", "torch"], help=argparse_suppress())
     args = p.parse_args()
     if args.child:
-        out = (child_tl if args.child == "tl" else child_torch)(args.root, args.image)
+        out = (child_tl if args.child == "tl" else child_torch)(args.root, args.backbone, args.input_size)
         print("RESULT " + json.dumps(out))
         return 0
     sizes = [500, 2000] if args.smoke_test else sorted(args.sizes)
@@ -119,7 +133,10 @@ def main() -> int:
     record = rows.record
 
     def run_child(kind: str, root: Path) -> dict:
-        return _table.child("benchmarks.files", "--child", kind, "--root", str(root), "--image", str(args.image))
+        return _table.child("benchmarks.files", "--child", kind, "--root", str(root), "--image", str(args.image),
+                            *backbone_args)
+
+    backbone_args = ["--backbone", args.backbone] + (["--input-size", str(args.input_size)] if args.input_size else [])
 
     try:
         previous = None
@@ -157,10 +174,13 @@ def main() -> int:
                f"fixed start {results[lo][0]['seconds'] - lo / marginal[0]:.1f} s")
         record("all", f"plain loop marginal throughput {lo} -> {hi} files", marginal[1], "images/s", "")
         record("all", "ratio of marginal throughputs", marginal[0] / marginal[1], "x", "")
-    cmd = p.prog + (" --smoke-test" if args.smoke_test else "")
-    _table.save(rows, Path(args.output or "results/bench"), "files", args.smoke_test, [
+    default = args.backbone == BACKBONE and not args.input_size
+    cmd = " ".join([p.prog, *([] if default else backbone_args), *(["--smoke-test"] if args.smoke_test else [])])
+    h, w = _input(args.backbone, args.input_size)
+    stem = "files" if default else f"files_{args.backbone}{args.input_size or ''}"
+    _table.save(rows, Path(args.output or "results/bench"), stem, args.smoke_test, [
         "# Extraction from image files", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "
-        f"{time.strftime('%Y-%m-%d')}: {BACKBONE} (decoded to its 28x28 input), {args.image}x{args.image} synthetic PNGs in {CLASSES} class "
+        f"{time.strftime('%Y-%m-%d')}: {args.backbone} (random weights, decoded to its {h}x{w} input), {args.image}x{args.image} synthetic PNGs in {CLASSES} class "
         "folders on local disk, each measurement in its own process (the page cache warm after the files were made)."])
     return 0
 
