@@ -68,26 +68,31 @@ def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None
 
 
 def child_tl(root: str, backbone: str, input_size: int | None) -> dict:
-    """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir)."""
+    """The Ray Data path, as ``workflows.embed`` runs it on a folder (local Ray, cache in a temp dir);
+    then the same extraction once more in the same Ray, into another cache folder: its time leaves out
+    what only a Ray session's first Ray Data execution pays, the actors' start stays in it."""
     from tl.data.sources import index_image_folder
     from tl.embeddings import EmbedConfig, extract_files
 
     t0 = time.perf_counter()
     _cli.init_ray(None)
     start_s = time.perf_counter() - t0
-    cache = tempfile.mkdtemp(prefix="tl-bench-files-")
-    try:
-        t0 = time.perf_counter()
-        index = index_image_folder(root)
-        # as many one-thread actors as the plain loop has torch threads: the same threads
-        cfg = EmbedConfig(backbone=backbone, input_size=input_size, batch_size=256, actors=os.cpu_count() or 1,
-                          threads_per_actor=1)
-        emb = extract_files(index, _input(backbone, input_size), cfg, cache, log=lambda _: None, load=False)
-        seconds = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    return {"images": emb.info["rows"], "seconds": seconds, "ray_start_s": start_s,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # as many one-thread actors as the plain loop has torch threads: the same threads
+    cfg = EmbedConfig(backbone=backbone, input_size=input_size, batch_size=256, actors=os.cpu_count() or 1,
+                      threads_per_actor=1)
+    seconds, rss = [], 0.0
+    for _ in range(2):
+        cache = tempfile.mkdtemp(prefix="tl-bench-files-")
+        try:
+            t0 = time.perf_counter()
+            index = index_image_folder(root)
+            emb = extract_files(index, _input(backbone, input_size), cfg, cache, log=lambda _: None, load=False)
+            seconds.append(time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        rss = rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the first extraction's peak
+    return {"images": emb.info["rows"], "seconds": seconds[0], "seconds_again": seconds[1], "ray_start_s": start_s,
+            "rss_mb": rss}
 
 
 def child_torch(root: str, backbone: str, input_size: int | None) -> dict:
@@ -123,6 +128,8 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=None, help="its input side (default: the backbone's own)")
     p.add_argument("--child", choices=["tl", "torch"], help=argparse_suppress())
     args = p.parse_args()
+    from tl.embeddings import TASK_MAX_ROWS
+
     if args.child:
         out = (child_tl if args.child == "tl" else child_torch)(args.root, args.backbone, args.input_size)
         print("RESULT " + json.dumps(out))
@@ -157,6 +164,10 @@ def main() -> int:
                    f"{plain_r['seconds']:.1f} s, {os.cpu_count()} torch threads")
             record(part, "ratio Ray Data / plain loop (throughput)", plain_r["seconds"] / ray_r["seconds"], "x",
                    "target >= 0.9")
+            record(part, "the same extraction again in the same Ray", n / ray_r["seconds_again"], "images/s",
+                   f"{ray_r['seconds_again']:.1f} s, ratio {plain_r['seconds'] / ray_r['seconds_again']:.2f} x the plain "
+                   "loop: Ray Data's first execution in a Ray session paid; "
+                   + ("fresh actors again" if n > TASK_MAX_ROWS else "tasks in the processes the first run warmed"))
             record(part, "driver peak RSS (Ray Data run)", ray_r["rss_mb"], "MB", "ru_maxrss of the driver process")
             record(part, "peak RSS of the plain loop", plain_r["rss_mb"], "MB", "")
     finally:

@@ -107,7 +107,7 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
     ``FileEmbedder`` where ``decode`` reads files; one GPU per actor), whose start is paid once and
     whose blocks stay on a few processes: with tasks, 10,000 files took 31.8 s cold and 8.9 s warm,
     100,000 took 91.4 s cold and 67.6 s warm (``python -m benchmarks.files`` run with tasks,
-    2026-12-04), against 12.8 s and 65.9 s with actors (results/bench/files.md, 2026-12-04)."""
+    2026-12-04), against 12.8 s and 65.9 s with actors (``python -m benchmarks.files``, 2026-12-04)."""
     import ray.data
 
     build = dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage, input_size=cfg.input_size,
