@@ -170,7 +170,7 @@ POOL_TEMPERATURE = 20.0
 #: With 3, 5 or 10 steps each of the 10 draws picked the best on both targets, 1 or 2 steps did not
 #: (``python -m benchmarks.pool_refine``, results/bench/pool_refine.md): a choice made on that benchmark.
 #: Only where a class has a single shot: over 5 and 10 shots the averaged prototypes need no correction,
-#: and refined ones follow whatever clusters an embedding has (mnistm's backgrounds), which lowered
+#: and refined ones follow whatever clusters an embedding has, class or not, which lowered
 #: pool_im's weighted tau there from 0.76-0.77 to 0.63-0.73 (``python -m benchmarks.recommend``, 2026-12-05)
 POOL_REFINE = 5
 
