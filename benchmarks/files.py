@@ -33,12 +33,6 @@ CLASSES = 10
 BACKBONE = "digits_cnn"  # the default; --backbone another
 
 
-def _input(backbone: str, input_size: int | None) -> tuple[int, int]:
-    from tl.models import input_size_of
-
-    return input_size_of(backbone, input_size)
-
-
 def make_files(root: Path, n: int, size: int, reuse: Path | None = None) -> None:
     """``n`` PNGs of ``size`` x ``size`` in ``CLASSES`` class folders: a smooth pattern per class plus
     noise, so files compress like photos rather than like blank squares. Files of ``reuse`` (a
@@ -73,6 +67,7 @@ def child_tl(root: str, backbone: str, input_size: int | None) -> dict:
     what only a Ray session's first Ray Data execution pays, the actors' start stays in it."""
     from tl.data.sources import index_image_folder
     from tl.embeddings import EmbedConfig, extract_files
+    from tl.models import input_size_of
 
     t0 = time.perf_counter()
     _cli.init_ray(None)
@@ -86,7 +81,7 @@ def child_tl(root: str, backbone: str, input_size: int | None) -> dict:
         try:
             t0 = time.perf_counter()
             index = index_image_folder(root)
-            emb = extract_files(index, _input(backbone, input_size), cfg, cache, log=lambda _: None, load=False)
+            emb = extract_files(index, input_size_of(backbone, input_size), cfg, cache, log=lambda _: None, load=False)
             seconds.append(time.perf_counter() - t0)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -102,11 +97,11 @@ def child_torch(root: str, backbone: str, input_size: int | None) -> dict:
     import torch
 
     from tl.data.decode import decode_image
-    from tl.models import make_backbone
+    from tl.models import input_size_of, make_backbone
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = make_backbone(backbone, None, input_size).eval()
-    size = _input(backbone, input_size)
+    size = input_size_of(backbone, input_size)
     t0 = time.perf_counter()
     files = sorted(str(p) for p in Path(root).glob("*/*.png"))
     n = 0
@@ -128,8 +123,6 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=None, help="its input side (default: the backbone's own)")
     p.add_argument("--child", choices=["tl", "torch"], help=argparse_suppress())
     args = p.parse_args()
-    from tl.embeddings import TASK_MAX_ROWS
-
     if args.child:
         out = (child_tl if args.child == "tl" else child_torch)(args.root, args.backbone, args.input_size)
         print("RESULT " + json.dumps(out))
@@ -139,11 +132,14 @@ def main() -> int:
     rows = _table.Rows()
     record = rows.record
 
+    from tl.embeddings import TASK_MAX_ROWS
+    from tl.models import input_size_of
+
+    backbone_args = ["--backbone", args.backbone] + (["--input-size", str(args.input_size)] if args.input_size else [])
+
     def run_child(kind: str, root: Path) -> dict:
         return _table.child("benchmarks.files", "--child", kind, "--root", str(root), "--image", str(args.image),
                             *backbone_args)
-
-    backbone_args = ["--backbone", args.backbone] + (["--input-size", str(args.input_size)] if args.input_size else [])
 
     try:
         previous = None
@@ -187,7 +183,7 @@ def main() -> int:
         record("all", "ratio of marginal throughputs", marginal[0] / marginal[1], "x", "")
     default = args.backbone == BACKBONE and not args.input_size
     cmd = " ".join([p.prog, *([] if default else backbone_args), *(["--smoke-test"] if args.smoke_test else [])])
-    h, w = _input(args.backbone, args.input_size)
+    h, w = input_size_of(args.backbone, args.input_size)
     stem = "files" if default else f"files_{args.backbone}{args.input_size or ''}"
     _table.save(rows, Path(args.output or "results/bench"), stem, args.smoke_test, [
         "# Extraction from image files", "", f"Command: `{cmd}` on {os.cpu_count()} CPU cores, "

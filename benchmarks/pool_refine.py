@@ -38,9 +38,8 @@ def main() -> int:
 
     from benchmarks.recommend import TARGETS, candidates, realised
     from tl.data import load_embedded
-    from tl.data.episodes import take_shots
     from tl.models import make_backbone
-    from tl.recommend import RecommendConfig, stage_features
+    from tl.recommend import RecommendConfig, draw, stage_features
     from tl.runtime import resolve_storage
     from tl.transfer_scores import POOL_REFINE, pool_im
 
@@ -51,19 +50,17 @@ def main() -> int:
     episodes = 5 if args.smoke_test else 20
     pool_size = RecommendConfig().pool
     rows = _table.Rows()
+    backbones = {lab: make_backbone(b, w, s) for lab, b, w, s in cands}
     for target in TARGETS:
         t0 = time.perf_counter()
         real = realised(cands, target, 1, episodes, {})
         keys = list(real)
         got = np.array([real[k] for k in keys])
         data = load_embedded(target).split("adapt")
-        backbones = {lab: make_backbone(b, w, s) for lab, b, w, s in cands}
         taus: dict[int, list[float]] = {k: [] for k in STEPS}
         regrets: dict[int, list[float]] = {k: [] for k in STEPS}
         for seed in draws:  # the shots and the pool as tl.recommend draws them for this seed
-            shots = take_shots(data.labels, data.classes, 1, seed, data.name)
-            rest = np.setdiff1d(np.arange(len(data.labels)), shots)
-            pool = np.sort(np.random.default_rng(seed + 2).choice(rest, min(pool_size, len(rest)), replace=False))
+            shots, pool = draw(data, 1, seed, pool_size)
             images, y = data.pixels(np.concatenate([shots, pool])), data.labels[shots]  # no pool label read
             feats = {}
             for lab, bb in backbones.items():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from scipy.special import softmax
 
 from tl.data.spec import DataSpec
 from tl.errors import ConfigError, DataError
@@ -116,10 +117,7 @@ def source_probabilities(weights: str | None, features: np.ndarray) -> np.ndarra
     w, b = head.get("weight"), head.get("bias")
     if w is None or w.shape[1] != features.shape[1]:
         return None
-    logits = features @ w.T + (b if b is not None else 0.0)
-    logits -= logits.max(1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(1, keepdims=True)
+    return softmax(features @ w.T + (b if b is not None else 0.0), axis=1)
 
 
 def ensemble_ranks(table: np.ndarray, leave_out: tuple[int, ...] = ()) -> np.ndarray:
@@ -148,11 +146,20 @@ def _left_out(single: bool, has_pool: bool) -> tuple[int, ...]:
     return tuple(SCORES.index(s) for s in SHOT_FITTED) if single and has_pool else ()
 
 
+def draw(data, shots: int, seed: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``shots`` labelled images per class of ``data`` (an ImageSet) drawn by ``seed``, and of up
+    to ``pool`` of its other images for the unlabelled pool (sorted), as every recommendation draws them."""
+    from tl.data.episodes import take_shots
+
+    rows = take_shots(data.labels, data.classes, shots, seed, data.name)
+    rest = np.setdiff1d(np.arange(len(data.labels)), rows)
+    return rows, np.sort(np.random.default_rng(seed + 2).choice(rest, min(pool, len(rest)), replace=False))
+
+
 def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print
               ) -> dict[str, Any]:
     """Score every (candidate, stage) on the target's shots; returns the ranked result (``recommend.yaml``'s
     content): rows best first, the recommended candidate, its family and rule, and whether it can tell."""
-    from tl.data.episodes import take_shots
     from tl.data.spec import load_data, part, resolve
     from tl.models import input_size_of, make_backbone, num_stages
     from tl.pretrain import resolve_weights, weights_reference
@@ -165,9 +172,7 @@ def recommend(cfg: RecommendConfig, storage: "str | os.PathLike | Location", log
     split = cfg.split or ("adapt" if spec is None else None)
     if split:
         data = part(data, split, spec, "target")
-    rows = take_shots(data.labels, data.classes, cfg.shots, cfg.seed, data.name)
-    rest = np.setdiff1d(np.arange(len(data.labels)), rows)
-    pool_rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(rest, min(cfg.pool, len(rest)), replace=False))
+    rows, pool_rows = draw(data, cfg.shots, cfg.seed, cfg.pool)
     images, y = data.pixels(np.concatenate([rows, pool_rows])), data.labels[rows]  # the pool's labels are not read
     labels, feats, probs, pools, refs = [], [], [], [], []
     for cand in cfg.candidates:

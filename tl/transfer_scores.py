@@ -24,6 +24,7 @@ Each score takes features ``F`` (n x d) and labels ``y`` (0..C-1); higher is bet
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax
 
 
 def _svd(F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,11 +176,6 @@ POOL_TEMPERATURE = 20.0
 POOL_REFINE = 5
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float = POOL_TEMPERATURE,
             refine: int | None = None) -> float:
     """Information maximisation of the shots' cosine prototypes on unlabelled target images: (H(mean
@@ -209,8 +205,8 @@ def pool_im(F: np.ndarray, y: np.ndarray, pool: np.ndarray, temperature: float =
         refine = POOL_REFINE if counts.min() == 1 else 0
 
     def predict(protos: np.ndarray) -> np.ndarray:
-        return _softmax(temperature * P @ (protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True),
-                                                               1e-12)).T)
+        return softmax(temperature * P @ (protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True),
+                                                              1e-12)).T, axis=1)
 
     for _ in range(refine):
         p = predict(protos)
