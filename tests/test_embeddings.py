@@ -24,6 +24,15 @@ def small(n=64, offset=0):
     return d.subset(np.arange(offset, offset + n))
 
 
+def write_folder(data, root: Path) -> None:
+    """``data``'s images as PNGs in one folder per class under ``root``."""
+    from PIL import Image
+
+    for i, (img, y) in enumerate(zip(data.images, data.labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(root / str(y) / f"{i}.png")
+
+
 def quiet(_):
     pass
 
@@ -112,9 +121,7 @@ def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local,
 
     data = small(30)
     root = tmp_path / "imgs"
-    for i, (img, y) in enumerate(zip(data.images, data.labels)):
-        (root / str(y)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(root / str(y) / f"{i}.png")
+    write_folder(data, root)
     cfg = EmbedConfig(weights=None, batch_size=8)
     index = index_image_folder(root)
     streamed = extract_files(index, (28, 28), cfg, tmp_path / "cache", quiet)
@@ -129,6 +136,30 @@ def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local,
     os.utime(first, (1, 1))
     changed = extract_files(index_image_folder(root), (28, 28), cfg, tmp_path / "cache", quiet, load=False)
     assert not changed.hit and changed.key != streamed.key
+
+
+def test_the_actor_pool_path_gives_the_task_paths_embeddings(ray_local, tmp_path, monkeypatch):
+    """A set over ``TASK_MAX_ROWS`` images (and every set on GPUs) runs on an actor pool
+    (``FileEmbedder`` over files, ``Embedder`` over arrays): forced here on a small set, both give
+    the embeddings the CPU tasks give, row-aligned."""
+    import tl.embeddings
+    from tl.data.sources import index_image_folder
+    from tl.embeddings import extract_files
+
+    data = small(20)
+    root = tmp_path / "imgs"
+    write_folder(data, root)
+    cfg = EmbedConfig(weights=None, batch_size=8)
+    on_tasks = extract_files(index_image_folder(root), (28, 28), cfg, tmp_path / "tasks", quiet)
+    arrays_on_tasks = extract(data, cfg, tmp_path / "tasks", quiet)
+    monkeypatch.setattr(tl.embeddings, "TASK_MAX_ROWS", 0)
+    assert tl.embeddings._on_actors(cfg, len(data))
+    on_actors = extract_files(index_image_folder(root), (28, 28), cfg, tmp_path / "actors", quiet)
+    arrays_on_actors = extract(data, cfg, tmp_path / "actors", quiet)
+    assert not on_actors.hit and list(on_actors.ids) == list(on_tasks.ids)
+    np.testing.assert_allclose(on_actors.vectors, on_tasks.vectors, rtol=1e-5, atol=1e-6)
+    assert not arrays_on_actors.hit and list(arrays_on_actors.ids) == list(arrays_on_tasks.ids)
+    np.testing.assert_allclose(arrays_on_actors.vectors, arrays_on_tasks.vectors, rtol=1e-5, atol=1e-6)
 
 
 def test_parquet_rows_stream_to_the_cache_and_match_the_in_memory_path(ray_local, tmp_path):
@@ -188,10 +219,10 @@ def test_ci_shrinks_as_episodes_grow(optdigits_embeddings):
 
 
 def test_extraction_runs_cpu_tasks_that_keep_the_backbone_and_gpu_actors(ray_local):
-    """A small set on CPUs runs in Ray Data tasks (``embed_batch``), at most ``actors`` at a time,
-    whose worker process keeps the backbone built for the next block and extraction; a large one on
-    an actor pool of CPU actors; on GPUs an actor per GPU. Read from the dataset's plan (the GPU one
-    is never executed here: this cluster has no GPU)."""
+    """On CPUs a set of up to ``TASK_MAX_ROWS`` images runs in Ray Data tasks (``embed_batch``), at
+    most ``actors`` at a time, whose worker process keeps the backbone built for the next block and
+    extraction; a larger one on an actor pool of CPU actors; on GPUs an actor per GPU. Read from the
+    dataset's plan (the GPU one is never executed here: this cluster has no GPU)."""
     import ray.data
 
     from tl.embeddings import TASK_MAX_ROWS, _embed
@@ -210,6 +241,26 @@ def test_extraction_runs_cpu_tasks_that_keep_the_backbone_and_gpu_actors(ray_loc
     assert remote.get("num_cpus") == 0.5
     fn, compute, remote = plan(True)
     assert fn is Embedder and isinstance(compute, ray.data.ActorPoolStrategy) and remote.get("num_gpus") == 1
+
+
+def test_cpu_extraction_writes_parquet_in_the_embedding_tasks(ray_local, tmp_path):
+    """On CPUs the write asks for the embedding tasks' CPUs and concurrency, so Ray Data fuses the
+    two: each task embeds and writes its block (no worker process started for writes alone). Read
+    from the executed dataset's operators, and the Parquet it wrote."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from tl.embeddings import _embed, _to_matrix, _write
+
+    images = np.random.default_rng(0).random((6, 3, 28, 28), dtype=np.float32)
+    ds = ray.data.from_items([{"row": i, "image": images[i]} for i in range(6)], override_num_blocks=2)
+    cfg = EmbedConfig(actors=2, cpus_per_actor=0.5)
+    done = _write(_embed(ds, cfg, None, "d", 3, "numpy", 6), cfg, 6, str(tmp_path / "out"), pafs.LocalFileSystem())
+    assert "MapBatches(embed_batch)->Write" in done.stats()
+    table = pq.read_table(tmp_path / "out")
+    assert sorted(table.column("row").to_pylist()) == list(range(6))
+    assert _to_matrix(table.column("embedding").combine_chunks()).shape == (6, 256)
 
 
 def test_a_worker_builds_the_backbone_once_per_weights_and_restores_its_threads():

@@ -1,10 +1,11 @@
 """Embedding extraction with Ray Data, cached by content.
 
-The backbone runs in ``map_batches``: for a small set on CPUs as tasks whose worker processes keep it
-built between blocks and extractions, otherwise on an actor pool (one GPU per actor on GPUs). The
-output is Parquet under ``<cache>/embeddings/<key>/``; the key hashes the backbone name, a digest
-of its weights, the stage read, the preprocessing and the dataset's fingerprint, so anything that
-changes the embeddings changes the key. ``manifest.json`` is written last: a folder
+The backbone runs in ``map_batches``: for a set of up to 50,000 images on CPUs as tasks whose worker
+processes keep it built between blocks and extractions (the Parquet write fused into them),
+otherwise on an actor pool (one GPU per actor on GPUs). The output is Parquet under
+``<cache>/embeddings/<key>/``; the key hashes the backbone name, a digest of its weights, the stage
+read, the preprocessing and the dataset's fingerprint, so anything that changes the embeddings
+changes the key. ``manifest.json`` is written last: a folder
 without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
 filesystems understand (``s3://``, ``gs://``, ``hdfs://``), so every node of a cluster sees it.
 """
@@ -40,9 +41,8 @@ MANIFEST = "manifest.json"
 class EmbedConfig:
     """How to extract: which backbone, weights and stage; how big the batches (an array's; files are
     read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time), and how many
-    run at once: ``actors`` (CPU tasks for a small set, else an actor pool; GPU actors when
-    ``use_gpu``) of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch threads (0: the
-    process default)."""
+    run at once: ``actors`` (CPU tasks, an actor pool for a large set; GPU actors when ``use_gpu``)
+    of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch threads (0: the process default)."""
 
     backbone: str = "digits_cnn"
     weights: str | None = None
@@ -94,31 +94,53 @@ def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
 
 
 #: at most this many images are embedded by CPU tasks; more by an actor pool (``_embed``)
-TASK_MAX_ROWS = 4096
+TASK_MAX_ROWS = 50_000
 
 
 def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int, batch_format: str, rows: int,
            decode=None):
-    """``ds`` (``rows`` images) mapped through the backbone by Ray Data. A small set on CPUs: tasks
-    (``embed_batch``), at most ``cfg.actors`` at a time, in worker processes that keep the backbone
-    built for the next block and the next extraction (an actor pool starts fresh processes each
-    time: 1,000 files took 14-18 s per extraction with actors against 1.5-2.8 s with warm tasks, on
-    2 busy cores). A large set (over ``TASK_MAX_ROWS``), or GPUs: an actor pool (``Embedder``,
-    ``FileEmbedder`` where ``decode`` reads files; one GPU per actor), whose start is paid once and
-    whose blocks stay on a few processes: with tasks, 10,000 files took 31.8 s cold and 8.9 s warm,
-    100,000 took 91.4 s cold and 67.6 s warm (``python -m benchmarks.files`` run with tasks,
-    2026-12-04), against 12.8 s and 65.9 s with actors (``python -m benchmarks.files``, 2026-12-04)."""
+    """``ds`` (``rows`` images) mapped through the backbone by Ray Data. On CPUs, up to
+    ``TASK_MAX_ROWS`` images: tasks (``embed_batch``), at most ``cfg.actors`` at a time, in worker
+    processes that keep the backbone built for the next block and the next extraction (an actor
+    pool starts fresh processes, each importing torch, every time); ``_write`` fuses the Parquet
+    write into them. More images, or GPUs: an actor pool (``Embedder``, ``FileEmbedder`` where
+    ``decode`` reads files; one GPU per actor), whose start is paid once and which keeps several
+    blocks in flight per actor, where a task pool leaves each process idle between its tasks.
+    Measured on 2 cores, 2026-12-05 (digits_cnn, 64x64 PNGs; an experiment beside
+    ``python -m benchmarks.files``, whose table has the committed figures): 10,000 files, an actor
+    pool 13.0-14.5 s the first time in a Ray session and 10.5-11.6 s again, fused tasks 11.8-13.8 s
+    and 7.4-8.1 s (the plain loop 6.7-7.8 s); 100,000 files, actors 72.8 s and 72.0 s, fused tasks
+    78.0 s and 74.5 s (the loop 75.2 s). The actors' fixed start (about 3.5 s) equals the tasks' idle
+    share (about 9 %) near 40 seconds of work, 50,000 of these images."""
     import ray.data
 
     build = dict(backbone=cfg.backbone, weights=cfg.weights, stage=stage, input_size=cfg.input_size,
                  threads=cfg.threads_per_actor)
-    if cfg.use_gpu or rows > TASK_MAX_ROWS:
+    if _on_actors(cfg, rows):
         cls, kwargs = (Embedder, build) if decode is None else (FileEmbedder, dict(build, decode=decode))
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                               batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor,
                               num_gpus=1 if cfg.use_gpu else 0)
     return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode), concurrency=cfg.actors,
                           batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor)
+
+
+def _on_actors(cfg: EmbedConfig, rows: int) -> bool:
+    """Whether ``_embed`` maps ``rows`` images on an actor pool (else CPU tasks)."""
+    return cfg.use_gpu or rows > TASK_MAX_ROWS
+
+
+def _write(ds, cfg: EmbedConfig, rows: int, path: str, fs: pafs.FileSystem):
+    """``ds`` (``_embed``'s, of ``rows`` images) written as Parquet under ``path``; returns ``ds``,
+    whose ``stats()`` name the operators that ran. On tasks the write asks for what the embedding
+    tasks ask for (their CPUs and concurrency), which is Ray Data's condition for fusing two task
+    operators: one task reads, decodes, embeds and writes a block, and no worker process starts for
+    the writes alone."""
+    data_progress(ds.context)  # bars on a terminal; in a log file tl's own lines say it
+    same = {} if _on_actors(cfg, rows) else dict(concurrency=cfg.actors,
+                                                  ray_remote_args={"num_cpus": cfg.cpus_per_actor})
+    ds.write_parquet(path, filesystem=fs, **same)
+    return ds
 
 
 def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log: Callable[[str], None] = print,
@@ -143,9 +165,8 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
     log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
         f"{cfg.actors} at a time, batch {cfg.batch_size}")
     ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy", len(data))
-    data_progress(ds.context)  # bars on a terminal; in a log file tl's own lines say it
     part = f"data-{uuid.uuid4().hex[:8]}"
-    ds.write_parquet(f"{folder}/{part}", filesystem=fs)
+    _write(ds, cfg, len(data), f"{folder}/{part}", fs)
     info = {"key": key, "data": part, "backbone": cfg.backbone, "weights": cfg.weights, "stage": cfg.stage,
             "preprocessing": pp, "dataset": data.name, "fingerprint": data.fingerprint(), "rows": len(data),
             "dim": model.stage_dim(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -199,9 +220,8 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
         # 2026-12-01; decoding in tasks of their own beside the model's: about 1.5x slower per image)
         ds = _embed(images.dataset(labels, ids), cfg, stage, digest, images.batch_rows, "pandas", len(images),
                     decode=images.reader(uint8=True))
-        data_progress(ds.context)
         part = f"data-{uuid.uuid4().hex[:8]}"
-        ds.write_parquet(f"{folder}/{part}", filesystem=fs)
+        _write(ds, cfg, len(images), f"{folder}/{part}", fs)
         # one read: the checks' columns, and the vectors when they are wanted
         table = pq.read_table(f"{folder}/{part}", columns=["row", "path", "error", "shape"]
                               + (["embedding"] if load else []), filesystem=fs, partitioning=None)

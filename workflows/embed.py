@@ -17,8 +17,8 @@ from workflows import _cli
 class EmbedJob:
     """``data``: a data spec (an embedded name, or a folder, CSV or Parquet, local or at a URI; a
     folder without class subfolders is unlabelled); ``split``: one split of it (every image when
-    unset); ``actors``: extraction tasks at a time on CPUs for a small set, else the actor pool's size
-    (GPU actors with ``use_gpu``), each with
+    unset); ``actors``: extraction tasks at a time on CPUs, the actor pool's size for a large set (GPU
+    actors with ``use_gpu``), each with
     ``threads_per_actor`` torch threads (0: the process default)."""
 
     data: str | DataSpec = "mnistm"

@@ -47,7 +47,8 @@ class FileEmbedder(Embedder):
     ``tl.data.decode.ReadDecode`` over files, or a ``tl.data.parquet.ReadGroups`` over Parquet row
     groups, which yields its chunks), in the same actor: decoding beside the model in each actor
     keeps a block's pixels in one process from file to embedding. The actor path (GPUs, large
-    sets); for a small set on CPUs ``embed_batch`` does the same in tasks."""
+    sets); for a set of up to ``tl.embeddings.TASK_MAX_ROWS`` images on CPUs ``embed_batch`` does
+    the same in tasks."""
 
     def __init__(self, decode, **kwargs):
         super().__init__(**kwargs)
