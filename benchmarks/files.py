@@ -156,8 +156,9 @@ def main() -> int:
             ray_r, plain_r = run_child("tl", root), run_child("torch", root)
             results[n] = (ray_r, plain_r)
             part = f"{n // 1000}k"
+            on_tasks = n <= TASK_MAX_ROWS  # as tl.embeddings chooses on CPUs
             how = (f"{os.cpu_count()} tasks at a time of 1 torch thread, each reading, decoding, embedding and "
-                   "writing a block" if n <= TASK_MAX_ROWS else
+                   "writing a block" if on_tasks else
                    f"{os.cpu_count()} actors of 1 torch thread, each reading, decoding and embedding its blocks")
             record(part, f"Ray Data read->decode->embed->Parquet, {n} files", n / ray_r["seconds"], "images/s",
                    f"{ray_r['seconds']:.1f} s, {how}; Ray start {ray_r['ray_start_s']:.1f} s not included; "
@@ -169,7 +170,7 @@ def main() -> int:
             record(part, "the same extraction again in the same Ray", n / ray_r["seconds_again"], "images/s",
                    f"{ray_r['seconds_again']:.1f} s, ratio {plain_r['seconds'] / ray_r['seconds_again']:.2f} x the plain "
                    "loop: Ray Data's first execution in a Ray session paid; "
-                   + ("tasks in the worker processes the first run warmed" if n <= TASK_MAX_ROWS else "fresh actors again"))
+                   + ("tasks in the worker processes the first run warmed" if on_tasks else "fresh actors again"))
             record(part, "driver peak RSS (Ray Data run)", ray_r["rss_mb"], "MB", "ru_maxrss of the driver process")
             record(part, "peak RSS of the plain loop", plain_r["rss_mb"], "MB", "")
     finally:

@@ -1,12 +1,12 @@
 """Embedding extraction with Ray Data, cached by content.
 
-The backbone runs in ``map_batches``: for a set of up to 50,000 images on CPUs as tasks whose worker
-processes keep it built between blocks and extractions (the Parquet write fused into them),
-otherwise on an actor pool (one GPU per actor on GPUs). The output is Parquet under
+The backbone runs in ``map_batches``: for a set of up to ``TASK_MAX_ROWS`` images on CPUs as tasks
+whose worker processes keep it built between blocks and extractions (the Parquet write fused into
+them), otherwise on an actor pool (one GPU per actor on GPUs). The output is Parquet under
 ``<cache>/embeddings/<key>/``; the key hashes the backbone name, a digest of its weights, the stage
 read, the preprocessing and the dataset's fingerprint, so anything that changes the embeddings
-changes the key. ``manifest.json`` is written last: a folder
-without it is not a cache and is rebuilt. The cache root may be a local path or a URI that pyarrow
+changes the key. ``manifest.json`` is written last: a folder without it is not a cache and is
+rebuilt. The cache root may be a local path or a URI that pyarrow
 filesystems understand (``s3://``, ``gs://``, ``hdfs://``), so every node of a cluster sees it.
 """
 
