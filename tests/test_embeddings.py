@@ -263,6 +263,24 @@ def test_cpu_extraction_writes_parquet_in_the_embedding_tasks(ray_local, tmp_pat
     assert _to_matrix(table.column("embedding").combine_chunks()).shape == (6, 256)
 
 
+def test_an_extraction_refreshes_ray_datas_resource_limits_at_tls_interval(ray_local, tmp_path):
+    """tl.runtime.data_limits_refresh sets a constant of the pinned Ray Data (its 1 s refresh of an
+    execution's resource limits): an upgrade that renames it fails here rather than silently
+    bringing back a second of a single task per execution."""
+    import pyarrow.fs as pafs
+    import ray.data
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from tl.embeddings import _embed, _write
+    from tl.runtime import DATA_LIMITS_REFRESH_S
+
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S in (1, DATA_LIMITS_REFRESH_S)
+    ds = ray.data.from_items([{"row": i, "image": np.zeros((3, 28, 28), np.float32)} for i in range(2)])
+    cfg = EmbedConfig(actors=1, cpus_per_actor=0.5)
+    _write(_embed(ds, cfg, None, "d", 2, "numpy", 2), cfg, 2, str(tmp_path / "out"), pafs.LocalFileSystem())
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == DATA_LIMITS_REFRESH_S
+
+
 def test_a_worker_builds_the_backbone_once_per_weights_and_restores_its_threads():
     import torch
 

@@ -28,7 +28,7 @@ from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder, FileEmbedder, embed_batch
-from tl.runtime import cluster_gpus, data_progress
+from tl.runtime import cluster_gpus, data_limits_refresh, data_progress
 from tl.storage import Location
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ def _write(ds, cfg: EmbedConfig, rows: int, path: str, fs: pafs.FileSystem):
     operators: one task reads, decodes, embeds and writes a block, and no worker process starts for
     the writes alone."""
     data_progress(ds.context)  # bars on a terminal; in a log file tl's own lines say it
+    data_limits_refresh()  # the second task at the coordinator's answer, not at the next second
     same = {} if _on_actors(cfg, rows) else dict(concurrency=cfg.actors,
                                                   ray_remote_args={"num_cpus": cfg.cpus_per_actor})
     ds.write_parquet(path, filesystem=fs, **same)
