@@ -13,7 +13,7 @@ import yaml
 from scipy.stats import multivariate_normal
 
 from tl.errors import ConfigError
-from tl.recommend import Candidate, RecommendConfig, ensemble_ranks, recommend, write_outputs
+from tl.recommend import WIN_SHARE, Candidate, RecommendConfig, ensemble_ranks, recommend, write_outputs
 from tl.transfer_scores import h_score, information_maximization, leep, log_evidence, logme, loo_prototype, nce, pool_im
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,8 +131,10 @@ def test_one_shot_ranks_by_the_unlabelled_pool_and_never_says_it_can_tell(pretra
     r = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, bootstrap=20, pool=200), "/nonexistent",
                   log=lambda _: None)
     assert r["ensemble_of"] == ["pool_im"] and r["pool"] == 200 and r["images"] == 10
-    # the pool's resamples agree, but one image per class leaves the draw's spread unmeasured: it leans, never tells
-    assert r["rows"][0]["candidate"] == "pretrained" and r["wins"] == 1.0 and not r["can_tell"]
+    # the pool's resamples agree as often as would let more shots tell (WIN_SHARE: 20 of 20 in the CI runs of
+    # 2026-12-05 morning, 19 of 20 in the evening's on the same code, 80f5353), but one image per class leaves
+    # the draw's spread unmeasured: it leans, never tells
+    assert r["rows"][0]["candidate"] == "pretrained" and r["wins"] >= WIN_SHARE and not r["can_tell"]
     assert r["recommended"]["candidate"] == "pretrained"
     assert r["rows"][0]["scores"]["pool_im"] > r["rows"][1]["scores"]["pool_im"]
     blind = recommend(RecommendConfig(candidates=cands, target="optdigits", shots=1, pool=0), "/nonexistent",
