@@ -106,10 +106,9 @@ def data_limits_refresh(seconds: float = DATA_LIMITS_REFRESH_S) -> None:
     a single task (its liveness rule). Refreshed every ``seconds`` instead, the second task starts
     when the answer comes, about 0.6 s sooner per execution: 10,000 files on warm worker processes
     in 5.2-5.4 s instead of 5.9-6.0 s on 2 cores (``python -m benchmarks.files``, docs/data.md).
-    Each refresh is a look at one
-    pending reference (a new request to the coordinator actor when the last has come back), in
-    this process only. A Ray without the setting is left as it is (tests/test_embeddings.py
-    checks that the pinned one has it)."""
+    Each refresh is a look at one pending reference (a new request to the coordinator actor when the
+    last has come back), in this process only. A Ray without the setting is left as it is
+    (tests/test_embeddings.py checks that the pinned one has it)."""
     from ray.data._internal.execution import resource_manager
 
     manager = getattr(resource_manager, "ResourceManager", None)
