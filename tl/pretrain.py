@@ -42,6 +42,10 @@ HEAD_FILE = "head.safetensors"
 #: fields added after backbones were pretrained: in the key only when not at these values, so a
 #: finished backbone of the same recipe keeps its key
 NEWER_DEFAULTS = {"augment": "shift", "label_smoothing": 0.0}
+#: in the key: 2 since the data order and every epoch's draws are seeded (the same config gives the
+#: same weights, docs/finetuning.md); a backbone of the former runs (keyed without it, made in an order
+#: Ray Data chose) is not what this code makes, and is not reused
+PROTOCOL = 2
 
 
 def default_augment(data: "str | DataSpec") -> str:
@@ -100,9 +104,10 @@ class PretrainConfig:
         return resolve(self.data, "data")[0]
 
     def key(self) -> str:
-        """Identity of the trained weights: everything but where it runs."""
+        """Identity of the trained weights: everything but where it runs, and the ``PROTOCOL``."""
         ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")
                  and not (k in NEWER_DEFAULTS and v == NEWER_DEFAULTS[k])}
+        ident["protocol"] = PROTOCOL
         return f"{self.backbone}-{self.data_name.replace(':', '_')}-{config_hash(ident)}"
 
 
@@ -158,11 +163,19 @@ def _worker(c: dict) -> None:
     """Per-worker training function (runs on every Ray Train worker). Its own loop, not
     ``tl.train.loop``: an epoch is a fixed number of steps over one shuffle of the shard, the rate
     is set per step (warm-up, then cosine), SGD is Nesterov's and each image is shifted; the resume
-    protocol (``tl.train.ray_train``) is the one every run follows."""
+    protocol (``tl.train.ray_train``) is the one every run follows.
+
+    Bit-reproducible (docs/finetuning.md, "Same command, same numbers"): the train set is read in
+    its (seeded) order and split the same way every pass (``ordered``), the local shuffle and every
+    draw are seeded per epoch, and the thread count is the driver's (``torch_threads``); so the same
+    config on the same machine with the same number of workers gives the same weights, resumed or
+    not."""
     import ray.train
     import ray.train.torch
 
     rank, world = ray_train.start(c["threads"], c["seed"])
+    if c["use_gpu"]:  # cuDNN's own choice of convolution algorithms is not the same from run to run
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
     pp = model.backbone.preprocessing
     # resumes: the epoch each resume started at, carried from checkpoint to checkpoint into the backbone's meta.json
@@ -177,11 +190,16 @@ def _worker(c: dict) -> None:
     steps_per_epoch = max(1, (c["train_size"] // world) // per_worker)
     total = steps_per_epoch * c["epochs"]
     warmup = int(c["warmup_epochs"] * steps_per_epoch)
-    gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
+    gen = torch.Generator()
     if start >= c["epochs"]:  # the run had finished: hand its last checkpoint back
         ray_train.report({"epoch": start, "loss": float("nan"), "val_accuracy": float(state["val_accuracy"])},
                          dict(state, resumes=resumes))
     for epoch in range(start, c["epochs"]):
+        # an epoch's draws (dropout, augmentation) are seeded by (seed, rank, epoch), so an epoch
+        # resumed from a checkpoint draws what it would have drawn in a run that went through
+        torch_seed, augment_seed = ray_train.epoch_seeds(c["seed"], rank, epoch)
+        torch.manual_seed(torch_seed)
+        gen.manual_seed(augment_seed)
         model.train()
         losses = []
         step = epoch * steps_per_epoch
@@ -235,7 +253,8 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
                       threads=torch_threads(cfg.workers))
     result = ray_train.fit(
         _worker, worker_cfg,
-        {"train": ray_train.preprocessed_dataset(train, model_pp), "val": ray_train.preprocessed_dataset(val, model_pp)},
+        {"train": ray_train.preprocessed_dataset(train, model_pp, ordered=True),
+         "val": ray_train.preprocessed_dataset(val, model_pp)},
         name=f"pretrain-{cfg.key()}", storage=storage / "ray", workers=cfg.workers, use_gpu=cfg.use_gpu,
         split=("train",),
     )
@@ -248,7 +267,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
         "backbone": cfg.backbone, "data": to_dict(cfg)["data"], "classes": list(train.classes), "val_accuracy": acc,
         "epochs": int(state["epoch"]), "resumed_at_epochs": ray_train.resumed_at(state),
         "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
-        "config": to_dict(cfg), "wall_s": wall, **provenance(),
+        "config": to_dict(cfg), "threads": worker_cfg["threads"], "wall_s": wall, **provenance(),
     }
     with tempfile.TemporaryDirectory(prefix="tl-pretrain-") as tmp:
         save_weights(model.backbone, Path(tmp) / MODEL_FILE)
@@ -303,6 +322,14 @@ def weights_identity(weights: str) -> str:
         return weights
     recipe = PretrainConfig(**_recipe(weights)).augment
     return "pretrained" if recipe == "shift" else f"pretrained:{recipe}"
+
+
+def pretrained_weights_if_present(weights: str, backbone: str, storage: "str | os.PathLike | Location") -> str | None:
+    """The finished backbone folder a ``pretrained`` name stands for, or None when it is still to be
+    pretrained (nothing is pretrained here)."""
+    cfg = PretrainConfig(backbone=backbone, **_recipe(weights))
+    folder = Location.of(storage) / "backbones" / cfg.key()
+    return str(folder) if (folder / META_FILE).is_file() else None
 
 
 def resolve_weights(weights: str, backbone: str, storage: "str | os.PathLike | Location", log: Callable[[str], None]) -> str | None:

@@ -42,6 +42,10 @@ def fit(
     resources = {"CPU": cpus_per_worker(workers)}
     if use_gpu:
         resources["GPU"] = 1
+    # Train gives every dataset the driver's default ingest options (unordered): one made ``ordered``
+    # (``preprocessed_dataset``) keeps its order in the passes Train runs and in the split over workers
+    ingest = {key: ds.context.execution_options for key, ds in datasets.items()
+              if ds.context.execution_options.preserve_order}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=train_config,
@@ -53,7 +57,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(split), execution_options=ingest or None),
     )
     try:
         return trainer.fit()
@@ -173,12 +177,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def preprocessed_dataset(data, preprocessing):
+def preprocessed_dataset(data, preprocessing, ordered: bool = False):
     """Ray Data pipeline: an ImageSet -> (image, label), preprocessed for the backbone by Ray Data,
     ready to be sharded over the training workers. A set held as files (``ImageSet.lazy``) streams:
     each pass reads, decodes (uint8) and preprocesses its files block by block, and no copy of the
     whole set is made anywhere. A set already in the driver's memory (the embedded suite) is
-    materialised once in the object store, so its passes do not preprocess it again."""
+    materialised once in the object store, so its passes do not preprocess it again.
+
+    ``ordered``: every pass yields the rows in the set's order (Ray Data's ``preserve_order``), in
+    its materialisation, in each pass of ``fit`` and in the split over the workers; by default Ray
+    Data hands blocks on as their tasks finish, so the order (and the shards, and a local shuffle
+    fed from them) changes from run to run."""
+    import copy
+
     import numpy as np
 
     def preprocess(batch: dict) -> dict:
@@ -194,7 +205,21 @@ def preprocessed_dataset(data, preprocessing):
         return {"image": x.numpy(), "label": batch["label"]}
 
     ds = data.to_ray(("image", "label")).map_batches(preprocess, batch_format="numpy", batch_size=256)
+    if ordered:  # this dataset's own options: the driver's DataContext is left as it is
+        options = copy.deepcopy(ds.context.execution_options)
+        options.preserve_order = True
+        ds.context.execution_options = options
     return ds if data.lazy else ds.materialize()
+
+
+def epoch_seeds(seed: int, rank: int, epoch: int) -> tuple[int, int]:
+    """Two seeds for a worker's epoch (torch's global generator: dropout; and the augmentation's),
+    a function of (seed, rank, epoch) alone, so an epoch draws the same numbers whether the run
+    went through or resumed at it from a checkpoint."""
+    import numpy as np
+
+    a, b = np.random.SeedSequence([seed, rank, epoch]).generate_state(2, dtype=np.uint64)
+    return int(a), int(b)
 
 
 def repeated(ds, times: int):
