@@ -346,13 +346,14 @@ def pool_rows(pool: ImageSet, max_images: int = MAX_STATS_IMAGES) -> np.ndarray:
 
 
 def reestimate_on(model, pool: ImageSet, rows: np.ndarray, batch: int = 256) -> int:
-    """Re-estimate ``model``'s BatchNorm statistics on ``pool[rows]``, decoded ``batch`` images at a
-    time; returns the number of images seen."""
+    """Re-estimate ``model``'s BatchNorm statistics on ``pool[rows]`` (``tl.nn.reestimate_batchnorm``,
+    which reads the images more than once): decoded once, ``batch`` images at a time, and kept at
+    their decoded size (at most ``MAX_STATS_IMAGES`` of them from ``pool_rows``), preprocessed again
+    on each pass; returns the number of images seen."""
     import torch
 
-    from tl.nn import reestimate_batchnorm
+    from tl.nn.batchnorm import ReplayBatches, reestimate_batchnorm
 
+    decoded = [torch.from_numpy(pool.pixels(rows[i:i + batch])) for i in range(0, len(rows), batch)]
     with torch.no_grad():
-        batches = (model.preprocessing(torch.from_numpy(pool.pixels(rows[i:i + batch])))
-                   for i in range(0, len(rows), batch))
-        return reestimate_batchnorm(model, batches)
+        return reestimate_batchnorm(model, ReplayBatches(lambda: (model.preprocessing(x) for x in decoded)))

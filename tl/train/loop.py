@@ -13,9 +13,14 @@ from tl.train.ray_train import check_finite
 
 
 def set_batch_norm(model: nn.Module, mode: str) -> None:
-    """``frozen``: every BatchNorm uses and keeps its running statistics (eval mode)."""
+    """``frozen``: every BatchNorm layer of the backbone uses and keeps its running statistics (eval
+    mode). A strategy's ``batch_norm`` is about the backbone's statistics: the other modules (an
+    adaptation model's domain discriminator with ``discriminator_bn``, a head) keep the model's mode
+    and train theirs. A model without a ``backbone`` (under a DDP wrapper's ``module``) is all backbone."""
     if mode == "frozen":
-        for m in model.modules():
+        base = model.module if hasattr(model, "module") else model
+        backbone = getattr(base, "backbone", None)
+        for m in (backbone if isinstance(backbone, nn.Module) else base).modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
