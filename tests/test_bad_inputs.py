@@ -182,7 +182,20 @@ def _case_bad_augment(tmp):
     return "compare", ["--set", "strategies=[{strategy: lp_ft, params: {augment: mixup}}]"], "augment must be one of"
 
 
-CASES = [_case_corrupt, _case_truncated_parquet, _case_csv_missing_column, _case_missing_path, _case_too_few_images,
+def _case_one_class_folder(tmp):
+    root = _folder(tmp / "imgs", classes=1)
+    return "compare", _mine("folder", root), \
+        f"image folder '{root}' has one class subfolder with images, 'c0': at least two classes are needed"
+
+
+def _case_symlink_loop(tmp):
+    root = _folder(tmp / "imgs")
+    (root / "c1" / "again").symlink_to("..")
+    return "compare", _mine("folder", root), "'c1/again' is a symbolic link to '" + str(root) + "', a folder that " \
+        "contains the link itself: a loop"
+
+
+CASES = [_case_one_class_folder, _case_symlink_loop, _case_corrupt, _case_truncated_parquet, _case_csv_missing_column, _case_missing_path, _case_too_few_images,
          _case_empty_class_folder, _case_label_not_in_class_list, _case_mixed_sizes,
          _case_unlabelled_folder_where_labels_are_needed, _case_target_label_not_in_source, _case_unknown_backbone, _case_unknown_strategy,
          _case_unknown_key, _case_wrong_type, _case_negative_shots, _case_weights_other_arch, _case_not_weights,
@@ -237,6 +250,7 @@ def test_bad_input_is_one_clear_error(case, ray_local, tmp_path, monkeypatch, ca
     assert "Traceback" not in stderr
     for f in ("rows.parquet", "summary.md", "best.yaml", "trials.csv"):
         assert not (out / f).exists(), f"a failed run left {f}"
+    assert not out.exists(), f"a failed run left its output folder: {sorted(os.listdir(out))}"
     assert not SENTINEL.exists(), "a pickle was executed"
 
 
@@ -250,3 +264,88 @@ def test_image_with_other_channel_counts_is_converted(ray_local, tmp_path):
         Image.new(mode, (9, 7)).save(root / name / "a.png")
     data = load_image_folder(root, (28, 28))
     assert data.images.shape == (5, 3, 28, 28) and data.images.dtype == np.float32
+
+
+def test_a_one_class_folder_is_refused_by_check_dry_run_and_export(ray_local, tmp_path, monkeypatch, capfd):
+    """`--check` lists the user's data (no Ray, nothing decoded), so a one-class folder is refused
+    before anything runs, as it is by --dry-run and by export; a failed export writes no model and
+    leaves no folder behind."""
+    root = _folder(tmp_path / "imgs", classes=1)
+    expected = f"error: image folder '{root}' has one class subfolder with images, 'c0': at least two classes are needed"
+    address = ray_local.get_runtime_context().gcs_address
+    home = ["--storage", str(tmp_path / "home")]
+    for workflow, args in (("compare", _mine("folder", root) + ["--check"]),
+                           ("compare", _mine("folder", root) + ["--dry-run"]),
+                           ("export", ["--set", "strategy=prototype", "--set", f"data={root}", "--check"]),
+                           ("export", ["--set", "strategy=prototype", "--set", f"data={root}", "--set", "weights=random",
+                                       "--output", str(tmp_path / "models" / "mine")])):
+        code, stderr = _run_workflow(workflow, home + args, address, monkeypatch, capfd)
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(expected), (workflow, args, stderr[-2000:])
+    assert not (tmp_path / "models").exists()
+    # a folder that is not on this machine (a cluster's) is a note of --check, not an error
+    code, _ = _run_workflow("compare", home + _mine("folder", tmp_path / "elsewhere") + ["--check"], address,
+                            monkeypatch, capfd)
+    assert code == 0
+
+
+def test_every_bad_file_of_a_folder_is_listed_in_one_error(ray_local, tmp_path, monkeypatch, capfd):
+    """Ten bad files in a folder split in halves: one error lists all ten, both halves together, each
+    with its path and a readable reason (an empty file, not an image, a damaged image), never PIL's
+    in-memory stream; the run leaves no output folder."""
+    from tl.data.spec import DataSpec, load_target
+
+    root = _folder(tmp_path / "imgs", per_class=12)
+    good = (root / "c0" / "0.png").read_bytes()
+    bad = {}
+    for j in range(10):
+        f = root / f"c{j % 3}" / f"bad{j}.png"
+        if j < 4:
+            f.write_bytes(b"")
+            bad[f] = "empty file (0 bytes)"
+        elif j < 7:
+            f.write_text("a note, not a picture")
+            bad[f] = "not an image: no image format recognised in its 21 bytes"
+        else:
+            f.write_bytes(good[: len(good) // 2])
+            bad[f] = "a damaged image, it cannot be decoded"
+    halves = load_target("mine", DataSpec(folder=str(root), split="halves", size=(8, 8)), lazy=True)
+    where = {str(f): [k for k, part in halves.items() if str(f) in set(part.images.paths)] for f in bad}
+    assert {k for ks in where.values() for k in ks} == {"test", "val"}, "the bad files lie in both halves"
+    out = tmp_path / "new" / "out"
+    code, stderr = _run_workflow("compare", ["--output", str(out), "--storage", str(tmp_path / "home")]
+                                 + _mine("folder", root) + ["--set", "data.mine.split=halves"],
+                                 ray_local.get_runtime_context().gcs_address, monkeypatch, capfd)
+    assert code == 2, stderr[-3000:]
+    assert stderr.count("error: ") == 1 and "error: 10 unreadable images in 'mine'" in stderr, stderr[-3000:]
+    listed = {line.strip().split(": ", 1)[0]: line.strip().split(": ", 1)[1] for line in stderr.splitlines()
+              if line.startswith("  /")}
+    assert set(listed) == {str(f) for f in bad}
+    for f, reason in bad.items():
+        assert listed[str(f)].startswith(reason), (f, listed[str(f)])
+    assert "BytesIO" not in stderr
+    assert not (tmp_path / "new").exists(), "a failed run left an empty output folder"
+
+
+def test_no_empty_folder_removes_only_what_it_made_empty(tmp_path):
+    from workflows import _cli
+
+    with pytest.raises(RuntimeError):
+        with _cli.no_empty_folder(str(tmp_path / "a" / "b" / "c")):
+            (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+            raise RuntimeError("bad input")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError):
+        with _cli.no_empty_folder(str(tmp_path / "a" / "b" / "c")):
+            (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+            (tmp_path / "a" / "b" / "keep.txt").write_text("written by the run")
+            raise RuntimeError("bad input")
+    assert (tmp_path / "a" / "b" / "keep.txt").is_file() and not (tmp_path / "a" / "b" / "c").exists()
+    (tmp_path / "there").mkdir()
+    with pytest.raises(RuntimeError):
+        with _cli.no_empty_folder(str(tmp_path / "there")):
+            raise RuntimeError("bad input")
+    assert (tmp_path / "there").is_dir()
+    with _cli.no_empty_folder(str(tmp_path / "fine")):
+        (tmp_path / "fine").mkdir()
+    assert (tmp_path / "fine").is_dir()

@@ -370,3 +370,48 @@ def test_readme_export_command_works_from_the_committed_best_yaml(ray_local, pre
     assert m["strategy"]["name"] == entry["strategy"]
     assert m["backbone"]["weights_resolved"] == str(key)
     assert m["evaluation"]["accuracy"] > 0.3
+
+
+def test_predict_says_when_its_images_are_the_models_training_images(ray_local, tmp_path):
+    """An export records what it trained on (the data's fingerprint, the images' ids and a digest of
+    each image's pixels); a prediction over labelled images counts those it trained on, gives the
+    accuracy on the others, and warns, in what it returns and in summary.json; the same images under
+    other names in another folder are still recognised, new images are not flagged."""
+    folder = _png_folder(tmp_path / "mine", 30, step=16)
+    m = export(ExportConfig(strategy="prototype", data=str(folder), weights="random"), tmp_path / "home",
+               tmp_path / "model", QUIET)
+    trained = m["training"]
+    assert trained["images"] == 30 and len(trained["image_digests"]) == 30 and len(set(trained["image_digests"])) == 30
+    assert sorted(trained["ids"]) == sorted(str(f.relative_to(folder)) for f in folder.rglob("*.png"))
+    assert trained["fingerprint"]
+
+    same = predict(tmp_path / "model", str(folder), tmp_path / "same", log=QUIET)
+    assert same["labelled"] == 30 and same["training_images"] == same["labelled_training_images"] == 30
+    assert same["labelled_new_images"] == 0 and same["accuracy_new_images"] is None
+    assert same["warning"].startswith("all 30 labelled images are images the model was trained on")
+    written = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert written["labelled_training_images"] == 30 and written["warning"] == same["warning"]
+
+    # a copy under other names, with ten new images beside the training images
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    for f in sorted(mixed.rglob("*.png")):
+        f.rename(f.with_name("copy-" + f.name))
+    test, new = load_embedded("mnistm").split("test"), tmp_path / "new"
+    for i in range(1, 1 + 10 * 16, 16):  # other images than the training ones (every 16th from 0)
+        (new / test.classes[test.labels[i]]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((test.images[i].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
+            new / test.classes[test.labels[i]] / f"img{i:03d}.png")
+    for f in new.rglob("*.png"):
+        (mixed / f.parent.name).mkdir(exist_ok=True)
+        shutil.copy(f, mixed / f.parent.name / f"new-{f.name}")
+    s = predict(tmp_path / "model", str(mixed), tmp_path / "mixed-pred", log=QUIET)
+    table = pd.read_parquet(tmp_path / "mixed-pred" / "predictions.parquet")
+    others = table[table["id"].str.contains("/new-")]
+    assert s["labelled"] == 40 and s["labelled_training_images"] == 30 and s["labelled_new_images"] == len(others) == 10
+    assert s["accuracy_new_images"] == pytest.approx((others["label"] == others["predicted"]).mean())
+    assert s["warning"].startswith("30 of the 40 labelled images are images the model was trained on")
+
+    fresh = predict(tmp_path / "model", str(new), tmp_path / "fresh", log=QUIET)
+    assert fresh["training_images"] == 0 and fresh["warning"] is None
+    assert fresh["accuracy_new_images"] == fresh["accuracy"]

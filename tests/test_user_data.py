@@ -142,3 +142,99 @@ def test_unlabelled_folder_where_labels_are_needed(ray_local, folders):
 
     with pytest.raises(DataError, match=r"holds 48 images but no class subfolders, so they have no labels"):
         check_data(RunConfig(target=str(folders["unlabelled"]), strategy="finetune"))
+
+
+def test_a_one_class_folder_is_refused_before_anything_runs(tmp_path, storage):
+    """A folder with one class subfolder cannot be classified: refused when it is listed (a dry run,
+    a comparison's or an export's data), naming the folder and its class; so is a folder with a class
+    list whose other classes have no images. Unlabelled folders (embedding) are not concerned."""
+    from tl.compare import CompareConfig, dry_run
+    from tl.config import load_config
+    from tl.data.spec import DataSpec, load_data
+
+    one = _digits(tmp_path / "one", "optdigits", 12, classes=("c0",))
+    expected = rf"image folder '{one}' has one class subfolder with images, 'c0': at least two classes are needed"
+    cfg = load_config(CompareConfig, base={"targets": [str(one)], "shots": [1], "episodes": 1, "weights": "random",
+                                            "strategies": [{"strategy": "prototype"}]})
+    with pytest.raises(DataError, match=expected):
+        dry_run(cfg, storage, log=lambda _: None)
+    with pytest.raises(DataError, match=expected):
+        load_data("one", DataSpec(path=str(one)), (28, 28), lazy=True)
+    with pytest.raises(DataError, match=expected):
+        load_data("one", DataSpec(path=str(one), classes=("c0", "c1")), (28, 28), lazy=True)
+    unlabelled = load_data("one", DataSpec(path=str(one)), (28, 28), unlabelled=True, lazy=True)
+    assert len(unlabelled) == 12
+
+
+def _loop_folder(root: Path) -> Path:
+    """Classes a and b, three images each; b's images differ from a's."""
+    for cls, value in (("a", 40), ("b", 200)):
+        (root / cls).mkdir(parents=True)
+        for j in range(3):
+            Image.new("L", (8, 8), value + j).save(root / cls / f"{j}.png")
+    return root
+
+
+def test_symbolic_links_to_folders_never_relabel_or_repeat_images(tmp_path):
+    """A link in a class folder to a folder above it (a loop) is refused, not listed again at every
+    level; a link in class folder 'a' to class folder 'b' is refused, so b's images never count as
+    a's (in the listing, a workflow's data, or a prediction's input); a link to a folder elsewhere on
+    the disk is followed, its images of the class the link is in."""
+    from tl.data.sources import index_image_folder
+    from tl.data.spec import DataSpec, load_data
+    from tl.predict import PredictConfig, _file_rows
+
+    root = _loop_folder(tmp_path / "imgs")
+    (root / "a" / "loop").symlink_to("..")
+    with pytest.raises(DataError, match=r"'a/loop' is a symbolic link to '.*imgs', a folder that contains the link "
+                                        r"itself: a loop"):
+        index_image_folder(root)
+    with pytest.raises(DataError, match="a loop"):
+        load_data("imgs", DataSpec(path=str(root)), (8, 8), lazy=True)
+    with pytest.raises(DataError, match="a loop"):
+        _file_rows(str(root), PredictConfig(), ["a", "b"])
+    (root / "a" / "loop").unlink()
+
+    (root / "a" / "more").symlink_to(root / "b")
+    with pytest.raises(DataError, match=r"'a/more' is a symbolic link to folder 'b' of the same folder: its images "
+                                        r"would be counted as 'a' images"):
+        index_image_folder(root)
+    with pytest.raises(DataError, match="counted as 'a' images"):
+        _file_rows(str(root), PredictConfig(), ["a", "b"])
+    (root / "a" / "more").unlink()
+    (root / "b2").symlink_to("b")  # a second class name for the same images
+    with pytest.raises(DataError, match=r"'b2' is a symbolic link to '.*imgs/b'.*counted twice"):
+        index_image_folder(root)
+    (root / "b2").unlink()
+
+    elsewhere = _loop_folder(tmp_path / "elsewhere")
+    (root / "a" / "extra").symlink_to(elsewhere / "a")
+    index = index_image_folder(root)
+    assert len(index) == 9 and index.classes == ("a", "b")
+    assert [i for i, c in zip(index.ids, index.labels) if c == 0] == ["a/0.png", "a/1.png", "a/2.png", "a/extra/0.png",
+                                                                      "a/extra/1.png", "a/extra/2.png"]
+    rows, _ = _file_rows(str(root), PredictConfig(), ["a", "b"])
+    assert len(rows) == 9 and list(rows[rows["label"] == "b"]["id"]) == ["b/0.png", "b/1.png", "b/2.png"]
+
+
+def test_comparison_on_a_user_folder_sets_its_prediction_beside_the_outcome(ray_local, folders, storage, tmp_path):
+    """The recommendation made before the run is keyed by the target's name (not its folder's path),
+    so summary.md's "Predicted before the run" section has the user's target's rows."""
+    import yaml
+
+    from tl.compare import CompareConfig, run_compare
+    from tl.config import load_config
+
+    cfg = load_config(CompareConfig, base={
+        "experiment": "user-outcome", "targets": [{"path": str(folders["target"]), "split": "halves"}],
+        "shots": [1], "episodes": 2, "val_episodes": 1, "queries": 2, "weights": "random",
+        "strategies": [{"strategy": "prototype"}]})
+    out = run_compare(cfg, storage, tmp_path / "out", log=lambda _: None)
+    assert out.exit_status == 0
+    recs = yaml.safe_load((tmp_path / "out" / "recommend.yaml").read_text())
+    assert [(r["target"], r["data"], r["shots"]) for r in recs] == [("target", str(folders["target"]), 1)]
+    section = (tmp_path / "out" / "summary.md").read_text().split("## Predicted before the run, against the outcome")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| target | 1 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[4].startswith("prototype ") and cells[6] == "prototype (feature)"

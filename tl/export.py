@@ -33,7 +33,7 @@ from tl.data.episodes import take_shots
 from tl.data.spec import DataSpec, check_files_of, load_data, load_target, resolve
 from tl.errors import ConfigError, DataError
 from tl.model_file import (FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, ExportedModel, batched, head_spec,
-                           model_from_parts, scores, torch_head, write_manifest, write_weights)
+                           image_digest, model_from_parts, scores, torch_head, write_manifest, write_weights)
 from tl.storage import Location, check_writable
 
 TRAIN_ON = ("all", "shots")
@@ -150,25 +150,61 @@ def read_best(path: str | Path, target: str | None, shots: int | None) -> dict:
             **extra}
 
 
+def _user_data(cfg: ExportConfig, best: dict | None) -> tuple[str, DataSpec] | None:
+    """The user's data an export trains on: ``data``, or the data entry of the comparison best.yaml
+    came from; None for an embedded target."""
+    from tl.config import from_dict
+
+    src = (best or {}).get("data") if not cfg.data else None
+    if cfg.data:
+        name, spec = resolve(cfg.data, "data")
+        if spec is None:
+            raise ConfigError(f"config key 'data': '{name}' is an embedded dataset: give it as 'target' (trained "
+                              f"on its '{cfg.train_split}' split)")
+        return name, spec
+    if src:  # the user's data entry of the comparison best.yaml came from
+        spec = from_dict(DataSpec, {k: v for k, v in src.items() if v is not None}, "best.yaml data")
+        return spec.label(), spec
+    return None
+
+
+def check_data(cfg: ExportConfig) -> list[str]:
+    """What ``--check`` can say about the images an export would train on, without training: a user's
+    folder, manifest or Parquet file listed (no image decoded, no Ray) and refused when it has fewer
+    than two classes (``tl.data.spec.check_listing``). Returns notes on what it could not list (data
+    not on this machine, a bucket, a best.yaml that is not here)."""
+    from dataclasses import replace
+
+    from tl.data.spec import check_listing
+    from tl.models import input_size_of
+
+    best = None
+    if cfg.best and not cfg.data:
+        loc = Location.of(cfg.best)
+        if not loc.is_local or not loc.is_file():
+            return [f"best.yaml '{cfg.best}' is not on this machine: its data not checked here"]
+        best = read_best(cfg.best, cfg.target, cfg.shots)
+    user = _user_data(cfg, best)
+    if user is None:
+        return []
+    name, spec = user
+    backbone = cfg.backbone or (best or {}).get("backbone") or "digits_cnn"
+    input_size = cfg.input_size if cfg.input_size is not None else (best or {}).get("input_size")
+    got = check_listing(name, replace(spec, split="none"), "data", input_size_of(backbone, input_size))
+    return [got] if isinstance(got, str) else []
+
+
 def _load_target(cfg: ExportConfig, target: str | None, size: tuple[int, int], best: dict | None):
     """Training images, evaluation images (or None), what they are, and the size files were decoded
     to (None for the embedded suite's arrays). A user's data trains with every image."""
     from dataclasses import replace
 
-    from tl.config import from_dict
-
-    src = (best or {}).get("data") if not cfg.data else None
-    if cfg.data or src:
-        if cfg.data:
-            name, spec = resolve(cfg.data, "data")
-            if spec is None:
-                raise ConfigError(f"config key 'data': '{name}' is an embedded dataset: give it as 'target' (trained "
-                                  f"on its '{cfg.train_split}' split)")
-        else:  # the user's data entry of the comparison best.yaml came from
-            spec = from_dict(DataSpec, {k: v for k, v in src.items() if v is not None}, "best.yaml data")
-            name = spec.label()
+    user = _user_data(cfg, best)
+    if user is not None:
+        name, spec = user
         spec = replace(spec.with_defaults(size, "none"), split="none")  # every image trains
-        train = load_data(name, spec, size, lazy=True)  # a folder, manifest or Parquet stays files until rows are used
+        # a folder, manifest or Parquet stays files until rows are used; one of fewer than two classes stops here
+        train = load_data(name, spec, size, lazy=True)
         test = None
         if cfg.test_data:
             test_name, test_spec = resolve(cfg.test_data, "test_data")
@@ -280,7 +316,7 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     """Train, evaluate and write the model folder; returns its manifest."""
     from safetensors.torch import load_file
 
-    from tl.models import get_spec, make_backbone
+    from tl.models import get_spec, input_size_of, make_backbone
     from tl.pretrain import resolve_reference, resolve_weights
     from tl.runtime import provenance
     from tl.strategies import make_strategy
@@ -296,12 +332,14 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     backbone_name = cfg.backbone or (best or {}).get("backbone") or "digits_cnn"
     weights_source = cfg.weights or (best or {}).get("weights") or "pretrained"
     input_size = cfg.input_size if cfg.input_size is not None else (best or {}).get("input_size")
+    # the data first: data that cannot be trained on (a one-class folder) stops before any pretraining
+    train, test, train_info, test_info, decode = _load_target(cfg, target, input_size_of(backbone_name, input_size),
+                                                              best)
     if cfg.weights or not best:
         weights = resolve_weights(weights_source, backbone_name, storage, log)
     else:  # best.yaml names its backbone by key and sha256: found again in this storage
         weights = resolve_reference(best["weights_ref"], backbone_name, storage, log)
     backbone = make_backbone(backbone_name, weights, input_size, seed=cfg.seed)
-    train, test, train_info, test_info, decode = _load_target(cfg, target, tuple(backbone.preprocessing.size), best)
     from tl.embeddings import pool_rows, reestimate_on
 
     pool = train  # the target's unlabelled images (the split the shots come from), for bn_stats and transduction
@@ -327,8 +365,9 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     # a folder's rows are decoded here, in memory: the shots (or, with train_on: all, every image;
     # many-shot training on a large folder streams instead: workflows.finetune)
     check_files_of({"data": train, "test_data": test})
-    model = train_model(strategy, backbone, train.pixels(np.arange(len(train))), train.labels, len(train.classes),
-                        cfg.seed, cfg.batch_size, unlabelled=unlabelled)
+    pixels = train.pixels(np.arange(len(train)))
+    model = train_model(strategy, backbone, pixels, train.labels, len(train.classes), cfg.seed, cfg.batch_size,
+                        unlabelled=unlabelled)
     stages = [sum(p.numel() for p in s.parameters()) for s in model.backbone.stages]
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -343,7 +382,10 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
         "head": head_spec(model.head),
         "strategy": {"name": name, "family": strategy.family, "params": strategy.params()},
         "training": {**train_info, "mode": cfg.train_on, "shots": cfg.shots if cfg.train_on == "shots" else None,
-                     "images": int(len(train)), "per_class": train.class_counts(), "seed": cfg.seed},
+                     "images": int(len(train)), "per_class": train.class_counts(), "seed": cfg.seed,
+                     # what it trained on, so that a prediction on these images says so (tl.predict)
+                     "fingerprint": train.fingerprint(), "ids": [str(i) for i in train.ids],
+                     "image_digests": [image_digest(im) for im in pixels]},
         "config": to_dict(cfg),
         "comparison": best,
         "evaluation": None,

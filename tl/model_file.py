@@ -3,13 +3,16 @@
 A model folder holds ``model.safetensors`` (backbone and head) and ``model.json`` (backbone name and
 stages, input size and preprocessing, class names, the head, strategy, parameters and config, the
 comparison entry it came from, the accuracy evaluated on the target's test split, provenance).
-``model.json`` is written last: a folder without it is not a model. This module is the format alone
+``model.json`` is written last: a folder without it is not a model. Its ``training`` entry records what
+the model trained on: the data, its fingerprint, the training images' ids and a digest of each
+(``image_digest``), so a prediction over those images can say that they are not new to the model. This module is the format alone
 (``tl.export`` trains and writes, ``tl.predict`` reads), so a reader needs neither training code nor
 the comparison that chose the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -124,6 +127,21 @@ def model_from_parts(manifest: dict, state: dict[str, torch.Tensor], where: str 
     model = _build(manifest, where)
     _fit_state(model, state, where)
     return model.eval()
+
+
+def image_digest(image: np.ndarray) -> str:
+    """One image's identity in ``model.json``'s ``training.image_digests``: the first 16 hex digits of
+    the sha256 of its decoded pixels (float32, 3 x H x W, at the model's decode size). The same file
+    decodes to the same pixels in the export and in ``tl.predict``, so a training image is recognised
+    under any name, in any folder, manifest or Parquet file."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def training_digests(manifest: dict) -> set[str] | None:
+    """The digests of the images a model trained on, or None for a model exported before they were
+    recorded (its training images cannot be recognised)."""
+    digests = (manifest.get("training") or {}).get("image_digests")
+    return None if digests is None else set(digests)
 
 
 def write_weights(model: nn.Module, folder: Path) -> dict:

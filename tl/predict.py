@@ -58,14 +58,16 @@ class PredictConfig:
 
 class Predictor:
     """Ray Data actor: builds the model once from the object store, then scores batches. Rows that
-    failed to decode pass through with their error and no prediction."""
+    failed to decode pass through with their error and no prediction. ``trained`` marks each row
+    whose image is one the model trained on (1), not (0), or unknown (-1: the model records no
+    training images, or the row failed), by the digests in ``model.json`` (``tl.model_file.image_digest``)."""
 
     def __init__(self, blob: list, threads: int = 0):
         import ray
         import torch
         from safetensors.torch import load as load_bytes
 
-        from tl.model_file import model_from_parts
+        from tl.model_file import model_from_parts, training_digests
 
         if threads:
             torch.set_num_threads(threads)
@@ -73,14 +75,20 @@ class Predictor:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model_from_parts(manifest, load_bytes(weights), "model").to(self.device).eval()
         self.n = len(manifest["classes"])
+        self.seen = training_digests(manifest)
 
     def __call__(self, batch: dict) -> dict:
         import torch
+
+        from tl.model_file import image_digest
 
         images = batch.pop("image")
         n = len(images)
         errors = np.asarray(batch.pop("error"), dtype=object) if "error" in batch else np.full(n, "", dtype=object)
         good = np.flatnonzero(errors == "")
+        trained = np.full(n, -1, dtype=np.int8)
+        if self.seen is not None:
+            trained[good] = [image_digest(images[i]) in self.seen for i in good]
         probs = np.full((n, self.n), np.nan, dtype=np.float32)
         pred = np.full(n, -1, dtype=np.int64)
         if len(good):
@@ -89,7 +97,7 @@ class Predictor:
                 scores = self.model(x)
                 probs[good] = self.model.probabilities(scores).cpu().numpy()
                 pred[good] = scores.argmax(1).cpu().numpy()
-        return {**batch, "predicted_index": pred, "probabilities": probs, "error": errors}
+        return {**batch, "predicted_index": pred, "probabilities": probs, "error": errors, "trained": trained}
 
 
 def parse_embedded(spec: str):
@@ -108,12 +116,15 @@ def _file_rows(source: str, cfg: PredictConfig, classes: list[str]) -> tuple[pd.
     its filesystem); notes on skipped files. One listing finds a folder's files."""
     import pyarrow.fs as pafs
 
-    from tl.data.sources import is_image_name
+    from tl.data.sources import is_image_name, list_folder
 
     loc = Location.of(source)
     notes: list[str] = []
     if loc.is_dir():
-        files = [f for f in loc.files() if not any(s.startswith(".") for s in loc.relative(f).split("/"))]
+        # symbolic links to folders checked: a loop, or a link into another class folder, is an error
+        files = [Location(loc.fs, i.path, loc.scheme, loc.query) for i in sorted(list_folder(loc), key=lambda i: i.path)
+                 if i.type == pafs.FileType.File]
+        files = [f for f in files if not any(s.startswith(".") for s in loc.relative(f).split("/"))]
         images = [f for f in files if is_image_name(f.name)]
         others = [f for f in files if not is_image_name(f.name)]
         if others:
@@ -187,6 +198,7 @@ class _Rows:
         for j, c in enumerate(self.classes):
             out[f"prob_{c}"] = probs[:, j]
         out["error"] = text(batch["error"])
+        out["trained"] = np.asarray(batch["trained"], dtype=np.int8)  # counted by _write, not an output column
         return out
 
 
@@ -266,10 +278,10 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
     model_loc = Location.of(model_dir)
     model_dir = model_loc.fetch()  # a model in a bucket: a local copy (it is small)
     _, classes, manifest = load_model(model_dir)  # checks the folder here, before any actor starts
+    size = tuple(manifest.get("decode_size") or manifest["preprocessing"]["size"])
+    ds, notes = _dataset(source, cfg, size, classes)  # the input is checked before the output folder is made
     out_loc = Location.of(output)
     check_writable(out_loc, "output")
-    size = tuple(manifest.get("decode_size") or manifest["preprocessing"]["size"])
-    ds, notes = _dataset(source, cfg, size, classes)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus >= 1 if cfg.use_gpu is None else cfg.use_gpu
     actors = cfg.actors or (max(1, int(gpus)) if use_gpu else 1)
@@ -294,6 +306,22 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
         parts.delete_dir()
 
 
+def _training_warning(seen: int, labelled: int, seen_labelled: int, new_labelled: int, new_correct: int) -> str | None:
+    """What a prediction says when some of its images are the model's training images (``model.json``
+    records their digests): an accuracy on them is how well the model fits what it was trained on,
+    not how it does on new images."""
+    if not seen:
+        return None
+    if not seen_labelled:
+        return f"{seen} of the predicted images are images the model was trained on"
+    share = f"all {labelled}" if seen_labelled == labelled else f"{seen_labelled} of the {labelled}"
+    return (f"{share} labelled images are images the model was trained on: the accuracy on them measures how well "
+            f"it fits its training images, not how it does on new images"
+            + (f"; accuracy on the {new_labelled} labelled images it did not train on: "
+               f"{100 * new_correct / new_labelled:.2f}%" if new_labelled else
+               "; none is new to it, so this input says nothing of its accuracy on new images"))
+
+
 def _schema(classes: list[str]):
     import pyarrow as pa
 
@@ -310,38 +338,59 @@ def _write(parts: Location, classes: list[str], manifest: dict, model: str, sour
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    from tl.model_file import training_digests
+
     schema = _schema(classes)
     files = [f for f in parts.files() if f.name.endswith(".parquet")]
     firsts = [pc.min(pq.read_table(f.path, columns=["row"], filesystem=f.fs).column("row")).as_py() for f in files]
     ordered = [f for first, f in sorted(zip(firsts, files), key=lambda x: -1 if x[0] is None else x[0])]
     images = predicted = labelled = correct = 0
+    seen = seen_labelled = new_labelled = new_correct = 0  # the model's own training images, and the others
     failed: list[dict] = []
     with (output / "predictions.parquet").writer() as pq_out, (output / "predictions.csv").writer() as csv_out:
         pq_writer, csv_writer = pq.ParquetWriter(pq_out, schema), pacsv.CSVWriter(csv_out, schema)
         for f in ordered:
-            table = pq.read_table(f.path, filesystem=f.fs).sort_by("row").select(schema.names).cast(schema)
+            whole = pq.read_table(f.path, filesystem=f.fs).sort_by("row")
+            table = whole.select(schema.names).cast(schema)
             pq_writer.write_table(table)
             csv_writer.write_table(table)
             part = table.select(["id", "path", "label", "predicted", "error"]).to_pandas()
+            part["trained"] = whole.column("trained").to_numpy()
             ok = part["predicted"].notna()
             images, predicted = images + len(part), predicted + int(ok.sum())
             lab = part[ok & part["label"].notna()]
             labelled, correct = labelled + len(lab), correct + int((lab["label"] == lab["predicted"]).sum())
+            seen += int((ok & (part["trained"] == 1)).sum())
+            seen_labelled += int((lab["trained"] == 1).sum())
+            new = lab[lab["trained"] != 1]
+            new_labelled, new_correct = new_labelled + len(new), new_correct + int((new["label"] == new["predicted"]).sum())
             failed += [{"id": r.id, "path": None if pd.isna(r.path) else r.path, "error": r.error}
                        for r in part[~ok].itertuples()]
         pq_writer.close()
         csv_writer.close()
     seconds = time.time() - t0
     accuracy = correct / labelled if labelled else None
+    known = training_digests(manifest) is not None
+    warning = _training_warning(seen, labelled, seen_labelled, new_labelled, new_correct) if known else None
     summary: dict[str, Any] = {
         "model": model, "input": source, "images": images, "predicted": predicted, "failed": failed,
         "accuracy": accuracy, "labelled": labelled, "classes": classes,
-        "model_accuracy": (manifest.get("evaluation") or {}).get("accuracy"), "seconds": round(seconds, 2),
+        "model_accuracy": (manifest.get("evaluation") or {}).get("accuracy"),
+        # the model's own training images among these (None: the model does not record them)
+        "training_images": seen if known else None, "labelled_training_images": seen_labelled if known else None,
+        "labelled_new_images": new_labelled if known else None,
+        "accuracy_new_images": new_correct / new_labelled if known and new_labelled else None,
+        "warning": warning, "seconds": round(seconds, 2),
     }
     (output / "summary.json").write_bytes(json.dumps(summary, indent=2).encode())
     acc = f"; accuracy on {labelled} labelled images: {100 * accuracy:.2f}%" if accuracy is not None else ""
+    if accuracy is not None and seen_labelled:
+        acc += (f" ({'all' if seen_labelled == labelled else seen_labelled} of them the model's own training images"
+                + (f"; on the {new_labelled} others: {100 * new_correct / new_labelled:.2f}%)" if new_labelled else ")"))
     log(f"[predict] {predicted} of {images} images predicted in {seconds:.1f} s{acc}; "
         f"{output / 'predictions.parquet'}")
+    if warning:
+        log(f"[predict] WARNING: {warning}")
     if failed:
         lines = [f"  {r['path'] or r['id']}: {r['error']}" for r in failed[:MAX_LISTED]]
         more = f"\n  ... and {len(failed) - MAX_LISTED} more (summary.json lists them all)" if len(failed) > MAX_LISTED else ""

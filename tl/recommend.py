@@ -327,7 +327,9 @@ def for_comparison(cfg: Any, weights: str | None, storage: "str | os.PathLike | 
             except DataError as exc:  # too few validation images for these shots: the comparison still runs
                 log(f"[recommend] {target} {shots}-shot: no recommendation ({exc})")
                 continue
-            out.append({"target": target, **res})
+            # keyed by the comparison's target name, as its summary and best.yaml are (a user's data is its
+            # path in ``res["target"]``, kept as ``data``), so outcome_markdown finds its rows
+            out.append({**res, "target": target, **({"data": res["target"]} if spec is not None else {})})
     return out
 
 

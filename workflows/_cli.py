@@ -27,27 +27,58 @@ def parser(prog: str, description: str, package: str = "workflows") -> argparse.
     p.add_argument("--output", default=None, metavar="DIR|URI",
                    help="where results go: a folder or a URI (default results/<experiment>)")
     p.add_argument("--check", action="store_true",
-                   help="check the command line and the config (every key, value and config file), then stop: "
-                        "nothing runs, Ray does not start")
+                   help="check the command line and the config (every key, value and config file) and, for a "
+                        "comparison or an export, list the user's data it names (classes, no image decoded), "
+                        "then stop: nothing runs, Ray does not start")
     return p
 
 
-def checked(config: object) -> int:
-    """What ``--check`` prints once the config is built: the command and its keys are valid."""
+def checked(config: object, notes: list[str] | tuple[str, ...] = ()) -> int:
+    """What ``--check`` prints once the config is built (and the user's data it names listed, where
+    the workflow does: ``notes`` say what could not be): the command and its keys are valid."""
+    for note in notes:
+        print(f"note: {note}")
     print(f"ok: {type(config).__name__} built, nothing run")
     return 0
 
 
 @contextmanager
+def no_empty_folder(output: str) -> Iterator[None]:
+    """Run a block that writes under ``output``; when it fails (bad input: exit 2, or any other error),
+    the folders it created on the way to a local ``output`` are removed if they are empty, deepest
+    first, so a failed run leaves no empty output folder behind (docs/workflows.md, "Exit statuses").
+    A folder that was there before, or that holds anything, is kept."""
+    from tl.storage import Location
+
+    loc = Location.of(output)
+    created: list[Path] = []
+    if loc.is_local:
+        for folder in [Path(loc.path), *Path(loc.path).parents]:
+            if folder.exists():
+                break
+            created.append(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+            elif folder.exists():
+                break
+        raise
+
+
+@contextmanager
 def output_folder(output: str) -> Iterator[Path]:
     """A local folder for a workflow's results: ``output`` itself, or for a URI a temporary folder
-    uploaded there when the workflow ends without an error (checked writable first)."""
+    uploaded there when the workflow ends without an error (checked writable first). A local folder
+    this made and the run left empty is removed when the run fails (``no_empty_folder``)."""
     from tl.storage import Location, check_writable
 
     loc = Location.of(output)
     if not loc.is_local:
         check_writable(loc, "output")
-    with loc.staged() as folder:
+    with no_empty_folder(output), loc.staged() as folder:
         yield folder
 
 

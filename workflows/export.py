@@ -19,7 +19,7 @@ def main() -> int:
     args = p.parse_args()
 
     from tl.config import load_config
-    from tl.export import ExportConfig, export, needs_ray
+    from tl.export import ExportConfig, check_data, export, needs_ray
     from tl.runtime import resolve_storage
     from tl.storage import Location
 
@@ -29,13 +29,14 @@ def main() -> int:
                 "weights": "random", "train_on": "shots", "shots": 5}
     cfg = load_config(ExportConfig, args.config, args.overrides, base=base)
     if args.check:
-        return _cli.checked(cfg)
+        return _cli.checked(cfg, check_data(cfg))
     storage = resolve_storage(args.storage)
     name = Location.of(cfg.data).name if cfg.data else (cfg.target or "best").replace(":", "-")
     output = args.output or f"models/{name}-{f'{cfg.shots}shot' if cfg.shots else cfg.strategy}"
     if args.address or needs_ray(cfg):
         _cli.init_ray(args.address)
-    manifest = export(cfg, storage, output)
+    with _cli.no_empty_folder(output):
+        manifest = export(cfg, storage, output)
     ev = manifest["evaluation"]
     print(f"model: {output}\nmanifest: {Location.of(output) / 'model.json'}"
           + (f"\naccuracy: {ev['accuracy']:.4f} on {ev['images']} test images" if ev else ""))

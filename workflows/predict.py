@@ -7,7 +7,8 @@
 
 Writes predictions.parquet, predictions.csv (id, path, label, predicted, confidence, prob_<class>,
 error) and summary.json. Unreadable images are listed on stderr and in the error column; the exit
-status is non-zero only when no image could be predicted.
+status is non-zero only when no image could be predicted. Images the model was trained on (model.json
+records them) are counted in summary.json (``training_images``, ``accuracy_new_images``) and warned about.
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def main() -> int:
     if model is None or source is None:
         p.error("give MODEL and INPUT (or --smoke-test)")
     output = args.output or f"results/predict-{Location.of(model).name}"
-    summary = predict(model, source, output, cfg)
+    with _cli.no_empty_folder(output):
+        summary = predict(model, source, output, cfg)
     if summary.get("failed_message"):
         print(summary["failed_message"], file=sys.stderr)
+    if summary.get("warning"):  # its labelled images are (some of) the model's training images
+        print(f"warning: {summary['warning']}", file=sys.stderr)
     where = Location.of(output)
     print(f"predictions: {where / 'predictions.parquet'} and {where / 'predictions.csv'}\n"
           f"summary: {where / 'summary.json'}")

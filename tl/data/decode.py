@@ -6,6 +6,7 @@ fails is that row's error, by name, never a failed dataset (docs/architecture.md
 from __future__ import annotations
 
 import io
+import re
 from typing import Callable
 
 import numpy as np
@@ -13,7 +14,8 @@ import pandas as pd
 
 from tl.errors import DataError
 
-MAX_LISTED = 10
+#: bad files listed by name in one error (all of a dataset's splits together); past it, a count
+MAX_LISTED = 1000
 
 
 def decode_image(data: bytes, size: tuple[int, int], shape: list | None = None, uint8: bool = False) -> np.ndarray:
@@ -54,14 +56,43 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def _decode_row(read: Callable[[], bytes], size: tuple[int, int], uint8: bool) -> tuple[np.ndarray | None, str, str]:
+_STREAM = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def why_not_decoded(data: bytes, exc: Exception, unit: str = "file") -> str:
+    """A readable reason why ``data`` (a file's bytes) is not an image: ``empty file (0 bytes)``,
+    ``not an image: ...`` (no image format recognised), or the decoder's own words (a truncated or
+    damaged image), never the in-memory stream PIL names (``<_io.BytesIO object at 0x...>``). The
+    caller puts the file's path beside it."""
+    from PIL import UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return f"not an image: the {unit} holds {type(data).__name__}, not bytes"
+    if not len(data):
+        return f"empty {unit} (0 bytes)"
+    if isinstance(exc, UnidentifiedImageError):
+        return (f"not an image: no image format recognised in its {len(data):,} bytes (they start with "
+                f"{bytes(data[:12])!r})")
+    text = _STREAM.sub(f"the {unit}", str(exc)).strip()
+    return f"a damaged image, it cannot be decoded: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def _decode_row(read: Callable[[], bytes], size: tuple[int, int], uint8: bool,
+                unit: str = "file") -> tuple[np.ndarray | None, str, str]:
     """One file read (``read``) and decoded: ``(image, "", "WxH")``, or ``(None, error, "")`` when the
-    read or the decoder fails (that file's error, reported by name by the caller)."""
+    read or the decoder fails (that file's error, reported by name by the caller: the read's own
+    error, or ``why_not_decoded``)."""
     shape: list = []
     try:
-        return decode_image(read(), size, shape, uint8), "", "x".join(map(str, shape))
-    except Exception as exc:  # any read or decoder failure is that file's error
+        data = read()
+    except Exception as exc:  # a read failure (missing, unreadable, an empty Parquet cell) is that file's error
         return None, f"{type(exc).__name__}: {exc}", ""
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)) and not len(data):
+            return None, why_not_decoded(data, ValueError(), unit), ""
+        return decode_image(data, size, shape, uint8), "", "x".join(map(str, shape))
+    except Exception as exc:  # any decoder failure is that file's error
+        return None, why_not_decoded(data, exc, unit), ""
 
 
 class _Decode:
@@ -160,6 +191,8 @@ def _check_sizes(rows: pd.DataFrame, key: str, what: str, mixed_sizes: str) -> N
 
 
 def _raise_bad(rows: pd.DataFrame, key: str, what: str) -> None:
+    """One error listing every bad file of ``rows`` (up to ``MAX_LISTED``), each with its path and
+    reason, so that they are all fixed in one round."""
     bad = rows[rows["error"] != ""]
     if len(bad):
         lines = [f"  {r[key]}: {r['error']}" for _, r in bad.head(MAX_LISTED).iterrows()]

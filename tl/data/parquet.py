@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from tl.data.decode import LISTING_BLOCK, _check_sizes, _decode_row, _raise_bad, decode_image
+from tl.data.decode import LISTING_BLOCK, _check_sizes, _decode_row, _raise_bad, decode_image, why_not_decoded
 from tl.data.imageset import ImageSet, build_set, class_list
 from tl.errors import DataError
 from tl.storage import Location
@@ -86,7 +86,7 @@ class ReadGroups:
                 images = np.zeros((len(part), 3, *self.size), dtype=np.uint8 if self.uint8 else np.float32)
                 errors, shapes = [], []
                 for j, (cell, name) in enumerate(zip(cells, part["path"])):
-                    image, err, shape = _decode_row(lambda: _cell_bytes(cell), self.size, self.uint8)
+                    image, err, shape = _decode_row(lambda: _cell_bytes(cell), self.size, self.uint8, "cell")
                     if err and self.strict:
                         raise DataError(f"image '{name}' cannot be read: {err}")
                     if not err:
@@ -142,11 +142,13 @@ class ParquetImages:
             f, g = int(loc[sel[0], 0]), int(loc[sel[0], 1])
             for pos, cells in group_values(self.fs, self.files[f], g, self.column, loc[sel, 2]):
                 for p, cell in zip(sel[pos], cells):
+                    data = None
                     try:
-                        out[p] = decode_image(_cell_bytes(cell), self.size)
+                        data = _cell_bytes(cell)
+                        out[p] = decode_image(data, self.size)
                     except Exception as exc:  # one row's failure, by name
-                        raise DataError(f"image '{self.name}#row{int(loc[p, 3])}' cannot be read: "
-                                        f"{type(exc).__name__}: {exc}") from exc
+                        why = f"{type(exc).__name__}: {exc}" if data is None else why_not_decoded(data, exc, "cell")
+                        raise DataError(f"image '{self.name}#row{int(loc[p, 3])}' cannot be read: {why}") from exc
         return out
 
     def dataset(self, labels: np.ndarray, ids: np.ndarray):

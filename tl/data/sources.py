@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tl.data.decode import LISTING_BLOCK, ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset
+from tl.data.decode import (LISTING_BLOCK, ReadDecode, _check_sizes, _Decode, _raise_bad, decode_image, listing_dataset,
+                             why_not_decoded)
 from tl.data.imageset import ImageSet, build_set, class_list, natural_key
 from tl.errors import DataError
 from tl.storage import Location, is_uri
@@ -115,9 +116,13 @@ class FileImages:
             path = self.paths[i]
             try:
                 with self.fs.open_input_file(path) as f:
-                    out[j] = decode_image(f.readall(), self.size)
+                    data = f.readall()
             except Exception as exc:  # one file's failure, by name
                 raise DataError(f"image '{path}' cannot be read: {type(exc).__name__}: {exc}") from exc
+            try:
+                out[j] = decode_image(data, self.size)
+            except Exception as exc:
+                raise DataError(f"image '{path}' cannot be read: {why_not_decoded(data, exc)}") from exc
         return out
 
     def dataset(self, labels: np.ndarray, ids: np.ndarray):
@@ -160,14 +165,24 @@ def lazy_set(name: str, paths: Sequence[str], stamps: Sequence[str], fs, size: t
                     ids=np.asarray(ids, dtype=object))
 
 
-def check_files(data: ImageSet) -> None:
-    """Every image of a lazy set decodes, and they share one size (unless the spec says
-    ``mixed_sizes: resize``): one pass of Ray Data over the files or rows (``scan``), before any
-    trial; what comes back to the driver is one short row per image (path, error, size), no pixel."""
-    im = data.images
-    rows = im.scan(data.labels, data.ids)
-    _raise_bad(rows, "path", f"images in '{data.name}'")
-    _check_sizes(rows, "path", f"the images in '{data.name}'", im.mixed_sizes)
+def check_files(*sets: ImageSet) -> None:
+    """Every image of the lazy sets decodes, and each dataset's share one size (unless its spec says
+    ``mixed_sizes: resize``): one pass of Ray Data over each set's files or rows (``scan``), before
+    any trial; what comes back to the driver is one short row per image (path, error, size), no
+    pixel. The sets are checked together: one error lists every bad file of all of them (a
+    dataset's splits, ``name/split``, count as the dataset), so a user fixes them in one round."""
+    scans, modes = [], {}
+    for data in sets:
+        base = data.name.split("/")[0] if "/" in data.name else data.name
+        scans.append(data.images.scan(data.labels, data.ids).assign(_set=base))
+        modes.setdefault(base, data.images.mixed_sizes)
+    if not scans:
+        return
+    rows = pd.concat(scans, ignore_index=True).drop_duplicates("path")
+    names = ", ".join(f"'{n}'" for n in modes)
+    _raise_bad(rows, "path", f"images in {names}" + (" (all its splits)" if len(sets) > len(modes) else ""))
+    for base, mode in modes.items():
+        _check_sizes(rows[rows["_set"] == base], "path", f"the images in '{base}'", mode)
 
 
 def _fingerprint(infos, root: str, classes: Sequence[str]) -> str:
@@ -176,6 +191,93 @@ def _fingerprint(infos, root: str, classes: Sequence[str]) -> str:
         h.update(f"{info.path[len(root):]}\0{info.size}\0{info.mtime_ns}\n".encode())
     h.update("\0".join(classes).encode())
     return h.hexdigest()
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (real paths)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def list_folder(loc: Location) -> list:
+    """Every file and folder below ``loc``, at any depth, as pyarrow ``FileInfo`` (path, type, size,
+    mtime_ns); names starting with '.' are left out (no caller counts them). A bucket is listed by
+    pyarrow. A local folder is walked here, because pyarrow's recursive listing follows every
+    symbolic link to a folder: a link in a class folder to the folder above it (a loop) listed the
+    tree again at every level, until the path was too long (6 files became 246 images), and a link
+    in class folder 'a' to class folder 'b' listed b's images as class 'a'. Here a link to a folder
+    is followed when it points elsewhere on the disk, or to a folder inside its own top-level
+    (class) folder that is not above it; a link that makes a loop, or that leads into another top-
+    level folder of ``loc`` (another class), is an error naming the link and where it points. A
+    link whose target is missing is skipped with a warning (as pyarrow skips it)."""
+    import pyarrow.fs as pafs
+
+    if not loc.is_local:
+        return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    root = loc.path
+    real_root = os.path.realpath(root)
+    files: list[str] = []
+    folders: list = []
+    tops: list[tuple[str, str]] = []  # (real path, name) of each top-level folder (a class folder's classes)
+    # (folder, its real path, real paths of the folders walked down to it, its top-level folder's real path)
+    stack: list[tuple[str, str, tuple[str, ...], str | None]] = [(root, real_root, (real_root,), None)]
+    while stack:
+        path, real, above, top = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise DataError(f"folder '{path}' cannot be listed: {exc.strerror or exc}") from exc
+        later = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            child = f"{path}/{e.name}"
+            if not e.is_dir():  # through a link; no system call for a plain entry
+                files.append(child)
+                continue
+            link = e.is_symlink()
+            child_real = os.path.realpath(child) if link else f"{real}/{e.name}"
+            if top is None:
+                tops.append((child_real, e.name))
+            folders.append(pafs.FileInfo(child, type=pafs.FileType.Directory))
+            later.append((child, child_real, link))
+        for child, child_real, link in later:
+            if link:
+                _check_folder_link(loc, child, child_real, above, top, tops, real_root)
+            stack.append((child, child_real, above + (child_real,), top if top is not None else child_real))
+    infos = loc.fs.get_file_info(files) if files else []  # sizes and mtimes, as pyarrow's own listing has them
+    broken = [i.path for i in infos if i.type == pafs.FileType.NotFound]
+    if broken:
+        warnings.warn(f"folder '{root}': skipped {len(broken)} symbolic link(s) whose target does not exist, for "
+                      f"example '{broken[0][len(root):].strip('/')}' -> '{os.readlink(broken[0])}'", stacklevel=3)
+    return folders + [i for i in infos if i.type != pafs.FileType.NotFound]
+
+
+def _check_folder_link(loc: Location, link: str, target: str, above: tuple[str, ...], top: str | None,
+                       tops: list[tuple[str, str]], real_root: str) -> None:
+    """A symbolic link to a folder, found below ``loc``: an error when following it makes a loop (it
+    points to a folder it lies in) or takes images of one top-level (class) folder into another."""
+    rel = link[len(loc.path):].strip("/")
+    if any(_inside(a, target) for a in above):
+        raise DataError(f"folder '{loc}': '{rel}' is a symbolic link to '{target}', a folder that contains the link "
+                        f"itself: a loop, which would list the same images again at every level; it is not followed: "
+                        f"remove the link")
+    inside_root = _inside(target, real_root)
+    if top is None:  # a top-level folder: a link into the same folder, or to where another top-level folder is
+        twin = next((name for real, name in tops if name != rel and (_inside(target, real) or _inside(real, target))),
+                    None)
+        if inside_root or twin is not None:
+            raise DataError(f"folder '{loc}': '{rel}' is a symbolic link to '{target}'"
+                            + (f", where folder '{twin}' is too" if twin else ", inside the same folder")
+                            + f": its images would be counted twice, once as '{rel}'; remove the link")
+        return
+    other = next((name for real, name in tops if real != top and _inside(target, real)), None)
+    if other is not None or (inside_root and not _inside(target, top)):
+        cls = rel.split("/")[0]
+        where = f"folder '{other}'" if other is not None else f"'{target}'"
+        raise DataError(f"folder '{loc}': '{rel}' is a symbolic link to {where} of the same folder: its images would "
+                        f"be counted as '{cls}' images; it is not followed: remove the link, or copy the images that "
+                        f"belong to '{cls}'")
 
 
 def index_image_folder(root: str | Path, classes: Sequence[str] | None = None, unlabelled: bool = False) -> FileIndex:
@@ -191,7 +293,7 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None, u
         raise DataError(f"image folder '{root}' does not exist")
     if kind != pafs.FileType.Directory:
         raise DataError(f"image folder '{root}' is not a folder")
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    infos = list_folder(loc)  # symbolic links to folders checked (loops, links into another class folder)
     by_class: dict[str, list] = {}
     loose: list = []
     for info in infos:

@@ -184,7 +184,9 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
     """The whole dataset, its rows marked with their split: an embedded set with its own splits, or
     the user's data read through Ray Data and split by its rule (``default_split`` when unset).
     ``classes`` (a source's) fixes the label order; ``unlabelled`` allows a folder without classes;
-    ``lazy``: a user's images stay in their files or Parquet rows (``ImageSet.lazy``), only listed here."""
+    ``lazy``: a user's images stay in their files or Parquet rows (``ImageSet.lazy``), only listed here.
+    A labelled dataset that brings its own classes (no ``classes`` given, not ``unlabelled``) must have
+    images of two classes at least (``check_classes``)."""
     if spec is None:
         from tl.data.suite import load_embedded
 
@@ -194,8 +196,49 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
         spec = replace(spec, classes=tuple(classes))
     blob = json.dumps({**asdict(spec), "kind": spec.kind()}, sort_keys=True)
     full = _load(blob, unlabelled, lazy)
+    if classes is None and not unlabelled:
+        check_classes(full, spec)
     out = full.subset(np.arange(len(full)), name=name)
     return out
+
+
+KIND_NAMES = {"folder": "image folder", "csv": "CSV manifest", "parquet": "Parquet file"}
+
+
+def check_classes(data: ImageSet, spec: DataSpec) -> None:
+    """A dataset to classify has images of two classes at least: a one-class folder would pass every
+    other check and fail in the middle of a run ("1-way episodes need between 2 and 1 classes"), or
+    export a model that can only answer its one class. The error names the data and its class."""
+    present = [c for c, n in data.class_counts().items() if n]
+    if len(present) >= 2 or (data.labels < 0).all():
+        return
+    kind = spec.kind()
+    what = f"{KIND_NAMES[kind]} '{spec.where}'"
+    if not present:
+        raise DataError(f"{what} has no labelled image: at least two classes are needed")
+    has = (f"one class subfolder with images, '{present[0]}'" if kind == "folder"
+           else f"images of one class only, '{present[0]}'")
+    hint = ("put each class's images in its own subfolder, two subfolders or more" if kind == "folder"
+            else "label images of two classes or more")
+    raise DataError(f"{what} has {has}: at least two classes are needed to classify ({hint})")
+
+
+def check_listing(name: str, spec: DataSpec | None, key: str, size: tuple[int, int] | None = None,
+                  default_split: str | dict[str, float] = "none") -> "ImageSet | str | None":
+    """What ``--check`` can say about a user's data without running anything: the data listed (a
+    folder's files, a manifest's rows, a Parquet file's labels; no image decoded, no Ray), its classes
+    (two at least) and its split rule checked; the listed set is returned. A path that is not here
+    (data that lives on a cluster) or a URI (a bucket is listed when the run starts) is not listed:
+    the note saying so is returned instead. An embedded name gives None."""
+    if spec is None:
+        return None
+    from tl.storage import Location, is_uri
+
+    if is_uri(spec.where):
+        return f"data '{key}' ({spec.where}) is in a bucket: listed when the run starts, not by --check"
+    if not Location.of(spec.where).exists():
+        return f"data '{key}' ({spec.where}) is not on this machine: not checked here"
+    return load_data(name, spec, size, default_split, lazy=True)
 
 
 @lru_cache(maxsize=8)
@@ -261,9 +304,8 @@ def check_target(parts: dict[str, ImageSet | None], name: str, max_shots: int) -
 def check_files_of(parts: dict[str, ImageSet | None]) -> None:
     """The files of every part held as files (``lazy``: a target's halves, a run's sets, a source)
     decode and share one size: one pass of Ray Data per part (``tl.data.sources.check_files``), no
-    pixel back in the driver, before anything trains. An in-memory part was checked as it loaded."""
+    pixel back in the driver, before anything trains; every bad file of all the parts is listed in
+    one error (not one split at a time). An in-memory part was checked as it loaded."""
     from tl.data.sources import check_files
 
-    for part in parts.values():
-        if part is not None and part.lazy:
-            check_files(part)
+    check_files(*[part for part in parts.values() if part is not None and part.lazy])
