@@ -34,7 +34,7 @@ def _pool_cell(spec: dict):
     from tl.evaluate import run_cell
 
     s = _POOL_STATE
-    return run_cell(spec, s["data"], s["embeddings"], s["weights"], s["fixed"])[0]
+    return run_cell(spec, s["inputs"])[0]
 
 
 def main() -> int:
@@ -82,7 +82,7 @@ def main() -> int:
             cfg = load_config(CompareConfig, base=base)
             todo = [c.spec for c in sorted(cells(cfg), key=lambda c: c.cost, reverse=True)]
             shared = prepare(cfg, cells(cfg), weights, storage)
-            data, embeddings, fixed = shared["data"], shared["embeddings"], shared["fixed"]
+            inputs = shared["inputs"]
             n = len(todo)
             what = f"{n} cells: finetune k=1,2 x optdigits, mnistm x 5, 10 shots, {episodes} episodes each"
 
@@ -92,7 +92,7 @@ def main() -> int:
             for threads in (1, cores):
                 torch.set_num_threads(threads)
                 t0 = time.time()
-                run_cell(one, data, embeddings, weights, fixed)
+                run_cell(one, inputs)
                 per[threads] = time.time() - t0
             scaling = per[1] / per[cores]
             record("a", f"one cell with {cores} threads vs 1 thread", round(scaling, 2), "x",
@@ -102,14 +102,13 @@ def main() -> int:
 
             torch.set_num_threads(cores)
             t0 = time.time()
-            seq = [run_cell(c, data, embeddings, weights, fixed)[0] for c in todo]
+            seq = [run_cell(c, inputs)[0] for c in todo]
             t_seq = time.time() - t0
             record("a", "sequential loop (torch default threads)", round(t_seq, 1), "s", f"{what}; {cores} threads")
 
             ctx = mp.get_context("spawn")
             t0 = time.time()
-            with ctx.Pool(cores, initializer=_pool_init, initargs=({"data": data, "embeddings": embeddings,
-                                                                       "weights": weights, "fixed": fixed},)) as pool:
+            with ctx.Pool(cores, initializer=_pool_init, initargs=({"inputs": inputs},)) as pool:
                 pooled = pool.map(_pool_cell, todo, chunksize=1)
             t_pool = time.time() - t0
             record("a", f"multiprocessing pool ({cores} single-threaded processes)", round(t_pool, 1), "s",

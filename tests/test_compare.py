@@ -18,7 +18,7 @@ from tl.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 SMALL = {"experiment": "cmp-test", "targets": ["optdigits"], "shots": [1, 2], "episodes": 3, "val_episodes": 1,
-         "queries": 5,
+         "feature_val_episodes": 1, "queries": 5,
          "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
                         {"strategy": "finetune", "params": {"steps": 3}, "search": {"frozen": [3, 4]}}]}
 KEYS = ["target", "shots", "seed", "strategy", "episode"]
@@ -150,3 +150,27 @@ def test_a_crashed_cell_reaches_the_summary_the_exit_status_and_mlflow_gets_the_
     assert len(runs) == 2 and len(finished) == 1
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert finished[0].data.metrics["accuracy"] == pytest.approx(rows["accuracy"].mean())
+
+
+def test_a_cell_whose_weights_change_bytes_under_the_same_name_is_a_new_cell(tmp_path):
+    """Cells are keyed by the weights' content, not their name: a finished cell is reused while the file
+    is the same, and run again once the file is rewritten with other weights under the same path."""
+    import torch
+
+    from tl.compare import _present_content, cells, dry_run
+    from tl.grid import CellStore
+    from tl.models import build_backbone, save_weights
+
+    path = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_backbone("digits_cnn"), path)
+    cfg = load_config(CompareConfig, overrides=[f"weights={path}"], base={
+        "targets": ["optdigits"], "shots": [1], "episodes": 1, "strategies": [{"strategy": "prototype"}]})
+    home = tmp_path / "home"
+    assert len(dry_run(cfg, home, lambda _: None)["plan"]["todo"]) == 1
+    (cell,) = cells(cfg, content=_present_content(cfg, home))
+    CellStore(cfg.cells_dir(home)).save(cell, pd.DataFrame({"accuracy": [0.5]}))  # as if it had run
+    assert len(dry_run(cfg, home, lambda _: None)["plan"]["todo"]) == 0  # same bytes: finished
+    torch.manual_seed(1)
+    save_weights(build_backbone("digits_cnn"), path)  # other weights, the same name
+    assert len(dry_run(cfg, home, lambda _: None)["plan"]["todo"]) == 1  # a new cell

@@ -59,20 +59,37 @@ def test_a_validation_episode_never_trains_on_its_own_queries():
 
     import torch
 
-    from tl.evaluate import _Episodes
+    from tl.evaluate import Episodes
     from tl.models import build_backbone
     from tl.strategies import make_strategy
 
     data = load_embedded("optdigits:novel")
     dann = make_strategy("dann")
-    eps = _Episodes([dann], data, 1, 5, 2, 0, None, build_backbone("digits_cnn"), None, unlabelled=data)
+    eps = Episodes([dann], data, 1, 5, 2, 0, None, build_backbone("digits_cnn"), None, unlabelled=data)
     for ep in eps.episodes:
         task = eps.task(dann, ep)
         pool = task.unlabelled_x
         assert len(pool) == len(data) - len(ep.query)
         rows = lambda t: Counter(map(tuple, t.flatten(1)[:, ::7].tolist()))  # noqa: E731
         assert rows(pool) == rows(eps.pool) - rows(task.query_x)  # the pool less exactly its queries
-    other = _Episodes([dann], data, 1, 5, 1, 0, None, build_backbone("digits_cnn"), None,
+    other = Episodes([dann], data, 1, 5, 1, 0, None, build_backbone("digits_cnn"), None,
                       unlabelled=load_embedded("optdigits:novel"))
     assert len(other.task(dann, other.episodes[0]).unlabelled_x) == len(data)
     assert torch.is_tensor(other.pool)
+
+
+def test_validation_and_selection_episodes_are_not_the_test_episodes():
+    """Validation episode i and test episode i come from different generators, so with n_way below
+    the class count they do not draw the same classes; the test stream stays ``[seed, i]``."""
+    from tl.data.episodes import STREAMS
+
+    labels = np.repeat(np.arange(10), 30)
+    test = sample_episodes(labels, 5, 1, 5, 40, 0)
+    val = sample_episodes(labels, 5, 1, 5, 40, 0, stream=STREAMS["validation"])
+    sel = sample_episodes(labels, 5, 1, 5, 40, 0, stream=STREAMS["selection"])
+    same = sum(a.classes == b.classes for a, b in zip(test, val))
+    assert same <= 2  # 252 five-class subsets: a chance match or two at most, never all 40
+    assert sum(a.classes == b.classes for a, b in zip(val, sel)) <= 2
+    ep = test[3]
+    want = np.sort(np.random.default_rng([0, 3]).choice(np.arange(10), size=5, replace=False))
+    assert ep.classes == tuple(int(c) for c in want)

@@ -64,7 +64,8 @@ def test_staged_training_equals_one_straight_run(pretrained):
     strat = make_strategy("finetune", {"frozen": 2, "steps": 10, "lr": 0.05})
     staged = staged_accuracy(strat, data, shots=2, queries=5, episodes=3, seed=1, report_steps=[4, 10],
                              backbone=backbone)
-    straight = run_episodes({"ft": strat}, data, shots=2, queries=5, episodes=3, seed=1, backbone=backbone)
+    straight = run_episodes({"ft": strat}, data, shots=2, queries=5, episodes=3, seed=1, backbone=backbone,
+                            stream="validation")
     assert [s for s, _ in staged] == [4, 10]
     assert staged[-1][1] == pytest.approx(np.mean([r["accuracy"] for r in straight]))
 
@@ -134,8 +135,27 @@ def test_validation_selection_rules(pretrained):
     kw = dict(shots=1, queries=5, episodes=2, seed=0, n_way=None, backbone=backbone, embeddings=None, unlabelled=None)
     full = select_on_validation(cands, data, rule="full", **kw)
     for s, score in zip(cands[:3], full.scores):
-        assert score == pytest.approx(staged_accuracy(s, data, report_steps=[9], **kw)[-1][1])
+        assert score == pytest.approx(staged_accuracy(s, data, report_steps=[9], stream="selection", **kw)[-1][1])
     assert full.scores[3] == float("-inf") and full.steps == [9, 9, 9, 9] and full.best != 3
     halving = select_on_validation(cands, data, rule="halving", **kw)
     assert sorted(halving.steps) == [3, 3, 9, 9] and halving.steps[halving.best] == 9 and halving.best != 3
     assert halving.scores[3] == float("-inf")
+
+
+def test_a_search_of_an_adaptation_strategy_hands_its_trials_the_pool(ray_local, pretrained, tmp_path):
+    """DANN's candidates train on the target's unlabelled pool (the validation split less each episode's
+    queries), as its test phase does; a strategy that uses no pool gets none."""
+    cfg = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
+        "target": "optdigits", "shots": 1, "queries": 5, "val_episodes": 1, "test_episodes": 1, "max_steps": 2,
+        "strategy": "dann", "scheduler": "none", "space": {"lr": {"grid": [0.01, 0.03]}}})
+    run_search(cfg, tmp_path / "home", tmp_path / "out", lambda s: None)
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    adapt = len(load_embedded("optdigits").split("adapt"))
+    assert len(trials) == 2 and (trials["pool"] == adapt - 10 * 5).all()  # less one episode's 10 x 5 queries
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert (rows["pool"] == adapt).all()  # the test episodes' pool: the whole validation split
+    plain = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
+        "experiment": "plain", "target": "optdigits", "shots": 1, "queries": 5, "val_episodes": 1, "test_episodes": 1,
+        "max_steps": 2, "strategy": "finetune", "scheduler": "none", "space": {"lr": {"grid": [0.01]}}})
+    run_search(plain, tmp_path / "home", tmp_path / "plain", lambda s: None)
+    assert (pd.read_csv(tmp_path / "plain" / "trials.csv")["pool"] == 0).all()

@@ -91,8 +91,9 @@ def test_dry_run_runs_no_trial(tmp_path):
                   log=lambda _: None)
     # the 11 default strategies (dann and the four that use unlabelled target images included) x 2 shot counts
     assert len(est["plan"]["todo"]) == 22 and not est["plan"]["done"] and not est["plan"]["failed"]
-    # every cell is scored on 4 validation episodes; finetune's 2 cells on 4 for each of its 5 depths
-    assert est["test_episodes"] == 220 and est["val_episodes"] == 20 * 4 + 2 * 5 * 4 and est["wall_s"] > 0
+    # per shot count: the 7 feature cells are scored on 100 validation episodes, the 4 trained ones on 4, and
+    # finetune first chooses its depth on 4 selection episodes for each of its 5 depths
+    assert est["test_episodes"] == 220 and est["val_episodes"] == 2 * (7 * 100 + 4 * 4 + 5 * 4) and est["wall_s"] > 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
 

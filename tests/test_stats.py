@@ -51,7 +51,8 @@ def test_holm_correction_on_a_hand_made_example():
     assert adj[0] == pytest.approx(0.02) and np.isnan(adj[1])  # nan does not count as a test
 
 
-VAL = {"slow": [0.80, 0.82, 0.78, 0.81], "cheap": [0.79, 0.80, 0.79, 0.80], "worse": [0.50, 0.52, 0.49, 0.51]}
+# "cheap" is practically equivalent to "slow" on validation: 0.2 points below it on every episode
+VAL = {"slow": [0.80, 0.82, 0.78, 0.81], "cheap": [0.798, 0.818, 0.778, 0.808], "worse": [0.50, 0.52, 0.49, 0.51]}
 TEST = {"slow": [0.70, 0.72, 0.71], "cheap": [0.69, 0.70, 0.70], "worse": [0.95, 0.96, 0.94]}
 COST = {"slow": 2.0, "cheap": 0.01, "worse": 0.001}
 
@@ -59,19 +60,48 @@ COST = {"slow": 2.0, "cheap": 0.01, "worse": 0.001}
 def _rows(test: dict, val: dict = VAL) -> pd.DataFrame:
     return pd.DataFrame([
         {"target": "t", "shots": 5, "seed": 0, "episode": i, "strategy": s, "accuracy": a, "seconds": COST[s],
-         "cell_seconds": 10 * COST[s], "val_episodes": json.dumps([[j, v] for j, v in enumerate(val[s])])}
+         "cost": COST[s], "cell_seconds": 10 * COST[s], "val_episodes": json.dumps([[j, v] for j, v in enumerate(val[s])])}
         for s, accs in test.items() for i, a in enumerate(accs)])
 
 
 def test_a_tie_on_validation_recommends_the_cheaper_strategy():
     (c,) = choose(_rows(TEST))
     assert c.val_winner == "slow"  # highest validation mean
-    assert sorted(c.tied) == ["cheap", "slow"]  # paired validation CI of cheap - slow includes 0
+    assert sorted(c.tied) == ["cheap", "slow"]  # paired validation CI of cheap - slow within ±1 point
     assert c.recommended == "cheap"  # the cheaper of the tie; "worse" is cheaper still but not tied
     assert c.test_best == "worse"  # best on the test episodes, which the choice never looked at
     assert c.confirm.mean == pytest.approx(np.mean(TEST["cheap"]) - np.mean(TEST["worse"]))
     curse = winners_curse([c])
     assert curse["differ"] == 1 and curse["mean_gap"] == pytest.approx(np.mean(TEST["worse"]) - np.mean(TEST["slow"]))
+
+
+def test_a_tie_is_practical_equivalence_not_an_interval_that_includes_zero():
+    """Four noisy validation episodes whose interval includes 0 but is wider than the margin are no
+    tie: the validation winner is recommended, however much cheaper the other is; with enough
+    episodes the same small difference is a tie."""
+    noisy = {**VAL, "cheap": [0.79, 0.80, 0.79, 0.80]}  # cheap - slow: -0.75 ± 2.0 points, includes 0
+    (c,) = choose(_rows(TEST, noisy))
+    assert c.tied == ["slow"] and c.recommended == c.val_winner == "slow"
+    assert choose(_rows(TEST, noisy), margin=0.05)[0].recommended == "cheap"  # a wider stated margin ties them
+    rng = np.random.default_rng(0)
+    slow = list(0.8 + 0.05 * rng.standard_normal(100))
+    many = {"slow": slow, "cheap": [a - 0.002 + 0.004 * rng.standard_normal() for a in slow],
+            "worse": [a - 0.3 for a in slow]}
+    test = {s: [0.7, 0.7, 0.7] for s in many}
+    (c,) = choose(_rows(test, many))
+    assert c.recommended == "cheap" and "equivalent" in c.reason
+
+
+def test_cost_ties_are_broken_by_a_fixed_cost_never_by_seconds():
+    """Two feature strategies of one cost tier: the higher validation mean is recommended whatever the
+    timer said; a row's seconds never decide."""
+    rows = _rows(TEST)
+    rows.loc[rows["strategy"] == "slow", "cost"] = 0.01  # "slow" now costs what "cheap" costs
+    rows.loc[rows["strategy"] == "slow", "seconds"] = 5.0
+    (c,) = choose(rows)
+    assert c.recommended == "slow"  # equivalent, same cost: the better validation mean
+    rows["seconds"] = rows["seconds"].sample(frac=1.0, random_state=1).to_numpy()  # timer noise
+    assert choose(rows)[0].recommended == "slow"
 
 
 def test_the_choice_reads_validation_rows_only():

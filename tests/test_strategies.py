@@ -37,6 +37,8 @@ def test_every_strategy_runs_an_episode(name):
     else:
         task.support_x, task.query_x, task.backbone = x, q, lambda: copy.deepcopy(bb)
         s = make_strategy(name, {"steps": 2})
+        if s.uses_pool:  # the target's unlabelled pool, for the strategies that use one
+            task.unlabelled_x = q
     pred = s.predict_episode(task)
     assert pred.shape == (len(q),) and set(pred) <= set(range(5))
 

@@ -110,7 +110,8 @@ def test_bn_stats_is_checked_and_cannot_be_searched():
 
 def test_a_comparison_with_target_statistics_and_transduction(ray_local, pretrained, tmp_path):
     """Feature and trained strategies with ``bn_stats: target`` and a transductive one run as cells of
-    a comparison; the target statistics are made once per target, from its `adapt` split; summary.csv
+    a comparison; the target statistics are made once per target, from its `adapt` split (and per
+    validation fold); summary.csv
     names every row's setting and summary.md pairs each option with its plain counterpart."""
     base = {"experiment": "tbn", "targets": ["optdigits"], "shots": [1], "episodes": 3, "val_episodes": 1,
             "queries": 5, "strategies": [
@@ -123,7 +124,8 @@ def test_a_comparison_with_target_statistics_and_transduction(ray_local, pretrai
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=base)
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", QUIET)
     assert out.grid.failed == [] and out.rows == 5 * 3
-    assert len(list((tmp_path / "home" / "cache" / "bn_stats").iterdir())) == 1
+    # once per target: from the whole split (test episodes), and without each of its 2 validation folds
+    assert len(list((tmp_path / "home" / "cache" / "bn_stats").iterdir())) == 3
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("strategy")
     assert summary["setting"].to_dict() == {
         "prototype": "inductive", "finetune_k3": "inductive", "prototype_tbn": "target statistics",
@@ -169,10 +171,76 @@ def test_a_search_with_target_statistics(ray_local, pretrained, tmp_path):
         "space": {"C": {"grid": [1.0, 10.0]}}})
     out = run_search(cfg, tmp_path / "home", tmp_path / "out", QUIET)
     assert out.params["bn_stats"] == "target" and 0.0 < out.test_accuracy <= 1.0
-    assert len(list((tmp_path / "home" / "cache" / "bn_stats").iterdir())) == 1
+    # from the whole split (test episodes), and without each of its 2 validation folds (validation episodes)
+    assert len(list((tmp_path / "home" / "cache" / "bn_stats").iterdir())) == 3
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
     assert "bn_stats" not in str(best["weights"]) and best["best"]["optdigits"][1]["params"]["bn_stats"] == "target"
     with pytest.raises(ConfigError, match="bn_stats cannot be searched"):
         run_search(load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
             "target": "optdigits", "shots": 1, "strategy": "logistic",
             "space": {"bn_stats": {"grid": ["source", "target"]}}}), tmp_path / "home", tmp_path / "out2", QUIET)
+
+
+def test_adabn_in_a_comparison_cell_is_the_source_model_under_the_pools_statistics(pretrained):
+    """A comparison's cell hands AdaBN the target's unlabelled pool (Strategy.uses_pool): its rows differ
+    from source_only's, and each equals the source-only model of the same episode scored with BatchNorm
+    statistics re-estimated on that pool."""
+    import copy
+
+    from tl.compare import CompareConfig, target_data
+    from tl.evaluate import CellInputs, Episodes, EpisodeSettings, run_cell
+    from tl.nn import reestimate_batchnorm
+    from tl.strategies import StrategyEntry
+    from tl.train.loop import predict
+
+    parts = target_data(CompareConfig(targets=("mnistm",)), "mnistm")
+    settings = EpisodeSettings(backbone="digits_cnn", input_size=None, queries=5, n_way=None, episodes=2,
+                               val_episodes=1)
+    inputs = CellInputs(data={"mnistm": parts}, settings=settings, weights=pretrained)
+    params = {"steps": 60}
+    rows = {}
+    for name in ("source_only", "adabn"):
+        spec = {"target": "mnistm", "shots": 1, "seed": 0, "label": name,
+                "entry": StrategyEntry(name, params=params).plain()}
+        rows[name] = run_cell(spec, inputs)[0]
+    assert (rows["source_only"]["pool"] == 0).all() and (rows["adabn"]["pool"] == len(parts["val"])).all()
+    assert rows["adabn"]["accuracy"].tolist() != rows["source_only"]["accuracy"].tolist()
+    assert json.loads(rows["adabn"]["val_episodes"].iloc[0]), "AdaBN is scored on validation episodes too"
+    source_only, adabn = make_strategy("source_only", params), make_strategy("adabn", params)
+    eps = Episodes([adabn], parts["test"], 1, 5, 2, 0, None, make_backbone("digits_cnn", pretrained), None,
+                   unlabelled=parts["val"])
+    for ep, acc in zip(eps.episodes, rows["adabn"]["accuracy"]):
+        task = eps.task(adabn, ep)
+        run = source_only.start_episode(task)
+        run.advance(60)
+        scored = copy.deepcopy(run.model)
+        reestimate_batchnorm(scored, [task.unlabelled_x])
+        assert acc == pytest.approx(float(np.mean(predict(scored, run.query) == ep.query_labels)))
+
+
+def test_validation_queries_never_estimate_the_statistics_that_score_them(ray_local, pretrained, tmp_path):
+    """bn_stats target: the validation episodes' queries come from one fold of the `adapt` split, and
+    the statistics that score them were estimated on the other fold only; the test episodes get the
+    statistics of the whole split."""
+    from tl.compare import cells, prepare
+    from tl.data.episodes import query_folds, sample_episodes
+    from tl.embeddings import reestimate_on
+
+    cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base={
+        "targets": ["optdigits"], "shots": [1], "episodes": 1, "feature_val_episodes": 4,
+        "strategies": [{"strategy": "prototype", "label": "prototype_tbn", "params": {"bn_stats": "target"}}]})
+    inputs = prepare(cfg, cells(cfg), pretrained, tmp_path / "home", QUIET)["inputs"]
+    val = inputs.data["optdigits"]["val"]
+    folds = query_folds(val.labels)
+    for ep in sample_episodes(val.labels, None, 1, 5, 4, 0, stream=1, folds=folds):
+        assert set(folds[ep.query]) == {ep.index % 2}  # an episode's queries: one fold
+    stats = [k for k in _state(pretrained) if k.endswith(("running_mean", "running_var"))]
+    whole = _state(inputs.target_weights["optdigits"])
+    for f, w in inputs.fold_weights["optdigits"].items():
+        by_hand = make_backbone("digits_cnn", pretrained)
+        reestimate_on(by_hand, val, np.flatnonzero(folds != f))  # the other fold only
+        got, want = _state(w), by_hand.state_dict()
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in stats)
+        assert any(not torch.allclose(got[k], whole[k], atol=1e-5) for k in stats)
+    emb = inputs.embeddings["optdigits"]["target"]
+    assert set(emb["val"]) == {0, 1} and emb["test"].shape[0] == len(inputs.data["optdigits"]["test"])

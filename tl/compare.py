@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
 from tl.data.spec import DataSpec, check_files_of, check_target, load_target, resolve
 from tl.errors import ConfigError, TrainingError, grid_exit_status
-from tl.evaluate import VAL_RULES, run_cell
+from tl.evaluate import VAL_RULES, CellInputs, EpisodeSettings, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
 from tl.models import input_size_of, num_stages
 from tl.runtime import cluster_gpus, gpu_share
@@ -48,10 +49,14 @@ def _default_entries() -> tuple[StrategyEntry, ...]:
 
 @dataclass(frozen=True)
 class CompareConfig(BackboneFields, EpisodeFields):
-    """The main job. ``episodes`` test episodes per cell; ``val_episodes`` per search candidate;
-    ``val_rule``: how a cell's search spends them (``halving``: successive halving, a third of the
-    steps for every candidate and the full budget for the best third; ``full``: every candidate to
-    its full budget);
+    """The main job. ``episodes`` test episodes per cell; ``val_episodes``: validation episodes of a
+    trained strategy (and selection episodes per candidate of a searched entry, which chooses its
+    candidate on other episodes than the validation ones that score it); ``feature_val_episodes``:
+    validation episodes of a feature strategy (milliseconds each: enough for ties to be told);
+    ``tie_margin``: the practical equivalence (an accuracy fraction) within which a strategy ties
+    with the validation winner (``tl.choice``); ``val_rule``: how a cell's search spends its
+    selection episodes (``halving``: successive halving, a third of the steps for every candidate
+    and the full budget for the best third; ``full``: every candidate to its full budget);
     ``cpus_per_trial`` for a trained cell (a feature cell takes ``feature_cpus``: many run at once);
     ``gpu_per_trial``: the GPU fraction of a trained cell (unset: 0.25 where the cluster has GPUs, so
     four cells share one, and 0 on a CPU-only cluster); ``max_failures``: Tune retries of a trial lost to a dead node or process; ``mlflow``: an MLflow
@@ -64,6 +69,8 @@ class CompareConfig(BackboneFields, EpisodeFields):
     shots: tuple[int, ...] = (1, 5, 10)
     episodes: int = 10
     val_episodes: int = 4
+    feature_val_episodes: int = 100
+    tie_margin: float = 0.01
     val_rule: str = "halving"
     seeds: tuple[int, ...] = (0,)
     strategies: tuple[StrategyEntry, ...] = field(default_factory=_default_entries)
@@ -92,9 +99,12 @@ class CompareConfig(BackboneFields, EpisodeFields):
         object.__setattr__(self, "data", data)
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"config key 'shots': every shot count must be at least 1, got {list(self.shots)}")
-        if self.queries < 1 or self.episodes < 1 or self.val_episodes < 1 or not self.seeds or not self.targets:
-            raise ConfigError("config keys 'queries', 'episodes', 'val_episodes' must be at least 1, and 'seeds' "
-                              "and 'targets' not empty")
+        if (self.queries < 1 or self.episodes < 1 or self.val_episodes < 1 or self.feature_val_episodes < 1
+                or not self.seeds or not self.targets):
+            raise ConfigError("config keys 'queries', 'episodes', 'val_episodes', 'feature_val_episodes' must be at "
+                              "least 1, and 'seeds' and 'targets' not empty")
+        if not 0 <= self.tie_margin < 1:
+            raise ConfigError(f"config key 'tie_margin' is an accuracy fraction in [0, 1), got {self.tie_margin}")
         if self.val_rule not in VAL_RULES:
             raise ConfigError(f"config key 'val_rule': '{self.val_rule}' is not one of {', '.join(VAL_RULES)}")
         if self.cpus_per_trial <= 0 or self.feature_cpus <= 0:
@@ -159,14 +169,20 @@ class CompareResult:
         return grid_exit_status(len(self.grid.failed), len(self.grid.unfinished))
 
 
-def _identity(plain: dict, entry: StrategyEntry) -> dict:
-    """Everything besides (target, shots, seed, label) that changes a cell's rows."""
+def _identity(plain: dict, entry: StrategyEntry, feature: bool, content: str) -> dict:
+    """Everything besides (target, shots, seed, label) that changes a cell's rows; ``content``: the
+    digest of the weights' content (``weights_content``), so weights that change bytes under the same
+    name make new cells."""
     from tl.pretrain import weights_identity
 
     keep = {k: plain[k] for k in ("backbone", "input_size", "test_split", "val_split", "n_way", "queries", "episodes")}
     keep["weights"] = weights_identity(plain["weights"])  # the recipe a pretrained name stands for
-    keep["val_episodes"] = plain["val_episodes"]  # every cell is scored on them (the recommendation)
-    keep["rows"] = 2  # rows carry per-episode validation accuracies and the cell's compute seconds
+    keep["weights_content"] = content
+    # every cell is scored on validation episodes (the recommendation): a feature cell on its own number
+    keep["val_episodes"] = plain["feature_val_episodes"] if feature else plain["val_episodes"]
+    # rows 3: validation and selection episodes of their own streams, the pool handed by uses_pool,
+    # and a deterministic cost per row
+    keep["rows"] = 3
     if entry.search and plain["val_rule"] != "full":  # the full rule is the one cells were keyed without
         keep["val_rule"] = plain["val_rule"]
     if plain.get("data"):
@@ -174,21 +190,44 @@ def _identity(plain: dict, entry: StrategyEntry) -> dict:
     return {**keep, "strategy": entry.strategy, "params": entry.params, "search": entry.search}
 
 
-def cells(cfg: CompareConfig, gpu: float = 0.0) -> list[Cell]:
+def weights_content(cfg: CompareConfig, weights: str | None) -> str:
+    """The digest of the backbone's weights as built (``tl.models.weights_digest``), the identity of
+    what a cell ran on: pretraining a name again, or a file rewritten in place, makes new cells.
+    ``weights``: resolved (``resolve_weights``); None is random initialisation."""
+    from tl.models import make_backbone, weights_digest
+
+    if weights is None:
+        return "random"
+    return weights_digest(make_backbone(cfg.backbone, weights, cfg.input_size))
+
+
+def _present_content(cfg: CompareConfig, storage: "str | os.PathLike | Location") -> str:
+    """``weights_content`` of the weights as they are now, without pretraining anything: "missing"
+    when a pretrained backbone is still to be made (none of its cells can have run)."""
+    from tl.pretrain import is_pretrained, pretrained_weights_if_present
+
+    if is_pretrained(cfg.weights):
+        found = pretrained_weights_if_present(cfg.weights, cfg.backbone, storage)
+        return "missing" if found is None else weights_content(cfg, found)
+    return weights_content(cfg, None if cfg.weights in ("random", "none", "") else cfg.weights)
+
+
+def cells(cfg: CompareConfig, gpu: float = 0.0, content: str = "unknown") -> list[Cell]:
     """Every cell of the comparison, with its identity, resources (``gpu``: the share of a trained
     cell, ``tl.runtime.gpu_share``; a feature cell classifies cached embeddings on its CPU) and
-    relative cost. Resources are not part of a cell's identity."""
+    relative cost. Resources are not part of a cell's identity; ``content`` (``weights_content``) is."""
     plain = to_dict(cfg)
     plain["data"] = {k: cfg.spec(k).identity() for k in cfg.data}
     out = []
     for e in cfg.strategies:
-        label, ident = e.name(), _identity(plain, e)
         strat = e.build()
+        label, ident = e.name(), _identity(plain, e, strat.uses_embeddings, content)
         n_cands = len(e.candidates())
         cpu = cfg.feature_cpus if strat.uses_embeddings else cfg.cpus_per_trial
         for target in cfg.targets:
             for shots in cfg.shots:
-                episodes = cfg.episodes + cfg.val_episodes * n_cands
+                val = cfg.feature_val_episodes if strat.uses_embeddings else cfg.val_episodes
+                episodes = cfg.episodes + val + (cfg.val_episodes * n_cands if n_cands > 1 else 0)
                 for seed in cfg.seeds:
                     out.append(Cell.make(
                         (target, f"{shots}shot", f"seed{seed}", label), ident,
@@ -208,32 +247,50 @@ def target_data(cfg: CompareConfig, target: str) -> dict:
 
 def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: "str | os.PathLike | Location",
             log: Callable[[str], None] = print) -> dict:
-    """What every cell function shares: target splits, the target-statistics weights of the targets
-    whose todo cells ask for ``bn_stats: target`` (re-estimated on the target's unlabelled `val_split`
-    images, never a test image), cached embeddings under the statistics each feature cell uses, and
-    the episode settings."""
+    """What every cell function shares (``{"inputs": CellInputs}``, ``tl.evaluate.cell``): target
+    splits; for the targets whose todo cells ask for ``bn_stats: target``, the target-statistics
+    weights (re-estimated on the target's unlabelled `val_split` images, never a test image) and, for
+    the validation episodes, the same estimated without each validation fold (so a validation
+    episode's queries are never among the images its statistics came from); cached embeddings under
+    the statistics each feature cell uses; and the episode settings."""
+    from tl.data.episodes import query_folds
     from tl.embeddings import EmbedConfig, extract, target_statistics
 
+    cache = Location.of(storage) / "cache"
     targets = sorted({c.spec["target"] for c in todo})
     data = {t: target_data(cfg, t) for t in targets}
     built = [(c.spec["target"], StrategyEntry(**c.spec["entry"]).build()) for c in todo]
     target_weights: dict = {}
+    fold_weights: dict = {}
     for t in sorted({t for t, s in built if s.bn_stats == "target"}):
-        if data[t]["val"] is None:
+        val = data[t]["val"]
+        if val is None:
             raise ConfigError(f"bn_stats: target needs unlabelled images of target '{t}', and it has no "
                               f"'{cfg.val_split}' split (split none): use split halves")
-        target_weights[t] = target_statistics(cfg.backbone, weights, cfg.input_size, data[t]["val"],
-                                              Location.of(storage) / "cache", log)
+        target_weights[t] = target_statistics(cfg.backbone, weights, cfg.input_size, val, cache, log)
+        folds = query_folds(val.labels)
+        fold_weights[t] = {int(f): target_statistics(cfg.backbone, weights, cfg.input_size,
+                                                     val.subset(folds != f, name=f"{val.name} without fold {f}"),
+                                                     cache, log)
+                           for f in np.unique(folds[folds >= 0])}
     embeddings: dict = {}
     for t, bn in sorted({(t, s.bn_stats) for t, s in built if s.uses_embeddings}):
-        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=weights if bn == "source" else target_weights[t],
-                                      input_size=cfg.input_size, cpus_per_actor=min(1.0, cfg.cpus_per_trial))
-        embeddings.setdefault(t, {})[bn] = {s: extract(data[t][s], ecfg, Location.of(storage) / "cache", log).vectors
-                                            for s in ("test", "val") if data[t][s] is not None}
-    fixed = {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries, "n_way": cfg.n_way,
-             "episodes": cfg.episodes, "val_episodes": cfg.val_episodes, "val_rule": cfg.val_rule}
-    return {"data": data, "embeddings": embeddings, "weights": weights, "fixed": fixed,
-            "target_weights": target_weights}
+        def vectors(w: str | None, split: str):
+            ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=w, input_size=cfg.input_size,
+                                          cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+            return extract(data[t][split], ecfg, cache, log).vectors
+
+        if bn == "source":
+            embeddings.setdefault(t, {})[bn] = {s: vectors(weights, s) for s in ("test", "val")
+                                                if data[t][s] is not None}
+        else:
+            embeddings.setdefault(t, {})[bn] = {"test": vectors(target_weights[t], "test"),
+                                                "val": {f: vectors(w, "val") for f, w in fold_weights[t].items()}}
+    settings = EpisodeSettings(backbone=cfg.backbone, input_size=cfg.input_size, queries=cfg.queries,
+                               n_way=cfg.n_way, episodes=cfg.episodes, val_episodes=cfg.val_episodes,
+                               feature_val_episodes=cfg.feature_val_episodes, val_rule=cfg.val_rule)
+    return {"inputs": CellInputs(data=data, settings=settings, weights=weights, embeddings=embeddings,
+                                 target_weights=target_weights, fold_weights=fold_weights)}
 
 
 def dry_run(cfg: CompareConfig, storage: "str | os.PathLike | Location", log: Callable[[str], None] = print,
@@ -242,7 +299,7 @@ def dry_run(cfg: CompareConfig, storage: "str | os.PathLike | Location", log: Ca
     pretraining, no output folder."""
     from tl.cost import estimate
 
-    p = plan(cells(cfg), CellStore(cfg.cells_dir(storage)), retry_failed)
+    p = plan(cells(cfg, content=_present_content(cfg, storage)), CellStore(cfg.cells_dir(storage)), retry_failed)
     for t in cfg.targets:
         check_target(target_data(cfg, t), t, max(cfg.shots))
     est = estimate(cfg, p["todo"])
@@ -265,23 +322,22 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
     storage = Location.of(storage)
     store = CellStore(cfg.cells_dir(storage))
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus())
-    grid = cells(cfg, gpu)
-    p = plan(grid, store, retry_failed)
+    # a first plan with the weights as they are now (weights still to be pretrained: every cell to run)
+    p = plan(cells(cfg, gpu, _present_content(cfg, storage)), store, retry_failed)
     for t in cfg.targets:  # bad data stops here, before any pretraining or trial
         parts = target_data(cfg, t)
         check_target(parts, t, max(cfg.shots))
         if p["todo"]:
             check_files_of(parts)
-    output.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(cfg.weights, cfg.backbone, storage, log)
-    if p["todo"]:
-        from tl.models import make_backbone
-
-        make_backbone(cfg.backbone, weights, cfg.input_size)  # weights that do not fit stop here, once
+    # weights that do not fit stop here, once; their content is every cell's identity
+    grid = cells(cfg, gpu, weights_content(cfg, weights))
+    p = plan(grid, store, retry_failed)
     log(f"[compare] {len(grid)} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(cfg.strategies)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
         f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run"
         + (f"; trained cells take {gpu:g} GPU each, in bf16 mixed precision" if gpu else ""))
+    output.mkdir(parents=True, exist_ok=True)  # once the data and the weights are checked
     if cfg.recommend:  # the prediction is made before any cell runs, and recorded beside the outcome
         from tl.recommend import for_comparison
 
@@ -309,13 +365,13 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
     searched = [e.name() for e in cfg.strategies if e.search]
     rule = " by successive halving" if cfg.val_rule == "halving" else ""
     chosen_on = (f", except {', '.join(searched)}, whose searched keys were chosen per cell{rule} on "
-                 f"{cfg.val_episodes} validation episodes of the `{cfg.val_split}` split (no image shared with the "
-                 f"test episodes)" if searched else "")
+                 f"{cfg.val_episodes} selection episodes of the `{cfg.val_split}` split (no image shared with the "
+                 f"test episodes, and not the validation episodes the recommendation is made on)" if searched else "")
     note = describe(plain, cfg.test_split, rows, weights, chosen_on)
     chosen = rows.groupby(["target", "shots", "strategy"])["chosen"].first()
     chosen = chosen[chosen != "{}"]
     if len(chosen):
-        note += "\n\nChosen on validation episodes: " + "; ".join(
+        note += "\n\nChosen on selection episodes: " + "; ".join(
             f"{s} {t} {k}-shot: {v}" for (t, k, s), v in chosen.items()) + "."
     short = rows[rows["short_classes"].fillna("{}") != "{}"] if "short_classes" in rows else rows.iloc[:0]
     for (t, k), g in short.groupby(["target", "shots"]):
@@ -344,8 +400,9 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
             f.write("\n" + outcome_markdown(yaml.safe_load((output / "recommend.yaml").read_text()) or [], summary,
                                             families, best))
     write_best(output / "best.yaml", cfg, weights, best, "recommended per target and shots: chosen on validation "
-               f"episodes of the `{cfg.val_split}` split (the cheapest of the strategies tied there with the validation "
-               "winner), its accuracy measured on the test episodes", incomplete=unfinished)
+               f"episodes of the `{cfg.val_split}` split (the cheapest of the strategies practically equivalent there, "
+               f"within ±{100 * cfg.tie_margin:g} points, to the validation winner), its accuracy measured on the test "
+               "episodes", incomplete=unfinished)
     wall = time.time() - t0 if t0 else float("nan")
     log(f"[compare] {len(rows)} rows; summary in {output / 'summary.md'}; best in {output / 'best.yaml'} ({wall:.0f} s)")
     if failures:

@@ -29,7 +29,7 @@ def step_seconds(backbone: str, input_size: int | None, strat, n: int, cache: di
             size = bb.preprocessing.size
             x = torch.rand(key[3], 3, *((size, size) if isinstance(size, int) else size))
             task = EpisodeTask(n_way=2, support_y=(torch.arange(key[3]) % 2).numpy(), seed=0, support_x=x,
-                               query_x=x[:2], backbone=lambda: bb)
+                               query_x=x[:2], unlabelled_x=x, backbone=lambda: bb)
             run = strat.start_episode(task)
             run.advance(1)
             t0 = time.perf_counter()
@@ -50,9 +50,13 @@ def estimate(cfg, todo: list, cores: int | None = None) -> dict:
         cands = [entry.build(p) for p in entry.candidates()]
         n_way = cfg.n_way or 10
         test_eps += cfg.episodes
-        val_eps += cfg.val_episodes * len(cands)  # every cell scores on validation episodes
+        # every cell scores on validation episodes (a feature cell on its own, larger number); a searched
+        # entry first scores each candidate on as many selection episodes
+        val = getattr(cfg, "feature_val_episodes", cfg.val_episodes) if cands[0].uses_embeddings else cfg.val_episodes
+        select = cfg.val_episodes if len(cands) > 1 else 0
+        val_eps += val + select * len(cands)
         for s in cands:
-            eps = cfg.val_episodes + (cfg.episodes if s is cands[0] else 0)
+            eps = select + (cfg.episodes + val if s is cands[0] else 0)  # the chosen one, as costly as the first
             if s.uses_embeddings:
                 total_s += eps * FEATURE_EPISODE_S
             else:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tl.choice import Choice, choose, paired_on, winners_curse
+from tl.choice import TIE_MARGIN, Choice, choose, paired_on, winners_curse
 from tl.config import config_hash
 from tl.stats import LEVEL, ci_half_width, holm, t_quantile
 
@@ -54,14 +54,16 @@ def _disagreement(c: Choice) -> str:
             f"points below {c.val_winner} there; more validation episodes (`val_episodes`) would tell them apart")
 
 
-def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_split: str = "adapt") -> str:
+def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_split: str = "adapt",
+                            margin: float = TIE_MARGIN) -> str:
     """The top of summary.md: what to use per (target, shots), why, and how it did on test."""
     ci = summary.set_index(["target", "shots", "strategy"])["ci95"]
     lines = ["## Recommendation", "",
              f"Chosen on validation episodes of the `{val_split}` split (never on the test episodes below), "
-             "then confirmed on the test episodes. Strategies whose paired validation difference to the "
-             "validation winner includes 0 are tied with it; among them the cheapest (seconds per episode) "
-             "is recommended.", "",
+             "then confirmed on the test episodes. A strategy is tied with the validation winner when the paired "
+             f"95% interval of their validation difference lies within ±{100 * margin:g} points (practical "
+             "equivalence); among the tied strategies the cheapest by its training per episode (a fixed cost, not "
+             "a timing) is recommended.", "",
              "| target | shots | recommended | test accuracy ± 95% CI | validation accuracy | validation winner "
              "| tied on validation | test: Δ to the test-best ± 95% CI | why |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -213,12 +215,14 @@ def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tu
     """rows.parquet, summary.csv, summary.md, accuracy_vs_shots.png and accuracy_vs_cost.png."""
     summary = summarize(rows)
     summary.insert(3, "setting", summary["strategy"].map(settings(rows)))
-    choices = choose(rows)
+    config = json.loads(rows["config"].iloc[0]) if "config" in rows else {}
+    margin = float(config.get("tie_margin", TIE_MARGIN))
+    choices = choose(rows, margin)
     rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
-    val_split = json.loads(rows["config"].iloc[0]).get("val_split", "adapt") if "config" in rows else "adapt"
+    val_split = config.get("val_split", "adapt")
     unlabelled = unlabelled_markdown(rows, val_split)
-    (output / "summary.md").write_text(recommendation_markdown(choices, summary, val_split) + "\n"
+    (output / "summary.md").write_text(recommendation_markdown(choices, summary, val_split, margin) + "\n"
                                        + (unlabelled + "\n" if unlabelled else "")
                                        + summary_markdown(summary, rows, note, choices))
     plot_accuracy_vs_shots(summary, output / "accuracy_vs_shots.png", title)
@@ -262,7 +266,7 @@ def best_entries(summary: pd.DataFrame, rows: pd.DataFrame, entries: dict, choic
             "episodes": int(t["episodes"]), "chosen_on_validation": json.loads(first["chosen"]),
             "val_accuracy": None if label not in c.val else round(float(c.val[label]), 4),
             "validation_winner": c.val_winner, "tied_on_validation": list(c.tied), "reason": c.reason,
-            "seconds_per_episode": round(float(c.cost[label]), 4), "test_best": c.test_best,
+            "episode_cost": round(float(c.cost[label]), 4), "test_best": c.test_best,
         }
     return best
 

@@ -26,6 +26,7 @@ import pandas as pd
 from ray import tune
 
 from tl.config import BackboneFields, EpisodeFields, config_hash, to_dict
+from tl.data.episodes import query_folds
 from tl.errors import ConfigError, TLError
 from tl.grid import TrialProgress
 from tl.data.spec import DataSpec, resolve
@@ -195,8 +196,9 @@ class SearchConfig(BackboneFields, EpisodeFields):
         return report_steps(self.max_steps, grace, self.reduction_factor)
 
 
-def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> None:
-    """One candidate: validation episodes advanced milestone by milestone, reported to Tune."""
+def _search_trial(config: dict, *, data, embeddings, weights, folds, fixed: dict) -> None:
+    """One candidate: validation episodes advanced milestone by milestone, reported to Tune.
+    ``weights``/``embeddings``: one, or ``{fold: ...}`` per validation fold (``bn_stats: target``)."""
     import torch
 
     from tl.evaluate import staged_accuracy
@@ -207,26 +209,40 @@ def _search_trial(config: dict, *, data, embeddings, weights, fixed: dict) -> No
     strat = make_strategy(fixed["strategy"], params)
     if strat.budget_key:
         strat = make_strategy(fixed["strategy"], {**params, strat.budget_key: fixed["max_steps"]})
-    backbone = None if strat.uses_embeddings else make_backbone(fixed["backbone"], weights, fixed["input_size"])
+    if strat.uses_embeddings:
+        backbone = None
+    elif isinstance(weights, dict):
+        backbone = {f: make_backbone(fixed["backbone"], w, fixed["input_size"]) for f, w in weights.items()}
+    else:
+        backbone = make_backbone(fixed["backbone"], weights, fixed["input_size"])
     episodes = fixed["val_episodes"]
 
+    pool = {"images": 0}
+
     def report(steps: int, acc: float) -> None:
-        tune.report({"val_accuracy": acc, "steps": steps, "trial_steps": steps * episodes, "failed": ""})
+        tune.report({"val_accuracy": acc, "steps": steps, "trial_steps": steps * episodes, "pool": pool["images"],
+                     "failed": ""})
 
     try:
+        # a strategy that uses the target's unlabelled pool gets it, as in the test phase: the validation
+        # split, less each episode's own queries (tl.evaluate.episodes)
         staged_accuracy(strat, data, shots=fixed["shots"], queries=fixed["queries"], episodes=episodes,
                         seed=fixed["seed"], report_steps=fixed["milestones"], n_way=fixed["n_way"],
-                        backbone=backbone, embeddings=embeddings, on_report=report)
+                        backbone=backbone, embeddings=embeddings, unlabelled=data if strat.uses_pool else None,
+                        folds=folds,
+                        on_report=report, on_pool=lambda n: pool.update(images=n))
     except TLError as exc:
         # a candidate that diverges is a result (the worst one), not a crash that Tune retries
-        tune.report({"val_accuracy": 0.0, "steps": fixed["max_steps"], "trial_steps": 0, "failed": str(exc)})
+        tune.report({"val_accuracy": 0.0, "steps": fixed["max_steps"], "trial_steps": 0, "pool": pool["images"],
+                     "failed": str(exc)})
 
 
 def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", output: Path,
                log: Callable[[str], None] = print) -> "SearchResult":
     """Search on validation episodes, then evaluate the chosen candidate on test episodes.
 
-    Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached),
+    Writes ``trials.csv`` (every candidate: its values, validation accuracy, steps reached, and the
+    unlabelled pool images each of its episodes got at least: 0 for a strategy that uses none),
     ``best.yaml``, and the test ``rows.parquet``/``summary.md``/``accuracy_vs_shots.png`` to ``output``.
     """
     from tl.data.spec import check_files_of, check_target, load_target
@@ -250,19 +266,32 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     if "bn_stats" in cfg.space:
         raise ConfigError("config key 'space.bn_stats': bn_stats cannot be searched (each value needs its own "
                           "embeddings and backbone): run one search per value")
-    if strat0.bn_stats == "target":  # every candidate starts from (or embeds with) the target's statistics
+    # validation episodes take each episode's queries from one fold of the split (tl.data.episodes.query_folds)
+    folds = query_folds(val.labels)
+    # candidates of bn_stats target start from (or embed with) the target's statistics: on the validation
+    # episodes those estimated without the episode's fold, on the test episodes those of the whole split
+    trial_weights: "str | None | dict[int, str | None]" = weights
+    if strat0.bn_stats == "target":
         from tl.embeddings import target_statistics
 
         run_weights = target_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
+        trial_weights = {int(f): target_statistics(cfg.backbone, weights, cfg.input_size,
+                                                   val.subset(folds != f, name=f"{val.name} without fold {f}"),
+                                                   storage / "cache", log)
+                         for f in np.unique(folds[folds >= 0])}
     else:
         run_weights = weights
     val_emb = test_emb = None
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus()) if strat0.budget_key else 0.0  # trained candidates only
     if strat0.uses_embeddings:
-        ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=run_weights, input_size=cfg.input_size,
-                                      cpus_per_actor=min(1.0, cfg.cpus_per_trial))
-        val_emb = extract(val, ecfg, storage / "cache", log).vectors
-        test_emb = extract(test, ecfg, storage / "cache", log).vectors
+        def vectors(w, split):
+            ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=w, input_size=cfg.input_size,
+                                          cpus_per_actor=min(1.0, cfg.cpus_per_trial))
+            return extract(split, ecfg, storage / "cache", log).vectors
+
+        val_emb = ({f: vectors(w, val) for f, w in trial_weights.items()} if isinstance(trial_weights, dict)
+                   else vectors(weights, val))
+        test_emb = vectors(run_weights, test)
     trained = bool(strat0.budget_key)
     milestones = cfg.milestones() if trained else [cfg.max_steps]
     fixed = {"strategy": cfg.strategy, "params": dict(cfg.params), "keys": sorted(cfg.space), "backbone": cfg.backbone,
@@ -281,10 +310,14 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
             search_alg = OptunaSearch(seed=cfg.seed)
         except (ImportError, AssertionError) as exc:
             raise ConfigError("config key 'search_alg': optuna is not installed (pip install 'tl[optuna]')") from exc
-    name = f"{cfg.experiment}-{config_hash({**to_dict(cfg), 'weights': weights_identity(cfg.weights)}, 8)}"
+    # protocol 2: candidates that use the target's pool get it, on the validation stream of episodes;
+    # a search of the former protocol is not resumed into this one
+    name = (f"{cfg.experiment}-"
+            f"{config_hash({**to_dict(cfg), 'weights': weights_identity(cfg.weights), 'protocol': 2}, 8)}")
     path = storage / "tune" / name
     trainable = tune.with_resources(
-        tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=run_weights, fixed=fixed),
+        tune.with_parameters(_search_trial, data=val, embeddings=val_emb, weights=trial_weights, folds=folds,
+                             fixed=fixed),
         {"cpu": cfg.cpus_per_trial if trained else min(cfg.cpus_per_trial, 0.25), "gpu": gpu})
     n_grid = int(np.prod([len(_space_spec(k, v)[1]) for k, v in cfg.space.items()
                           if _space_spec(k, v)[0] == "grid"] or [1]))
@@ -316,11 +349,12 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     for res in grid:
         if res.error is not None or res.metrics is None or "val_accuracy" not in res.metrics:
             trials.append({**candidate(res.config, cfg.space), "val_accuracy": float("nan"),
-                           "steps": 0, "trial_steps": 0, "failed": str(res.error).splitlines()[0] or "error"})
+                           "steps": 0, "trial_steps": 0, "pool": 0, "failed": str(res.error).splitlines()[0] or "error"})
             continue
         m = res.metrics
         trials.append({**candidate(res.config, cfg.space), "val_accuracy": m["val_accuracy"],
-                       "steps": m["steps"], "trial_steps": m["trial_steps"], "failed": m.get("failed", "")})
+                       "steps": m["steps"], "trial_steps": m["trial_steps"], "pool": int(m.get("pool", 0)),
+                       "failed": m.get("failed", "")})
     ok = [t for t in trials if not t["failed"] and not math.isnan(t["val_accuracy"])]
     if not ok:
         raise TLError("every search candidate failed:\n" + "\n".join(str(t["failed"]) for t in trials))
@@ -366,7 +400,7 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
     """The chosen candidate on the test episodes: one cell of the grid engine (kept, so a rerun
     of the same search reuses it). ``weights``: those the candidates ran with (target statistics
     for ``bn_stats: target``)."""
-    from tl.evaluate import run_cell
+    from tl.evaluate import CellInputs, EpisodeSettings, run_cell
     from tl.grid import Cell, CellStore, run_cells, stamp
     from tl.pretrain import weights_identity
     from tl.strategies import StrategyEntry
@@ -384,11 +418,12 @@ def _test_phase(cfg: SearchConfig, params: dict, weights: str | None, data: dict
                      cpu=min(1.0, cfg.cpus_per_trial), gpu=gpu)
     store = CellStore(storage / "runs" / cfg.experiment / "cells")
     bn = entry.build().bn_stats
-    shared = {"data": {cfg.target_name: data}, "embeddings": {cfg.target_name: {bn: {"test": test_emb}}}, "weights": weights,
-              "target_weights": {cfg.target_name: weights},
-              "fixed": {"backbone": cfg.backbone, "input_size": cfg.input_size, "queries": cfg.queries,
-                        "n_way": cfg.n_way, "episodes": cfg.test_episodes, "val_episodes": cfg.val_episodes,
-                        "validate": False}}  # the search itself was the validation
+    settings = EpisodeSettings(backbone=cfg.backbone, input_size=cfg.input_size, queries=cfg.queries, n_way=cfg.n_way,
+                               episodes=cfg.test_episodes, val_episodes=cfg.val_episodes,
+                               validate=False)  # the search itself was the validation
+    shared = {"inputs": CellInputs(data={cfg.target_name: data}, settings=settings, weights=weights,
+                                   embeddings={cfg.target_name: {bn: {"test": test_emb}}},
+                                   target_weights={cfg.target_name: weights})}
     res = run_cells([cell], store, run_cell, shared=shared, what="search", storage=storage, log=log,
                     experiment=f"{cfg.experiment}-test")
     if res.failed or res.unfinished:

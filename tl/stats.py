@@ -48,6 +48,11 @@ class Paired:
         """The interval includes zero (or there are too few episodes to have one)."""
         return not (self.n >= 2 and abs(self.mean) > self.ci)
 
+    def equivalent(self, margin: float) -> bool:
+        """Practically equivalent: the whole interval lies within ``± margin`` (two one-sided tests,
+        Schuirmann 1987); never with fewer than two episodes."""
+        return self.n >= 2 and bool(np.isfinite(self.ci)) and abs(self.mean) + self.ci <= margin
+
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Paired:
     """The paired comparison of two strategies' accuracies on the same episodes, in the same order."""

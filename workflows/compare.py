@@ -12,6 +12,7 @@ import os
 from workflows import _cli
 
 SMOKE = {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5], "episodes": 3, "val_episodes": 2,
+         "feature_val_episodes": 10,
          "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
                         {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}},
                         {"strategy": "bd_cspn", "label": "bd_cspn_tbn", "params": {"bn_stats": "target"}}]}
@@ -44,7 +45,7 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
         base |= smoke
     cfg = load_config(CompareConfig, args.config, args.overrides, base=base)
     if args.check:
-        return _cli.checked(cfg)
+        return _cli.checked(cfg, check_targets(cfg))
     storage = resolve_storage(args.storage)
     output = args.output or f"results/{cfg.experiment}"
     if args.dry_run:
@@ -58,6 +59,24 @@ def main(prog: str = "compare", description: str = "Compare transfer strategies 
     print(f"rows: {where / 'rows.parquet'}\nsummary: {where / 'summary.md'}\nbest: {where / 'best.yaml'}\n"
           f"plot: {where / 'accuracy_vs_shots.png'}")
     return out.exit_status
+
+
+def check_targets(cfg) -> list[str]:
+    """``--check``'s look at the user's targets, without running anything (no Ray, no image decoded):
+    each folder, manifest or Parquet file listed, refused with fewer than two classes, and each class
+    checked to have images for the largest shot count and a query, as a run checks them first.
+    Returns notes on the data it could not list (not on this machine, in a bucket)."""
+    from tl.data.spec import check_listing, check_target, load_target
+
+    notes = []
+    for t in cfg.targets:
+        spec = cfg.spec(t)
+        got = check_listing(t, spec, f"data.{t}")
+        if isinstance(got, str):
+            notes.append(got)
+        elif got is not None:
+            check_target(load_target(t, spec, cfg.test_split, cfg.val_split, lazy=True), t, max(cfg.shots))
+    return notes
 
 
 if __name__ == "__main__":

@@ -87,6 +87,11 @@ class AdaptStrategy(TrainedStrategy):
             raise ConfigError(f"strategy '{self.name}': target_batch_size, source_batch_size and max_source must be "
                               f"at least 1 and weight >= 0")
 
+    @property
+    def uses_pool(self) -> bool:
+        """Trains on the pool, or is scored with its BatchNorm statistics (``target_statistics``)."""
+        return self.needs_target or self.target_statistics or self.bn_stats == "target"
+
     # --- what each strategy adds --------------------------------------------------------------
     def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment | None:
         return None
@@ -172,6 +177,11 @@ class AdaptEpisodeRun(EpisodeRun):
                                   f"image a label in 0..{task.n_way - 1}, or -1 (a class the episode does not have)")
             keep = torch.randperm(len(task.source_x), generator=gen)[: strategy.max_source]
             xs, ys = task.source_x[keep], torch.as_tensor(sy, dtype=torch.long)[keep]
+        if task.unlabelled_x is None and (strategy.target_statistics or (strategy.needs_target and xs is None)):
+            # without a pool DANN would align the labelled batch with itself and AdaBN score with the
+            # source's statistics: another algorithm than the one named, so it is an error, not a fallback
+            raise ConfigError(f"strategy '{strategy.name}' uses the target's unlabelled pool, and this episode was "
+                              f"given none (an engine that runs it must hand it the pool: Strategy.uses_pool)")
         pool = task.unlabelled_x if strategy.needs_target or strategy.target_statistics else None
         super().__init__(strategy, task, {"pool": pool, "source": xs})
         self.second = _episode_stream(self.extra["pool"] if strategy.needs_target else None, self.extra["source"], ys,

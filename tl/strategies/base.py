@@ -73,6 +73,13 @@ class Strategy:
             raise ConfigError(f"strategy '{self.name}': bn_stats must be one of {BN_STATS}, got '{self.bn_stats}'")
 
     @property
+    def uses_pool(self) -> bool:
+        """Whether the strategy needs the target's unlabelled pool: it trains on it (``needs_target``)
+        or its BatchNorm statistics are the pool's (``bn_stats: target``; an adaptation strategy's
+        ``target_statistics``). The one property every engine hands the pool by."""
+        return self.needs_target or self.bn_stats == "target"
+
+    @property
     def setting(self) -> str:
         """What of the target's unlabelled images it uses: ``inductive`` (none), ``target statistics``
         (the pool, through BatchNorm statistics) or ``transductive`` (the episode's queries too)."""
