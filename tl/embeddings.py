@@ -300,8 +300,8 @@ def target_statistics(backbone: str, weights: str | None, input_size: int | None
                       max_images: int = MAX_STATS_IMAGES) -> str | None:
     """Weights of ``backbone`` whose BatchNorm running statistics are re-estimated on the unlabelled
     images of ``pool`` (AdaBN, Li et al. 2016; ``tl.nn.reestimate_batchnorm``): what a strategy with
-    ``bn_stats: target`` embeds with or starts from. Only labels-free pixels are read, decoded 256 at
-    a time (never the whole pool in memory); at most ``max_images`` of them, a seeded sample. The file
+    ``bn_stats: target`` embeds with or starts from. Only labels-free pixels are read: at most
+    ``max_images`` of them, a seeded sample, decoded once and held during the exact estimate. The file
     is cached under ``<cache>/bn_stats/<key>.safetensors``, keyed by the source weights' digest, the
     input size and the pool's fingerprint, so the embedding cache keyed on these weights is
     content-addressed too. A backbone without BatchNorm gets its own weights back."""

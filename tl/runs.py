@@ -37,6 +37,7 @@ from tl.data import ImageSet
 from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, load_data, part, resolve
 from tl.errors import ConfigError, DataError
 from tl.models import Classifier, input_size_of, make_backbone, save_weights
+from tl.nn import ReplayBatches
 from tl.nn.scores import information_maximization, soft_neighborhood_density
 from tl.pretrain import resolve_weights, weights_identity
 from tl.runtime import provenance, torch_threads
@@ -276,7 +277,9 @@ def _worker(c: dict) -> None:
         scored = ray_train.unwrap(model)
         if rank == 0:
             if isinstance(strategy, AdaptStrategy) and "target_pool" in shards:  # AdaBN: target BatchNorm statistics
-                pool = (b["image"] for b in shards["target_pool"].iter_torch_batches(batch_size=256))
+                # read again for each BatchNorm step of the exact estimate, never held whole on the device
+                target_pool = shards["target_pool"]
+                pool = ReplayBatches(lambda: (b["image"] for b in target_pool.iter_torch_batches(batch_size=256)))
                 scored = strategy.scoring_model(scored, pool, device)
             metrics.update(evaluate_checkpoint(scored, shards, device))
             history.append(metrics)
