@@ -103,11 +103,13 @@ class PretrainConfig:
     def data_name(self) -> str:
         return resolve(self.data, "data")[0]
 
-    def key(self) -> str:
-        """Identity of the trained weights: everything but where it runs, and the ``PROTOCOL``."""
+    def key(self, protocol: int = PROTOCOL) -> str:
+        """Identity of the trained weights: everything but where it runs, and the ``PROTOCOL``
+        (``protocol=1``: the key the same config had before, which result files may still name)."""
         ident = {k: v for k, v in to_dict(self).items() if k not in ("workers", "use_gpu")
                  and not (k in NEWER_DEFAULTS and v == NEWER_DEFAULTS[k])}
-        ident["protocol"] = PROTOCOL
+        if protocol > 1:
+            ident["protocol"] = protocol
         return f"{self.backbone}-{self.data_name.replace(':', '_')}-{config_hash(ident)}"
 
 
@@ -379,7 +381,10 @@ def resolve_reference(ref: dict, backbone: str, storage: "str | os.PathLike | Lo
         if not (path / META_FILE).is_file():
             # a default backbone of any recipe (a best.yaml made when ``pretrained`` meant ``shift``
             # names that key): pretrain it here with that recipe
-            known = {PretrainConfig(backbone=backbone, augment=r).key(): r for r in SOURCE_AUGMENTS}
+            # (a key of the former protocol too: a best.yaml written before pretraining was reproducible
+            # names the recipe, which is pretrained here as this code makes it; its sha256 differs and is said)
+            known = {PretrainConfig(backbone=backbone, augment=r).key(v): r
+                     for r in SOURCE_AUGMENTS for v in (1, PROTOCOL)}
             if key not in known:
                 default = PretrainConfig(backbone=backbone, **_recipe(str(source))).key()
                 raise ConfigError(f"weights_key '{key}': no such pretrained backbone in {storage / 'backbones'} "
