@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import yaml
 
 from tl.config import BackboneFields, EpisodeFields, to_dict
@@ -253,8 +252,7 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     the validation episodes, the same estimated without each validation fold (so a validation
     episode's queries are never among the images its statistics came from); cached embeddings under
     the statistics each feature cell uses; and the episode settings."""
-    from tl.data.episodes import query_folds
-    from tl.embeddings import EmbedConfig, extract, target_statistics
+    from tl.embeddings import EmbedConfig, extract, fold_statistics, target_statistics
 
     cache = Location.of(storage) / "cache"
     targets = sorted({c.spec["target"] for c in todo})
@@ -268,11 +266,7 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
             raise ConfigError(f"bn_stats: target needs unlabelled images of target '{t}', and it has no "
                               f"'{cfg.val_split}' split (split none): use split halves")
         target_weights[t] = target_statistics(cfg.backbone, weights, cfg.input_size, val, cache, log)
-        folds = query_folds(val.labels)
-        fold_weights[t] = {int(f): target_statistics(cfg.backbone, weights, cfg.input_size,
-                                                     val.subset(folds != f, name=f"{val.name} without fold {f}"),
-                                                     cache, log)
-                           for f in np.unique(folds[folds >= 0])}
+        fold_weights[t] = fold_statistics(cfg.backbone, weights, cfg.input_size, val, cache, log)
     embeddings: dict = {}
     for t, bn in sorted({(t, s.bn_stats) for t, s in built if s.uses_embeddings}):
         def vectors(w: str | None, split: str):

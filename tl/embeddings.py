@@ -337,6 +337,19 @@ def target_statistics(backbone: str, weights: str | None, input_size: int | None
     return str(where)
 
 
+def fold_statistics(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
+                    cache_root: "str | Location", log: Callable[[str], None] = print) -> dict[int, str | None]:
+    """``target_statistics`` estimated without each validation fold of ``pool``
+    (``tl.data.episodes.query_folds``), ``{fold: weights}``: they score the validation episodes whose
+    queries come from that fold, so no query is among the images its statistics came from."""
+    from tl.data.episodes import query_folds
+
+    folds = query_folds(pool.labels)
+    return {int(f): target_statistics(backbone, weights, input_size,
+                                      pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
+            for f in np.unique(folds[folds >= 0])}
+
+
 def pool_rows(pool: ImageSet, max_images: int = MAX_STATS_IMAGES) -> np.ndarray:
     """The rows of an unlabelled pool that estimate its statistics: all, or a seeded sample."""
     rows = np.arange(len(pool))

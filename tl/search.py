@@ -272,13 +272,10 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     # episodes those estimated without the episode's fold, on the test episodes those of the whole split
     trial_weights: "str | None | dict[int, str | None]" = weights
     if strat0.bn_stats == "target":
-        from tl.embeddings import target_statistics
+        from tl.embeddings import fold_statistics, target_statistics
 
         run_weights = target_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
-        trial_weights = {int(f): target_statistics(cfg.backbone, weights, cfg.input_size,
-                                                   val.subset(folds != f, name=f"{val.name} without fold {f}"),
-                                                   storage / "cache", log)
-                         for f in np.unique(folds[folds >= 0])}
+        trial_weights = fold_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
     else:
         run_weights = weights
     val_emb = test_emb = None
