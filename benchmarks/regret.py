@@ -29,7 +29,7 @@ SMOKE = {"experiment": "regret-smoke", "targets": ["optdigits"], "shots": [1], "
          "feature_val_episodes": 10,
          "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
                         {"strategy": "finetune", "params": {"steps": 5}, "search": {"frozen": [3, 4]}},
-                        {"strategy": "prototype", "label": "prototype_tbn", "params": {"bn_stats": "target"}}]}
+                        {"strategy": "prototype", "label": "prototype_bn_target", "params": {"bn_stats": "target"}}]}
 
 
 def main() -> int:

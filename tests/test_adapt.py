@@ -190,7 +190,7 @@ def _layers_before(model, bn):
     return torch.nn.Sequential(*mods).eval()
 
 
-def test_adabn_episode_predicts_under_target_statistics_and_trains_like_source_only():
+def test_adabn_episode_predicts_under_target_bn_stats_and_trains_like_source_only():
     task, ep = _episode_task(with_source=False)
     a = make_strategy("adabn", {"steps": 3}).start_episode(task)
     b = make_strategy("source_only", {"steps": 3}).start_episode(task)
@@ -203,12 +203,17 @@ def test_adabn_episode_predicts_under_target_statistics_and_trains_like_source_o
     assert pa.shape == b.predict().shape
 
 
-def test_any_adaptation_method_can_be_scored_with_target_statistics():
-    """``target_statistics`` (AdaBN's scoring) is an option of every method: the scored model is a
-    copy with the pool's BatchNorm statistics and the same weights; without it, the model itself."""
+def test_any_adaptation_method_can_be_scored_with_target_bn_stats():
+    """``bn_stats: target`` (AdaBN's scoring) is an option of every method: the scored model is a
+    copy with the pool's BatchNorm statistics and the same weights; without it, the model itself.
+    It is re-estimated after training, never handed as the starting weights; the former key
+    ``target_statistics`` is refused with the one that replaced it."""
     bb, _, _, xt = _data()
-    plain, tbn = make_strategy("dann"), make_strategy("dann", {"target_statistics": True})
-    assert not plain.target_statistics and make_strategy("adabn").target_statistics
+    plain, tbn = make_strategy("dann"), make_strategy("dann", {"bn_stats": "target"})
+    assert plain.bn_stats == "source" and make_strategy("adabn").bn_stats == "target"
+    assert tbn.uses_pool and tbn.bn_stats_at_start == "source" and tbn.setting == "bn_stats: target"
+    with pytest.raises(ConfigError, match="strategies.dann.target_statistics' was renamed: write 'bn_stats: target'"):
+        make_strategy("dann", {"target_statistics": True})
     model = tbn.prepare(bb, 10)
     assert plain.scoring_model(model, [xt], "cpu") is model
     scored = tbn.scoring_model(model, [xt], "cpu")

@@ -188,7 +188,7 @@ def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
     rows = pd.read_parquet(out / "rows.parquet")
     cells = rows.groupby(["target", "shots", "seed", "strategy"])
     assert cells.ngroups == 8 and len(rows) == 8 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
-    # the smoke grid's bd_cspn_tbn embeds with target statistics, made once on the job's storage: from the whole
+    # the smoke grid's bd_cspn_bn_target embeds with target statistics, made once on the job's storage: from the whole
     # adapt split (test episodes) and without each of its 2 validation folds (validation episodes)
     assert len(list((storage / "cache" / "bn_stats").iterdir())) == 3
     nodes = {n["node_id"] for n in cluster["nodes"]}
@@ -231,7 +231,7 @@ def test_job_survives_a_killed_worker_node(cluster, pretrained):
     local = _local()
     storage = Path(cluster["storage"]) / "kill"
     out = storage / "out"
-    # the smoke test's first three entries (its bd_cspn_tbn cells end too quickly to be caught running),
+    # the smoke test's first three entries (its bd_cspn_bn_target cells end too quickly to be caught running),
     # a little bigger (9 cells, 6 episodes each) so the kill lands mid-run
     argv = ["python", "-m", "workflows.compare", "--smoke-test", "--set", "experiment=compare-kill",
             "--set", "strategies=[{strategy: prototype}, {strategy: logistic}, "

@@ -14,7 +14,7 @@ import torch
 from tl.compare import CompareConfig, run_compare
 from tl.config import load_config
 from tl.data import load_embedded
-from tl.embeddings import target_statistics
+from tl.embeddings import target_bn_stats
 from tl.errors import ConfigError
 from tl.export import ExportConfig, export
 from tl.model_file import load_model
@@ -31,7 +31,7 @@ def _state(weights: str) -> dict[str, torch.Tensor]:
 
 def test_target_statistics_change_only_batchnorm_statistics_and_never_read_a_label(pretrained, tmp_path):
     pool = load_embedded("optdigits").split("adapt")
-    path = target_statistics("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET)
+    path = target_bn_stats("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET)
     assert path.startswith(str(tmp_path / "cache" / "bn_stats"))
     source, target = _state(pretrained), _state(path)
     assert source.keys() == target.keys()
@@ -46,11 +46,11 @@ def test_target_statistics_change_only_batchnorm_statistics_and_never_read_a_lab
     unlabelled = dataclasses.replace(pool, labels=np.full(len(pool), -1), _fingerprint=None)
     shuffled = dataclasses.replace(pool, labels=np.random.default_rng(0).permutation(pool.labels), _fingerprint=None)
     for other in (unlabelled, shuffled):
-        again = _state(target_statistics("digits_cnn", pretrained, None, other, tmp_path / "cache", QUIET))
+        again = _state(target_bn_stats("digits_cnn", pretrained, None, other, tmp_path / "cache", QUIET))
         assert all(torch.equal(again[k], target[k]) for k in stats)
     # cached: the second call for the same pool reads the file it wrote, and writes nothing
     written = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache" / "bn_stats").iterdir()}
-    assert target_statistics("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET) == path
+    assert target_bn_stats("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET) == path
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache" / "bn_stats").iterdir()} == written
 
 
@@ -100,7 +100,7 @@ def test_an_inductive_prediction_ignores_the_other_queries_and_a_transductive_on
 
 
 def test_bn_stats_is_checked_and_cannot_be_searched():
-    assert make_strategy("finetune", {"bn_stats": "target"}).setting == "target statistics"
+    assert make_strategy("finetune", {"bn_stats": "target"}).setting == "bn_stats: target"
     assert make_strategy("dann").setting == "inductive"
     with pytest.raises(ConfigError, match="bn_stats must be one of"):
         make_strategy("prototype", {"bn_stats": "test"})
@@ -115,11 +115,11 @@ def test_a_comparison_with_target_statistics_and_transduction(ray_local, pretrai
     names every row's setting and summary.md pairs each option with its plain counterpart."""
     base = {"experiment": "tbn", "targets": ["optdigits"], "shots": [1], "episodes": 3, "val_episodes": 1,
             "queries": 5, "strategies": [
-                {"strategy": "prototype"}, {"strategy": "prototype", "label": "prototype_tbn",
+                {"strategy": "prototype"}, {"strategy": "prototype", "label": "prototype_bn_target",
                                             "params": {"bn_stats": "target"}},
-                {"strategy": "bd_cspn", "label": "bd_cspn_tbn", "params": {"bn_stats": "target"}},
+                {"strategy": "bd_cspn", "label": "bd_cspn_bn_target", "params": {"bn_stats": "target"}},
                 {"strategy": "finetune", "params": {"frozen": 3, "steps": 3}},
-                {"strategy": "finetune", "label": "finetune_tbn", "params": {"frozen": 3, "steps": 3,
+                {"strategy": "finetune", "label": "finetune_bn_target", "params": {"frozen": 3, "steps": 3,
                                                                             "bn_stats": "target"}}]}
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=base)
     out = run_compare(cfg, tmp_path / "home", tmp_path / "out", QUIET)
@@ -128,17 +128,17 @@ def test_a_comparison_with_target_statistics_and_transduction(ray_local, pretrai
     assert len(list((tmp_path / "home" / "cache" / "bn_stats").iterdir())) == 3
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("strategy")
     assert summary["setting"].to_dict() == {
-        "prototype": "inductive", "finetune_k3": "inductive", "prototype_tbn": "target statistics",
-        "finetune_tbn": "target statistics", "bd_cspn_tbn": "transductive"}
+        "prototype": "inductive", "finetune_k3": "inductive", "prototype_bn_target": "bn_stats: target",
+        "finetune_bn_target": "bn_stats: target", "bd_cspn_bn_target": "transductive"}
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     params = rows.groupby("strategy")["params"].first().map(json.loads)
-    assert params["finetune_tbn"]["bn_stats"] == "target" and params["finetune_k3"]["bn_stats"] == "source"
+    assert params["finetune_bn_target"]["bn_stats"] == "target" and params["finetune_k3"]["bn_stats"] == "source"
     text = (tmp_path / "out" / "summary.md").read_text()
     section = text[text.index("## What the unlabelled target images add"):text.index("Few-shot evaluation")]
     table = [line for line in section.splitlines() if line.startswith("| optdigits")]
     assert sorted(line.split(" | ")[2:5] for line in table) == [
-        ["bd_cspn_tbn", "transductive", "prototype_tbn"], ["finetune_tbn", "target statistics", "finetune_k3"],
-        ["prototype_tbn", "target statistics", "prototype"]]
+        ["bd_cspn_bn_target", "transductive", "prototype_bn_target"], ["finetune_bn_target", "bn_stats: target", "finetune_k3"],
+        ["prototype_bn_target", "bn_stats: target", "prototype"]]
 
 
 def test_export_with_target_statistics_and_transduction(pretrained, tmp_path):
@@ -150,7 +150,7 @@ def test_export_with_target_statistics_and_transduction(pretrained, tmp_path):
     model, _, _ = load_model(tmp_path / "model")
     exported = model.backbone.state_dict()
     pool = load_embedded("optdigits").split("adapt")
-    target = _state(target_statistics("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET))
+    target = _state(target_bn_stats("digits_cnn", pretrained, None, pool, tmp_path / "cache", QUIET))
     source = _state(pretrained)
     for k in target:
         if k.endswith(("running_mean", "running_var")):
@@ -228,7 +228,7 @@ def test_validation_queries_never_estimate_the_statistics_that_score_them(ray_lo
 
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base={
         "targets": ["optdigits"], "shots": [1], "episodes": 1, "feature_val_episodes": 4,
-        "strategies": [{"strategy": "prototype", "label": "prototype_tbn", "params": {"bn_stats": "target"}}]})
+        "strategies": [{"strategy": "prototype", "label": "prototype_bn_target", "params": {"bn_stats": "target"}}]})
     inputs = prepare(cfg, cells(cfg), pretrained, tmp_path / "home", QUIET)["inputs"]
     val = inputs.data["optdigits"]["val"]
     folds = query_folds(val.labels)

@@ -40,9 +40,9 @@ def _default_entries() -> tuple[StrategyEntry, ...]:
         StrategyEntry("prototype"), StrategyEntry("logistic"), StrategyEntry("linear_probe"),
         StrategyEntry("finetune", search={"frozen": [0, 1, 2, 3, 4]}),
         StrategyEntry("lp_ft"), StrategyEntry("scratch"), StrategyEntry("dann"),
-        StrategyEntry("prototype", label="prototype_tbn", params=target),
-        StrategyEntry("logistic", label="logistic_tbn", params=target),
-        StrategyEntry("bd_cspn"), StrategyEntry("bd_cspn", label="bd_cspn_tbn", params=target),
+        StrategyEntry("prototype", label="prototype_bn_target", params=target),
+        StrategyEntry("logistic", label="logistic_bn_target", params=target),
+        StrategyEntry("bd_cspn"), StrategyEntry("bd_cspn", label="bd_cspn_bn_target", params=target),
     )
 
 
@@ -112,7 +112,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
             raise ConfigError(f"config keys 'val_split' and 'test_split' are both '{self.test_split}': validation "
                               f"episodes must share no image with test episodes")
         check_labels(self.strategies)
-        with_target_statistics = self._target_statistics()
+        with_target_bn_stats = self._target_bn_stats()
         for name, src in self.data.items():
             src.check(f"data.{name}")
             searched = [e.name() for e in self.strategies if e.search]
@@ -120,16 +120,16 @@ class CompareConfig(BackboneFields, EpisodeFields):
                 raise ConfigError(
                     f"config key 'data.{name}.split' is none, so target '{name}' has no validation images; "
                     f"strategies {searched} search on validation episodes: use split: halves or drop the search")
-            if src.split == "none" and name in self.targets and with_target_statistics:
+            if src.split == "none" and name in self.targets and with_target_bn_stats:
                 raise ConfigError(
                     f"config key 'data.{name}.split' is none, so target '{name}' has no unlabelled images apart "
-                    f"from its test images; strategies {with_target_statistics} take bn_stats: target from "
+                    f"from its test images; strategies {with_target_bn_stats} take bn_stats: target from "
                     f"them: use split: halves")
         stages = num_stages(self.backbone)
         for e in self.strategies:
             e.check(stages)
 
-    def _target_statistics(self) -> list[str]:
+    def _target_bn_stats(self) -> list[str]:
         """The entries with ``bn_stats: target``."""
         return [e.name() for e in self.strategies if e.params.get("bn_stats") == "target"]
 
@@ -137,7 +137,7 @@ class CompareConfig(BackboneFields, EpisodeFields):
         """A user's data without a split rule: halves when a strategy searches (its validation
         episodes need images the test episodes never see) or takes target statistics (from images
         the test episodes never see), else every image for test episodes."""
-        return "halves" if any(e.search for e in self.strategies) or self._target_statistics() else "none"
+        return "halves" if any(e.search for e in self.strategies) or self._target_bn_stats() else "none"
 
     def spec(self, target: str) -> DataSpec | None:
         """The user's data of ``target`` with the defaults filled in (None: an embedded target)."""
@@ -252,7 +252,7 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     the validation episodes, the same estimated without each validation fold (so a validation
     episode's queries are never among the images its statistics came from); cached embeddings under
     the statistics each feature cell uses; and the episode settings."""
-    from tl.embeddings import EmbedConfig, extract, fold_statistics, target_statistics
+    from tl.embeddings import EmbedConfig, extract, fold_bn_stats, target_bn_stats
 
     cache = Location.of(storage) / "cache"
     targets = sorted({c.spec["target"] for c in todo})
@@ -260,13 +260,13 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     built = [(c.spec["target"], StrategyEntry(**c.spec["entry"]).build()) for c in todo]
     target_weights: dict = {}
     fold_weights: dict = {}
-    for t in sorted({t for t, s in built if s.bn_stats == "target"}):
+    for t in sorted({t for t, s in built if s.bn_stats_at_start == "target"}):
         val = data[t]["val"]
         if val is None:
             raise ConfigError(f"bn_stats: target needs unlabelled images of target '{t}', and it has no "
                               f"'{cfg.val_split}' split (split none): use split halves")
-        target_weights[t] = target_statistics(cfg.backbone, weights, cfg.input_size, val, cache, log)
-        fold_weights[t] = fold_statistics(cfg.backbone, weights, cfg.input_size, val, cache, log)
+        target_weights[t] = target_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, log)
+        fold_weights[t] = fold_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, log)
     embeddings: dict = {}
     for t, bn in sorted({(t, s.bn_stats) for t, s in built if s.uses_embeddings}):
         def vectors(w: str | None, split: str):

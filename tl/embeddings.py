@@ -295,7 +295,7 @@ def _to_matrix(col) -> np.ndarray:
 MAX_STATS_IMAGES = 2048
 
 
-def target_statistics(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
+def target_bn_stats(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
                       cache_root: "str | Location", log: Callable[[str], None] = print,
                       max_images: int = MAX_STATS_IMAGES) -> str | None:
     """Weights of ``backbone`` whose BatchNorm running statistics are re-estimated on the unlabelled
@@ -337,15 +337,15 @@ def target_statistics(backbone: str, weights: str | None, input_size: int | None
     return str(where)
 
 
-def fold_statistics(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
+def fold_bn_stats(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
                     cache_root: "str | Location", log: Callable[[str], None] = print) -> dict[int, str | None]:
-    """``target_statistics`` estimated without each validation fold of ``pool``
+    """``target_bn_stats`` estimated without each validation fold of ``pool``
     (``tl.data.episodes.query_folds``), ``{fold: weights}``: they score the validation episodes whose
     queries come from that fold, so no query is among the images its statistics came from."""
     from tl.data.episodes import query_folds
 
     folds = query_folds(pool.labels)
-    return {int(f): target_statistics(backbone, weights, input_size,
+    return {int(f): target_bn_stats(backbone, weights, input_size,
                                       pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
             for f in np.unique(folds[folds >= 0])}
 

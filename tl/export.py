@@ -343,7 +343,7 @@ def export(cfg: ExportConfig, storage: "str | os.PathLike | Location", output: "
     from tl.embeddings import pool_rows, reestimate_on
 
     pool = train  # the target's unlabelled images (the split the shots come from), for bn_stats and transduction
-    if strategy.bn_stats == "target":
+    if strategy.bn_stats_at_start == "target":
         seen = reestimate_on(backbone, pool, pool_rows(pool))
         log(f"[export] BatchNorm statistics re-estimated on {seen} unlabelled images of {train_info['data']} "
             f"(bn_stats: target)")

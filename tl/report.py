@@ -84,7 +84,7 @@ def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_sp
     return "\n".join(lines) + "\n"
 
 
-SETTINGS = ("inductive", "target statistics", "transductive")
+SETTINGS = ("inductive", "bn_stats: target", "transductive")
 
 
 def _strategy_of(method: str, params: str):
@@ -135,7 +135,7 @@ def counterparts(cell: pd.DataFrame, sets: dict[str, str] | None = None) -> dict
     for label, (method, bn, params) in info.items():
         if sets[label] == "transductive":
             match = [o for o, (m, b, _) in info.items() if m == "prototype" and b == bn]
-        elif sets[label] == "target statistics":
+        elif sets[label] == "bn_stats: target":
             match = [o for o, (m, b, p) in info.items() if m == method and b == "source" and p == params]
         else:
             continue

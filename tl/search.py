@@ -271,11 +271,11 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
     # candidates of bn_stats target start from (or embed with) the target's statistics: on the validation
     # episodes those estimated without the episode's fold, on the test episodes those of the whole split
     trial_weights: "str | None | dict[int, str | None]" = weights
-    if strat0.bn_stats == "target":
-        from tl.embeddings import fold_statistics, target_statistics
+    if strat0.bn_stats_at_start == "target":
+        from tl.embeddings import fold_bn_stats, target_bn_stats
 
-        run_weights = target_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
-        trial_weights = fold_statistics(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
+        run_weights = target_bn_stats(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
+        trial_weights = fold_bn_stats(cfg.backbone, weights, cfg.input_size, val, storage / "cache", log)
     else:
         run_weights = weights
     val_emb = test_emb = None

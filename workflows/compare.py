@@ -15,7 +15,7 @@ SMOKE = {"experiment": "compare-smoke", "targets": ["optdigits"], "shots": [1, 5
          "feature_val_episodes": 10,
          "strategies": [{"strategy": "prototype"}, {"strategy": "logistic"},
                         {"strategy": "finetune", "params": {"steps": 10}, "search": {"frozen": [3, 4]}},
-                        {"strategy": "bd_cspn", "label": "bd_cspn_tbn", "params": {"bn_stats": "target"}}]}
+                        {"strategy": "bd_cspn", "label": "bd_cspn_bn_target", "params": {"bn_stats": "target"}}]}
 
 
 def main(prog: str = "compare", description: str = "Compare transfer strategies (feature extraction, "

@@ -92,7 +92,7 @@ class _Cell:
         self.cands = [self.entry.build(p) for p in self.entry.candidates()]
         first = self.first = self.cands[0]
         weights = inputs.weights
-        if first.bn_stats == "target":
+        if first.bn_stats_at_start == "target":
             if self.target not in inputs.target_weights:
                 raise ConfigError(f"strategy '{self.label}': bn_stats target, but no target-statistics weights were "
                                   f"made for target '{self.target}'")
@@ -120,7 +120,7 @@ class _Cell:
         # target statistics are those estimated without that fold: no query is among their images
         folds = query_folds(val.labels)
         backbone = self.backbone
-        if self.first.bn_stats == "target":
+        if self.first.bn_stats_at_start == "target":
             if self.target not in self.inputs.fold_weights:
                 raise ConfigError(f"strategy '{self.label}': bn_stats target, but no per-fold target-statistics "
                                   f"weights were made for the validation episodes of target '{self.target}'")

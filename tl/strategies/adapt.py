@@ -48,9 +48,10 @@ class AdaptStrategy(TrainedStrategy):
     ``hidden``/``dropout``: the discriminator's hidden layers and dropout (adversarial strategies);
     ``discriminator_bn``: BatchNorm after each hidden layer of the discriminator (as the reference
     implementations' discriminator has it);
-    ``target_statistics``: scored (and exported) with every BatchNorm layer's statistics
-    re-estimated on the unlabelled target pool, as AdaBN does (Li et al. 2016), so a method's gain
-    can be read with and without them.
+    ``bn_stats``: ``target`` scores (and exports) the trained model with every BatchNorm layer's
+    statistics re-estimated on the unlabelled target pool, as AdaBN does (Li et al. 2016), so a
+    method's gain can be read with and without them (an adaptation strategy re-estimates them after
+    training, rather than starting from them: ``Strategy.bn_stats_at_start``).
 
     Without a target stream (a plain labelled loop) the labelled batch stands in as the target
     side: the two sides are one distribution, so the alignment term pushes nowhere and the
@@ -73,7 +74,6 @@ class AdaptStrategy(TrainedStrategy):
     hidden: tuple[int, ...] = (256, 256)
     dropout: float = 0.0
     discriminator_bn: bool = False
-    target_statistics: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,9 +88,10 @@ class AdaptStrategy(TrainedStrategy):
                               f"at least 1 and weight >= 0")
 
     @property
-    def uses_pool(self) -> bool:
-        """Trains on the pool, or is scored with its BatchNorm statistics (``target_statistics``)."""
-        return self.needs_target or self.target_statistics or self.bn_stats == "target"
+    def bn_stats_at_start(self) -> str:
+        """Always ``source``: with ``bn_stats: target`` the trained model's statistics are re-estimated
+        on the pool before it is scored (``scoring_model``), not taken from the weights it starts from."""
+        return "source"
 
     # --- what each strategy adds --------------------------------------------------------------
     def make_alignment(self, feature_dim: int, num_classes: int) -> Alignment | None:
@@ -150,9 +151,9 @@ class AdaptStrategy(TrainedStrategy):
         return AdaptEpisodeRun(self, task)
 
     def scoring_model(self, model: nn.Module, target_batches, device) -> nn.Module:
-        """The model to score: ``model`` itself, or (``target_statistics``) a copy whose BatchNorm
+        """The model to score: ``model`` itself, or (``bn_stats: target``) a copy whose BatchNorm
         statistics are re-estimated on ``target_batches`` (an iterable of unlabelled image tensors)."""
-        if not self.target_statistics:
+        if self.bn_stats != "target":
             return model
         import copy
 
@@ -177,24 +178,24 @@ class AdaptEpisodeRun(EpisodeRun):
                                   f"image a label in 0..{task.n_way - 1}, or -1 (a class the episode does not have)")
             keep = torch.randperm(len(task.source_x), generator=gen)[: strategy.max_source]
             xs, ys = task.source_x[keep], torch.as_tensor(sy, dtype=torch.long)[keep]
-        if task.unlabelled_x is None and (strategy.target_statistics or (strategy.needs_target and xs is None)):
+        if task.unlabelled_x is None and (strategy.bn_stats == "target" or (strategy.needs_target and xs is None)):
             # without a pool DANN would align the labelled batch with itself and AdaBN score with the
             # source's statistics: another algorithm than the one named, so it is an error, not a fallback
             raise ConfigError(f"strategy '{strategy.name}' uses the target's unlabelled pool, and this episode was "
                               f"given none (an engine that runs it must hand it the pool: Strategy.uses_pool)")
-        pool = task.unlabelled_x if strategy.needs_target or strategy.target_statistics else None
+        pool = task.unlabelled_x if strategy.uses_pool else None
         super().__init__(strategy, task, {"pool": pool, "source": xs})
         self.second = _episode_stream(self.extra["pool"] if strategy.needs_target else None, self.extra["source"], ys,
                                       strategy.target_batch_size, strategy.source_batch_size, gen)
         self.lr_scale = strategy.lr_scale
 
     def predict(self) -> np.ndarray:
-        """The queries' labels; with ``target_statistics``, under BatchNorm statistics re-estimated on
+        """The queries' labels; with ``bn_stats: target``, under BatchNorm statistics re-estimated on
         the pool (after the stages an episode runs once, when it froze some: those keep the source's)."""
         from tl.train.loop import predict
 
         pool = self.extra["pool"]
-        if not self.strategy.target_statistics or pool is None:
+        if self.strategy.bn_stats != "target" or pool is None:
             return super().predict()
         batches = (pool[i:i + 256] for i in range(0, len(pool), 256))
         return predict(self.strategy.scoring_model(self.model, batches, self.device), self.query)
@@ -250,7 +251,7 @@ class AdaBN(SourceOnly):
     The baseline that separates what BatchNorm statistics alone give from what alignment gives."""
 
     name = "adabn"
-    target_statistics: bool = True
+    bn_stats: str = "target"
 
 
 @dataclass(frozen=True)

@@ -46,16 +46,20 @@ class EpisodeTask:
 
 
 BN_STATS = ("source", "target")
+TARGET_SETTING = "bn_stats: target"  # the setting of a strategy scored with the pool's BatchNorm statistics
 
 
 @dataclass(frozen=True)
 class Strategy:
     """Base of every registered strategy; dataclass fields are its hyper-parameters.
 
-    ``bn_stats``: the BatchNorm running statistics of the backbone it starts from: ``source`` (as
+    ``bn_stats``: the BatchNorm running statistics the strategy is scored with: ``source`` (as
     pretrained) or ``target`` (re-estimated on the target's unlabelled pool, AdaBN's statistics, Li
-    et al. 2016: a feature strategy embeds with them, a trained one starts from them); the pool is
-    unlabelled images of the target, never an episode's labels (``tl.embeddings.target_statistics``).
+    et al. 2016: a feature strategy embeds with them, a fine-tuned one starts from them, an
+    adaptation strategy re-estimates them after training); the pool is unlabelled images of the
+    target, never an episode's labels (``tl.embeddings.target_bn_stats``). One name, ``bn_stats:
+    target``, for these statistics in config keys, code, the ``setting`` column and entry labels
+    (``<method>_bn_target`` in the default comparison).
     ``transductive`` strategies also read the episode's unlabelled queries together, so a query's
     prediction may depend on the other queries: their accuracy is not comparable to an inductive
     row's without saying so (``tl.report`` keeps them apart)."""
@@ -75,17 +79,23 @@ class Strategy:
     @property
     def uses_pool(self) -> bool:
         """Whether the strategy needs the target's unlabelled pool: it trains on it (``needs_target``)
-        or its BatchNorm statistics are the pool's (``bn_stats: target``; an adaptation strategy's
-        ``target_statistics``). The one property every engine hands the pool by."""
+        or its BatchNorm statistics are the pool's (``bn_stats: target``). The one property every
+        engine hands the pool by."""
         return self.needs_target or self.bn_stats == "target"
 
     @property
+    def bn_stats_at_start(self) -> str:
+        """The statistics of the weights the strategy embeds with or starts training from: which
+        weights a cell, a search or an export hands it (``bn_stats``, but see ``AdaptStrategy``)."""
+        return self.bn_stats
+
+    @property
     def setting(self) -> str:
-        """What of the target's unlabelled images it uses: ``inductive`` (none), ``target statistics``
+        """What of the target's unlabelled images it uses: ``inductive`` (none), ``bn_stats: target``
         (the pool, through BatchNorm statistics) or ``transductive`` (the episode's queries too)."""
         if self.transductive:
             return "transductive"
-        return "target statistics" if self.bn_stats == "target" else "inductive"
+        return TARGET_SETTING if self.bn_stats == "target" else "inductive"
 
     def predict_episode(self, task: EpisodeTask) -> np.ndarray:
         """Predicted labels for the episode's queries."""

@@ -25,8 +25,17 @@ def registered(family: str | None = None) -> list[str]:
     return [n for n, c in REGISTRY.items() if family is None or c.family == family]
 
 
+# keys of former versions, refused with the key that replaced them
+RENAMED = {"target_statistics": "'bn_stats: target'"}
+
+
 def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     """A strategy by name with hyper-parameters; unknown names and keys are errors naming them."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown strategy '{name}' (registered: {', '.join(REGISTRY)})")
-    return from_dict(REGISTRY[name], dict(params or {}), prefix=f"strategies.{name}")
+    params = dict(params or {})
+    for key, now in RENAMED.items():
+        if key in params:
+            raise ConfigError(f"config key 'strategies.{name}.{key}' was renamed: write {now} (one name for the "
+                              f"BatchNorm statistics of the target's unlabelled images)")
+    return from_dict(REGISTRY[name], params, prefix=f"strategies.{name}")
