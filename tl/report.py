@@ -101,7 +101,7 @@ def _strategy_of(method: str, params: str):
 
 
 def settings(rows: pd.DataFrame) -> dict[str, str]:
-    """Each strategy label's setting (``Strategy.setting``): ``inductive``, ``target statistics``
+    """Each strategy label's setting (``Strategy.setting``): ``inductive``, ``bn_stats: target``
     (BatchNorm statistics of the target's unlabelled pool) or ``transductive`` (the episode's
     queries read together); rows made before bn_stats existed are inductive or transductive by class."""
     from tl.strategies import REGISTRY
