@@ -9,7 +9,7 @@ same for every draw: the regret is the best strategy's mean test accuracy there 
 strategy's. The cells run as Ray tasks (``tl.evaluate.validation_draws``: each candidate's test
 episodes are run once, whatever the number of draws). Writes results/bench/regret.md/.csv.
 
-    python -m benchmarks.regret                  # about 30 minutes on 2 cores (the default backbone exists)
+    python -m benchmarks.regret                  # about an hour on 2 cores (the default backbone exists)
     python -m benchmarks.regret --smoke-test     # one target, one shot count, four strategies, a few episodes
 """
 
