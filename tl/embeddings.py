@@ -296,8 +296,8 @@ MAX_STATS_IMAGES = 2048
 
 
 def target_bn_stats(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
-                      cache_root: "str | Location", log: Callable[[str], None] = print,
-                      max_images: int = MAX_STATS_IMAGES) -> str | None:
+                    cache_root: "str | Location", log: Callable[[str], None] = print,
+                    max_images: int = MAX_STATS_IMAGES) -> str | None:
     """Weights of ``backbone`` whose BatchNorm running statistics are re-estimated on the unlabelled
     images of ``pool`` (AdaBN, Li et al. 2016; ``tl.nn.reestimate_batchnorm``): what a strategy with
     ``bn_stats: target`` embeds with or starts from. Only labels-free pixels are read: at most
@@ -338,7 +338,7 @@ def target_bn_stats(backbone: str, weights: str | None, input_size: int | None, 
 
 
 def fold_bn_stats(backbone: str, weights: str | None, input_size: int | None, pool: ImageSet,
-                    cache_root: "str | Location", log: Callable[[str], None] = print) -> dict[int, str | None]:
+                  cache_root: "str | Location", log: Callable[[str], None] = print) -> dict[int, str | None]:
     """``target_bn_stats`` estimated without each validation fold of ``pool``
     (``tl.data.episodes.query_folds``), ``{fold: weights}``: they score the validation episodes whose
     queries come from that fold, so no query is among the images its statistics came from."""
@@ -346,7 +346,7 @@ def fold_bn_stats(backbone: str, weights: str | None, input_size: int | None, po
 
     folds = query_folds(pool.labels)
     return {int(f): target_bn_stats(backbone, weights, input_size,
-                                      pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
+                                    pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
             for f in np.unique(folds[folds >= 0])}
 
 
