@@ -84,7 +84,7 @@ def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_sp
     return "\n".join(lines) + "\n"
 
 
-SETTINGS = ("inductive", "bn_stats: target", "transductive")
+SETTINGS = ("inductive", "bn_stats: target", "transductive")  # the order tables list them in (Strategy.setting)
 
 
 def _strategy_of(method: str, params: str):
@@ -130,12 +130,14 @@ def counterparts(cell: pd.DataFrame, sets: dict[str, str] | None = None) -> dict
             params.pop(k, None)
         bn = params.pop("bn_stats", "source")
         info[label] = (first.get("method", label), bn, params)
+    from tl.strategies.base import TARGET_SETTING
+
     sets = settings(cell) if sets is None else sets
     out = {}
     for label, (method, bn, params) in info.items():
         if sets[label] == "transductive":
             match = [o for o, (m, b, _) in info.items() if m == "prototype" and b == bn]
-        elif sets[label] == "bn_stats: target":
+        elif sets[label] == TARGET_SETTING:
             match = [o for o, (m, b, p) in info.items() if m == method and b == "source" and p == params]
         else:
             continue
