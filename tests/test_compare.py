@@ -36,6 +36,8 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     assert (out.grid.ran, out.grid.skipped, out.grid.failed, out.grid.unfinished) == (6, 0, [], [])
     assert {"config", "git_commit", "versions", "hardware", "node", "chosen", "val_accuracy"} <= set(rows.columns)
     ft = rows[rows["strategy"] == "finetune"]
+    # the feature cells' answers come first: every one finished before any trained cell started
+    assert rows[rows["strategy"] != "finetune"]["cell_finished"].max() <= ft["cell_started"].min()
     assert ft["chosen"].isin(['{"frozen": 3}', '{"frozen": 4}']).all() and ft["val_accuracy"].notna().all()
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())["best"]["optdigits"]
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")

@@ -165,6 +165,9 @@ def test_killed_comparison_driver_resumes_to_a_clean_runs_rows(ray_local, pretra
             finished, still_since = now, time.time()
     assert 5 <= finished < 12, finished
     assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
+    assert not (out / "best.yaml").exists()
+    # what it showed while its trained cells ran: the feature cells' summary, incomplete at its top
+    assert (out / "summary.md").read_text().startswith("**INCOMPLETE: ")
     kept = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet")}
     # run again (what `--resume` and the same command do), here in this process
     resumed = run_compare(load_config(CompareConfig, overrides=_grid(pretrained)), home, out, log=lambda _: None)

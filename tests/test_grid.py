@@ -77,3 +77,67 @@ def test_a_trial_draws_no_data_progress_bars(ray_local, tmp_path):
     res = run_cells(_cells({"a": "ok"}), store, _progress_fn, shared={}, what="bars", storage=tmp_path,
                     log=lambda s: None)
     assert list(res.rows(store)["bars"]) == [False]
+
+
+def _where_fn(spec: dict) -> tuple[pd.DataFrame, str]:
+    import time
+
+    from ray import tune
+
+    time.sleep(spec["sleep"])
+    return pd.DataFrame({"trial": [tune.get_context().get_trial_id()]}), "ok"
+
+
+def test_cheap_cells_run_first_many_to_a_trial(ray_local, tmp_path):
+    """Cheap cells (a feature classifier's) go first, dealt into a few trials, and the grid as it
+    stands after them is handed on (a comparison writes its first answers there) before any costly
+    cell starts; a costly cell is a trial of its own."""
+    from tl.grid import CELLS_PER_TRIAL, bundles
+
+    cheap = [Cell.make((f"f{i}",), {"i": i}, f"cheap {i}", {"sleep": 0.0}, cpu=0.25, cost=0.1, cheap=True)
+             for i in range(12)]
+    costly = [Cell.make((f"t{i}",), {"i": i}, f"costly {i}", {"sleep": 0.5}, cpu=1.0, cost=10.0 + i)
+              for i in range(2)]
+    store, seen = CellStore(tmp_path / "cells"), []
+    res = run_cells(costly + cheap, store, _where_fn, shared={}, what="phases", storage=tmp_path, log=lambda s: None,
+                    after_cheap=lambda partial: seen.append(([c.what for c in partial.done],
+                                                             [c.what for c in partial.unfinished])))
+    assert len(res.done) == 14 and not res.failed and not res.unfinished
+    assert len(seen) == 1 and sorted(seen[0][0]) == sorted(c.what for c in cheap)
+    assert sorted(seen[0][1]) == sorted(c.what for c in costly)
+    rows = {c.what: store.load(c) for c in cheap + costly}
+    cheap_rows = pd.concat([rows[c.what] for c in cheap])
+    costly_rows = pd.concat([rows[c.what] for c in costly])
+    assert cheap_rows["cell_finished"].max() <= costly_rows["cell_started"].min()
+    assert cheap_rows["trial"].nunique() < len(cheap), "cheap cells share trials"
+    assert costly_rows["trial"].nunique() == len(costly)
+    # dealing: at least the slots, at most CELLS_PER_TRIAL a trial, costs balanced
+    dealt = bundles(cheap, 4)
+    assert len(dealt) == 4 and sorted(len(b) for b in dealt) == [3, 3, 3, 3]
+    many = [Cell.make((f"m{i}",), {"i": i}, "m", {}, cheap=True) for i in range(3 * CELLS_PER_TRIAL + 1)]
+    assert len(bundles(many, 2)) == 4 and max(len(b) for b in bundles(many, 2)) <= CELLS_PER_TRIAL
+
+
+def test_progress_groups_cheap_cells_and_says_the_time_left():
+    """A costly cell's result is a line of its own, cheap ones share lines (a thousand of them must not
+    flood the console); each line says done/total, and once a cell of every kind left has finished, the
+    time left at the rate measured on its kind (cost units from ``Cell.cost``)."""
+    from tl.grid import CHEAP_PER_LINE, Progress
+
+    cheap = [Cell.make((f"f{i}",), {"i": i}, f"f{i}", {}, cost=1.0, cheap=True) for i in range(2 * CHEAP_PER_LINE)]
+    costly = [Cell.make((f"t{i}",), {"i": i}, f"t{i}", {}, cost=100.0) for i in range(3)]
+    lines: list[str] = []
+    progress = Progress(lines.append, "p", cheap + costly)
+    progress.start_phase(True)
+    for c in cheap:
+        progress.finished(c.name, f"{c.what}: ok")
+    progress.flush()
+    assert len(lines) == 2 and lines[0].startswith(f"[p] {CHEAP_PER_LINE}/15 f0: ok; f1: ok")
+    assert lines[1].startswith("[p] 12/15 ") and "left" not in lines[1]  # no trained cell has finished yet
+    progress.start_phase(False)
+    progress.finished(costly[0].name, "t0: ok")
+    progress.finished(costly[0].name, "t0: ok")  # Tune may hand a result on twice: counted once
+    assert len(lines) == 3 and lines[2].startswith("[p] 13/15 t0: ok (") and "s left)" in lines[2]
+    for c in costly[1:]:
+        progress.finished(c.name, "ok")
+    assert len(lines) == 5 and lines[-1].startswith("[p] 15/15 ") and "left" not in lines[-1]

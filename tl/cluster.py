@@ -81,17 +81,21 @@ def job_client(address: str, token: str | None = None) -> Any:
         raise ClusterError(f"--address {address}: no Ray Jobs API answers there ({str(exc).splitlines()[0]})") from exc
 
 
+#: set in every process of a tl job: a Ray Train worker's print goes to its stdout once (Train's
+#: print patch would also log it, and the console would show each tl line twice)
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def runtime_env(working_dir: str | os.PathLike = REPO_ROOT, excludes: Sequence[str] = (),
                 env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """The job's runtime environment: the repository as working_dir (every node imports ``tl`` and
-    ``workflows`` from it), without results, caches and virtual environments."""
+    ``workflows`` from it), without results, caches and virtual environments; ``WORKER_ENV`` and
+    ``env_vars`` in every process."""
     wd = Path(working_dir).resolve()
     if not wd.is_dir():
         raise ClusterError(f"--working-dir {wd}: not a directory")
-    env: dict[str, Any] = {"working_dir": str(wd), "excludes": [*UPLOAD_EXCLUDES, *excludes]}
-    if env_vars:
-        env["env_vars"] = dict(env_vars)
-    return env
+    return {"working_dir": str(wd), "excludes": [*UPLOAD_EXCLUDES, *excludes],
+            "env_vars": {**WORKER_ENV, **(env_vars or {})}}
 
 
 def commit_env(working_dir: str | os.PathLike) -> dict[str, str]:

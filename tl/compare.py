@@ -59,7 +59,8 @@ class CompareConfig(BackboneFields, EpisodeFields):
     ``cpus_per_trial`` for a trained cell (a feature cell takes ``feature_cpus``: many run at once);
     ``gpu_per_trial``: the GPU fraction of a trained cell (unset: 0.25 where the cluster has GPUs, so
     four cells share one, and 0 on a CPU-only cluster); ``max_failures``: Tune retries of a trial lost to a dead node or process; ``mlflow``: an MLflow
-    tracking URI (or a local folder) that also gets every cell as a run (the ``mlflow`` extra)."""
+    tracking URI (or a local folder) that also gets every trial as a run, a trained cell's alone and a
+    trial of feature cells with one step per cell (the ``mlflow`` extra)."""
 
     experiment: str = "compare"
     targets: tuple[str | DataSpec, ...] = ("optdigits", "mnistm")
@@ -233,7 +234,7 @@ def cells(cfg: CompareConfig, gpu: float = 0.0, content: str = "unknown") -> lis
                         f"{target} {shots}-shot seed {seed} {label}",
                         {"target": target, "shots": shots, "seed": seed, "label": label, "entry": e.plain()},
                         cpu=cpu, gpu=0.0 if strat.uses_embeddings else gpu,
-                        cost=episodes * strat.episode_cost(shots)))
+                        cost=episodes * strat.episode_cost(shots), cheap=strat.uses_embeddings))
     return out
 
 
@@ -338,15 +339,25 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
         (output / "recommend.yaml").write_text(yaml.safe_dump(for_comparison(cfg, weights, storage, log),
                                                               sort_keys=False))
     shared = prepare(cfg, p["todo"], weights, storage, log) if p["todo"] else {}
+
+    def first_answers(partial: GridResult) -> None:  # the feature cells' answers, while trained cells run
+        if partial.done:
+            write_outputs(cfg, partial, store, output, weights, lambda _: None, interim=True)
+            log(f"[compare] the feature cells' results are in {output / 'summary.md'}; the trained cells follow "
+                f"({len(partial.unfinished)} to run)")
+
     result = run_cells(grid, store, run_cell, shared=shared, what="compare", storage=storage, log=log,
                        retry_failed=retry_failed, max_concurrent=cfg.max_concurrent, max_failures=cfg.max_failures,
-                       experiment=cfg.experiment, mlflow=cfg.mlflow)
+                       experiment=cfg.experiment, mlflow=cfg.mlflow, after_cheap=first_answers)
     return write_outputs(cfg, result, store, output, weights, log, t0)
 
 
 def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, output: Path, weights: str | None,
-                  log: Callable[[str], None] = print, t0: float | None = None) -> CompareResult:
-    """Gather the finished cells of this config into the outputs (and list failed cells)."""
+                  log: Callable[[str], None] = print, t0: float | None = None, interim: bool = False) -> CompareResult:
+    """Gather the finished cells of this config into the outputs (and list failed cells). ``interim``:
+    the reports a person reads while the rest runs (summary.md, marked incomplete at its top, and the
+    plots), without rows.parquet and best.yaml, which only a finished pass writes: a run killed
+    after it leaves no complete-looking result."""
     from tl.report import best_entries, describe, per_class_report, write_best, write_config, write_reports
 
     failures = [f"{c.what}: {msg}" for c, msg in result.failed]
@@ -380,7 +391,7 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
                 f"command, or with --resume, to finish them; finished cells are kept): "
                 + ", ".join(unfinished) + ".\n\n" + note)
     summary, choices = write_reports(rows, output, note, f"{cfg.backbone}: {cfg.episodes} test episodes x "
-                                     f"{len(cfg.seeds)} seed(s), {cfg.queries} queries/class")
+                                     f"{len(cfg.seeds)} seed(s), {cfg.queries} queries/class", rows_file=not interim)
     write_config(output, plain)
     entries = {e.name(): e for e in cfg.strategies}
     best = best_entries(summary, rows, entries, choices)
@@ -393,6 +404,13 @@ def write_outputs(cfg: CompareConfig, result: GridResult, store: CellStore, outp
             families = {label: e.build().family for label, e in entries.items()}
             f.write("\n" + outcome_markdown(yaml.safe_load((output / "recommend.yaml").read_text()) or [], summary,
                                             families, best))
+    if unfinished:  # said first, above the recommendation a reader looks at
+        text = (output / "summary.md").read_text()
+        (output / "summary.md").write_text(
+            f"**INCOMPLETE: {len(unfinished)} of {len(result.cells)} cells have not finished"
+            + (" (they are running now)" if interim else "") + "; this summary shows the finished ones.**\n\n" + text)
+    if interim:
+        return CompareResult(grid=result, rows=len(rows), output=output, wall_s=float("nan"), cells_dir=store.root)
     write_best(output / "best.yaml", cfg, weights, best, "recommended per target and shots: chosen on validation "
                f"episodes of the `{cfg.val_split}` split (the cheapest of the strategies practically equivalent there, "
                f"within ±{100 * cfg.tie_margin:g} points, to the validation winner), its accuracy measured on the test "

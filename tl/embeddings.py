@@ -95,6 +95,8 @@ def _place(cfg: EmbedConfig, fingerprint: str, cache_root: "str | Location"):
 
 #: at most this many images are embedded by CPU tasks; more by an actor pool (``_embed``)
 TASK_MAX_ROWS = 50_000
+#: an extraction of this many images says when it starts (a shorter one prints one line when done)
+ANNOUNCE_ROWS = 10_000
 
 
 def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int, batch_format: str, rows: int,
@@ -121,8 +123,9 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                               batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor,
                               num_gpus=1 if cfg.use_gpu else 0)
-    return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode), concurrency=cfg.actors,
-                          batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor)
+    return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode),
+                          compute=ray.data.TaskPoolStrategy(size=cfg.actors), batch_size=batch_size,
+                          batch_format=batch_format, num_cpus=cfg.cpus_per_actor)
 
 
 def _on_actors(cfg: EmbedConfig, rows: int) -> bool:
@@ -163,8 +166,9 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
     if fs.get_file_info(folder).type != pafs.FileType.NotFound:
         log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
         fs.delete_dir(folder)
-    log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
-        f"{cfg.actors} at a time, batch {cfg.batch_size}")
+    if len(data) >= ANNOUNCE_ROWS:  # long work says it starts; a short one has its one line when done
+        log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
+            f"{cfg.actors} at a time, batch {cfg.batch_size}")
     ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy", len(data))
     part = f"data-{uuid.uuid4().hex[:8]}"
     _write(ds, cfg, len(data), f"{folder}/{part}", fs)
@@ -175,7 +179,8 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
         out.write(json.dumps(info, indent=2).encode())
     vectors, ids, labels, _ = _read(fs, folder, len(data))
     secs = time.time() - t0
-    log(f"[embed] wrote {len(ids)} x {vectors.shape[1]} embeddings to {where} in {secs:.1f} s")
+    log(f"[embed] extracted {len(ids)} x {vectors.shape[1]} embeddings of '{data.name}' with {cfg.backbone} (stage "
+        f"{cfg.stage or 'last'}) in {secs:.1f} s -> {where}")
     return Embeddings(key, vectors, ids, labels, False, str(where), secs, info)
 
 
@@ -345,9 +350,17 @@ def fold_bn_stats(backbone: str, weights: str | None, input_size: int | None, po
     from tl.data.episodes import query_folds
 
     folds = query_folds(pool.labels)
-    return {int(f): target_bn_stats(backbone, weights, input_size,
-                                    pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
-            for f in np.unique(folds[folds >= 0])}
+    lines: list[str] = []
+    t0 = time.time()
+    out = {int(f): target_bn_stats(backbone, weights, input_size,
+                                   pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root,
+                                   lines.append)
+           for f in np.unique(folds[folds >= 0])}
+    cached = sum("from the cache" in line for line in lines)
+    log(f"[bn_stats] target statistics of '{pool.name}' without each of its {len(out)} validation folds: "
+        + ("from the cache" if cached == len(out) else f"re-estimated in {time.time() - t0:.1f} s")
+        + f" ({Location.of(cache_root) / 'bn_stats'})")
+    return out
 
 
 def pool_rows(pool: ImageSet, max_images: int = MAX_STATS_IMAGES) -> np.ndarray:

@@ -226,11 +226,13 @@ def _worker(c: dict) -> None:
             step += 1
         acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("val"), device)
         loss = ray_train.global_mean(float(np.mean(losses)) if losses else float("nan"))
+        # a line every few epochs (about five in a run, and the last): progress without a screenful
+        said = (epoch + 1) % max(1, c["epochs"] // 5) == 0 or epoch + 1 == c["epochs"]
         ray_train.checkpoint({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc},
                              {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                               "epoch": epoch + 1, "val_accuracy": acc, "resumes": resumes},
                              f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {loss:.4f}  source val accuracy "
-                             f"{acc:.4f}")
+                             f"{acc:.4f}" if said else "")
 
 
 def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",

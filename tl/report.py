@@ -213,14 +213,17 @@ def summary_markdown(summary: pd.DataFrame, rows: pd.DataFrame, note: str = "",
     return "\n".join(lines)
 
 
-def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str) -> tuple[pd.DataFrame, list[Choice]]:
-    """rows.parquet, summary.csv, summary.md, accuracy_vs_shots.png and accuracy_vs_cost.png."""
+def write_reports(rows: pd.DataFrame, output: Path, note: str, title: str,
+                  rows_file: bool = True) -> tuple[pd.DataFrame, list[Choice]]:
+    """rows.parquet (unless not ``rows_file``), summary.csv, summary.md, accuracy_vs_shots.png and
+    accuracy_vs_cost.png."""
     summary = summarize(rows)
     summary.insert(3, "setting", summary["strategy"].map(settings(rows)))
     config = json.loads(rows["config"].iloc[0]) if "config" in rows else {}
     margin = float(config.get("tie_margin", TIE_MARGIN))
     choices = choose(rows, margin)
-    rows.to_parquet(output / "rows.parquet")
+    if rows_file:
+        rows.to_parquet(output / "rows.parquet")
     summary.to_csv(output / "summary.csv", index=False)
     val_split = config.get("val_split", "adapt")
     unlabelled = unlabelled_markdown(rows, val_split)

@@ -28,7 +28,7 @@ from ray import tune
 from tl.config import BackboneFields, EpisodeFields, config_hash, to_dict
 from tl.data.episodes import query_folds
 from tl.errors import ConfigError, TLError
-from tl.grid import TrialProgress
+from tl.grid import TrialProgress, quiet_tune
 from tl.data.spec import DataSpec, resolve
 from tl.models import input_size_of, num_stages
 from tl.report import describe, write_best, write_config, write_reports
@@ -341,7 +341,8 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
                            tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
                                                        search_alg=search_alg, num_samples=cfg.num_samples,
                                                        max_concurrent_trials=cfg.max_concurrent or None))
-    grid = tuner.fit()
+    with quiet_tune():
+        grid = tuner.fit()
     trials = []
     for res in grid:
         if res.error is not None or res.metrics is None or "val_accuracy" not in res.metrics:

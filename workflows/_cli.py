@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from contextlib import contextmanager
@@ -102,16 +103,85 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = ray.LoggingConfig(log_level="WARNING")
+    from tl.cluster import WORKER_ENV
+
+    for key, value in WORKER_ENV.items():  # the local Ray's workers inherit them (a job gets them from submit)
+        os.environ.setdefault(key, value)
+    ray_log = _ray_lines_to_file()
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, logging_config=quiet)
+            ray.init(address=address)
         except Exception as exc:
             raise ConfigError(f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0]})") from exc
     else:
-        ray.init(num_cpus=local_cpus(), logging_config=quiet)
+        ray.init(num_cpus=local_cpus())
     ray.data.DataContext.get_current().enable_progress_bars = False
+    _ray_lines_to_file(ray_log)  # the loggers Ray set up in ray.init
+    workers = _only_tl_lines_from_workers()
+    print(f"[ray] Ray's own messages: {ray_log} (this process)"
+          + (f", {workers} (its workers)" if workers else ""), flush=True)
+
+
+#: a line of tl's own: "[pretrain] epoch 3/15 ...", "[compare] 4/66 ..." (Ray's start with a date, a
+#: colour code or a word)
+TL_LINE = re.compile(r"^\[[a-z][a-z0-9_-]*\] ")
+
+
+def _ray_lines_to_file(path: Path | None = None) -> Path:
+    """Ray's own loggers in this process (``ray`` and below: Ray Data's execution plans, Tune's and
+    Train's notices, deprecation notes) write to ``path`` (a new file under the temporary folder by
+    default) instead of the console, where a person reads tl's lines (issue: the console)."""
+    import logging
+    import tempfile
+    import time
+
+    if path is None:
+        folder = Path(tempfile.gettempdir()) / "tl-logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:  # Ray sets up its console handler once, at its first start if not before: here, so it is replaced
+        from ray._private.log import generate_logging_config
+
+        generate_logging_config()
+    except ImportError:
+        pass
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]
+    for name in names:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+                logger.addHandler(to_file)
+    return path
+
+
+def _only_tl_lines_from_workers() -> str:
+    """What Ray forwards from its worker processes to this console: tl's own lines only (``TL_LINE``);
+    the rest stays in the workers' log files, whose folder is returned ("" where this Ray has no hook
+    for it: then everything is forwarded, as Ray does by default)."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return ""
+    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
+        return ""
+
+    def tl_lines(data: dict) -> None:
+        lines = [ln for ln in data.get("lines", []) if TL_LINE.match(ln)]
+        if lines:
+            stream = sys.stderr if data.get("is_err") else sys.stdout
+            stream.write("".join(ln + "\n" for ln in lines))
+            stream.flush()
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", tl_lines)
+    node = getattr(ray_worker, "_global_node", None)
+    logs = node.get_logs_dir_path() if node is not None and hasattr(node, "get_logs_dir_path") else ""
+    return logs or "each node's /tmp/ray/session_latest/logs"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -90,8 +90,8 @@ def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None
     """Inside a worker: the latest checkpoint's state loaded into ``model``, its position (the
     state's ``counter``: ``step`` or ``epoch``) and the positions of every resume so far, this one
     included (kept as the state's ``resumes``: a caller saves the list in each checkpoint it writes);
-    (None, 0, []) on a fresh start. ``what`` starts the lines it prints: rank 0 says where it resumes,
-    every rank its pid and start (which a fault test uses to find the worker to kill)."""
+    (None, 0, []) on a fresh start. ``what`` starts the line rank 0 prints: its pid and where it
+    starts or resumes (which a fault test uses to find the worker to kill)."""
     import ray.train
 
     state = restore_state()
@@ -100,9 +100,9 @@ def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None
     if state is not None:
         model.load_state_dict(state["model"])
         position = int(state[counter])
-        if rank == 0:
-            print(f"{what} resuming from the checkpoint at {counter} {position}", flush=True)
-    print(f"{what} worker rank {rank} pid {os.getpid()} starts at {counter} {position}", flush=True)
+    if rank == 0:
+        how = "resumes from its checkpoint" if state is not None else "starts"
+        print(f"{what} worker rank 0 pid {os.getpid()} {how} at {counter} {position}", flush=True)
     return state, position, ([] if state is None else [*state.get("resumes", []), position])
 
 
@@ -136,13 +136,13 @@ def report(metrics: dict[str, Any], state: dict | None = None) -> None:
 
 
 def checkpoint(metrics: dict[str, Any], state: dict, line: str) -> None:
-    """Inside a worker: report ``metrics`` with a checkpoint of ``state``, then rank 0 prints ``line``.
+    """Inside a worker: report ``metrics`` with a checkpoint of ``state``, then rank 0 prints ``line`` (if any).
     Printed after the report returns: Ray Train's result queue holds one report, so the previous
     checkpoint is registered by then and a crash after the line redoes at most one interval."""
     import ray.train
 
     report(metrics, state)
-    if ray.train.get_context().get_world_rank() == 0:
+    if line and ray.train.get_context().get_world_rank() == 0:
         print(line, flush=True)
 
 
