@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.tl-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	@# the build backend's notes (an editable-install banner) go to a log, shown only if pip fails
+	$(BIN)/pip install --quiet -e ".[dev]" 2> $(VENV)/pip-install.log || { cat $(VENV)/pip-install.log; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)

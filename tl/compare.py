@@ -261,19 +261,24 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
     built = [(c.spec["target"], StrategyEntry(**c.spec["entry"]).build()) for c in todo]
     target_weights: dict = {}
     fold_weights: dict = {}
+    t0 = time.time()
     for t in sorted({t for t, s in built if s.bn_stats_at_start == "target"}):
         val = data[t]["val"]
         if val is None:
             raise ConfigError(f"bn_stats: target needs unlabelled images of target '{t}', and it has no "
                               f"'{cfg.val_split}' split (split none): use split halves")
-        target_weights[t] = target_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, log)
-        fold_weights[t] = fold_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, log)
+        # said in one line below, not one per file
+        target_weights[t] = target_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, lambda _: None)
+        fold_weights[t] = fold_bn_stats(cfg.backbone, weights, cfg.input_size, val, cache, lambda _: None)
     embeddings: dict = {}
+    made: list = []
     for t, bn in sorted({(t, s.bn_stats) for t, s in built if s.uses_embeddings}):
         def vectors(w: str | None, split: str):
             ecfg = EmbedConfig.on_cluster(backbone=cfg.backbone, weights=w, input_size=cfg.input_size,
                                           cpus_per_actor=min(1.0, cfg.cpus_per_trial))
-            return extract(data[t][split], ecfg, cache, log).vectors
+            emb = extract(data[t][split], ecfg, cache, lambda _: None)
+            made.append(emb)
+            return emb.vectors
 
         if bn == "source":
             embeddings.setdefault(t, {})[bn] = {s: vectors(weights, s) for s in ("test", "val")
@@ -281,6 +286,12 @@ def prepare(cfg: CompareConfig, todo: list[Cell], weights: str | None, storage: 
         else:
             embeddings.setdefault(t, {})[bn] = {"test": vectors(target_weights[t], "test"),
                                                 "val": {f: vectors(w, "val") for f, w in fold_weights[t].items()}}
+    if made or target_weights:  # one line, not one per file: the details are in the returned objects
+        hits = sum(e.hit for e in made)
+        log("[prepare] " + (f"target BatchNorm statistics of {', '.join(sorted(target_weights))} (and without each "
+                            "validation fold); " if target_weights else "")
+            + f"{len(made)} embedding sets ({len(made) - hits} extracted, {hits} from the cache) in "
+            f"{time.time() - t0:.1f} s -> {cache}")
     settings = EpisodeSettings(backbone=cfg.backbone, input_size=cfg.input_size, queries=cfg.queries,
                                n_way=cfg.n_way, episodes=cfg.episodes, val_episodes=cfg.val_episodes,
                                feature_val_episodes=cfg.feature_val_episodes, val_rule=cfg.val_rule)
