@@ -131,7 +131,7 @@ TL_LINE = re.compile(r"^\[[a-z][a-z0-9_-]*\] ")
 def _ray_lines_to_file(path: Path | None = None) -> Path:
     """Ray's own loggers in this process (``ray`` and below: Ray Data's execution plans, Tune's and
     Train's notices, deprecation notes) write to ``path`` (a new file under the temporary folder by
-    default) instead of the console, where a person reads tl's lines (issue: the console)."""
+    default) instead of the console, where a person reads tl's lines (docs/workflows.md)."""
     import logging
     import tempfile
     import time
@@ -151,10 +151,12 @@ def _ray_lines_to_file(path: Path | None = None) -> Path:
     names = ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]
     for name in names:
         logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                logger.removeHandler(h)
-                logger.addHandler(to_file)
+        consoles = [h for h in logger.handlers
+                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        for h in consoles:
+            logger.removeHandler(h)
+        if consoles:
+            logger.addHandler(to_file)
     return path
 
 
