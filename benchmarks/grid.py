@@ -60,11 +60,8 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as in a trial (tl.grid._trial): one core each
     t0 = time.perf_counter()
-    compute = 0.0
     for c in grid:  # (a) the plain loop
-        c0 = time.perf_counter()
         run_cell(c.spec, **shared)
-        compute += time.perf_counter() - c0
     plain = time.perf_counter() - t0
     print(f"[grid] plain loop: {plain:.1f} s ({1000 * plain / n:.1f} ms a cell)")
 

@@ -350,17 +350,9 @@ def fold_bn_stats(backbone: str, weights: str | None, input_size: int | None, po
     from tl.data.episodes import query_folds
 
     folds = query_folds(pool.labels)
-    lines: list[str] = []
-    t0 = time.time()
-    out = {int(f): target_bn_stats(backbone, weights, input_size,
-                                   pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root,
-                                   lines.append)
-           for f in np.unique(folds[folds >= 0])}
-    cached = sum("from the cache" in line for line in lines)
-    log(f"[bn_stats] target statistics of '{pool.name}' without each of its {len(out)} validation folds: "
-        + ("from the cache" if cached == len(out) else f"re-estimated in {time.time() - t0:.1f} s")
-        + f" ({Location.of(cache_root) / 'bn_stats'})")
-    return out
+    return {int(f): target_bn_stats(backbone, weights, input_size,
+                                    pool.subset(folds != f, name=f"{pool.name} without fold {f}"), cache_root, log)
+            for f in np.unique(folds[folds >= 0])}
 
 
 def pool_rows(pool: ImageSet, max_images: int = MAX_STATS_IMAGES) -> np.ndarray:

@@ -207,11 +207,11 @@ def run_cells(cells: list[Cell], store: CellStore, fn: CellFn, *, shared: dict, 
     progress = Progress(log, what, todo)
     cheap = [c for c in todo if c.cheap]
     costly = [c for c in todo if not c.cheap]
-    phases = [(cheap, bundles(cheap, _slots(cheap)) if cheap else [], f"{name}-cheap" if costly else name),
-              (costly, [[c] for c in costly], name)]
+    phases = [(bundles(cheap, _slots(cheap)) if cheap else [], f"{name}-cheap" if costly else name),
+              ([[c] for c in costly], name)]
     if todo:
         log(f"[{what}] trials' results for TensorBoard: tensorboard --logdir {Location.of(storage) / 'tune'}")
-    for i, (group, trials, tune_name) in enumerate(phases):
+    for i, (trials, tune_name) in enumerate(phases):
         if not trials:
             continue
         _fit(trials, store, fn, shared=shared, storage=storage, name=tune_name, progress=progress,
@@ -395,10 +395,6 @@ class TrialProgress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.progress is not None and result.get("cell"):
             self.progress.finished(result["cell"], result.get("progress_line") or result["cell"])
-
-    def on_experiment_end(self, trials, **info):
-        if self.progress is not None:
-            self.progress.flush()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.config.get("cells"):
