@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-## test-fast: the fast part alone (a few minutes)
+## test-fast: the fast part alone (units, bad input, a few small Ray runs; about 3 minutes)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 

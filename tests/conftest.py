@@ -12,6 +12,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # can sit near that, and the spilled blocks of these tests are small
 os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
+# what a workflow's init_ray sets for its Ray (tl.cluster.WORKER_ENV), for the tests' own Ray too
+from tl.cluster import WORKER_ENV  # noqa: E402
+
+for _key, _value in WORKER_ENV.items():
+    os.environ.setdefault(_key, _value)
 # the local S3 server of tests/test_storage.py takes any key; set before Ray starts, so its workers have them
 for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                      ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):

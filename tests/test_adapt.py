@@ -154,6 +154,7 @@ def test_mcc_loss_on_a_hand_made_batch_matches_its_formula():
     assert minimum_class_confusion(torch.zeros(4, 3)).item() == pytest.approx(2 / 3, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_adabn_changes_only_batchnorm_statistics_to_the_targets_own():
     """Every parameter byte-identical; the first BatchNorm's running mean is the mean of the target
     images' activations below it, its variance the unbiased variance of all of them at once (not

@@ -24,6 +24,7 @@ SMALL = {"experiment": "cmp-test", "targets": ["optdigits"], "shots": [1, 2], "e
 KEYS = ["target", "shots", "seed", "strategy", "episode"]
 
 
+@pytest.mark.slow
 def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pretrained, tmp_path):
     cfg = load_config(CompareConfig, overrides=[f"weights={pretrained}"], base=SMALL)
     logs = []
@@ -74,6 +75,7 @@ def test_comparison_writes_four_outputs_and_a_rerun_runs_nothing(ray_local, pret
     pd.testing.assert_frame_equal(rows[KEYS + ["accuracy"]], rows2[KEYS + ["accuracy"]])
 
 
+@pytest.mark.slow
 def test_failing_cell_is_listed_and_the_rest_complete(ray_local, pretrained, tmp_path):
     base = {**SMALL, "shots": [1], "strategies": [
         {"strategy": "prototype"},
@@ -118,6 +120,7 @@ def _crash_one(spec: dict, **shared):
     return run_cell(spec, **shared)
 
 
+@pytest.mark.slow
 def test_a_crashed_cell_reaches_the_summary_the_exit_status_and_mlflow_gets_the_runs(ray_local, pretrained, tmp_path):
     import ray.cloudpickle
     from mlflow.tracking import MlflowClient

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +66,7 @@ print("RESULT " + json.dumps({"compare_growth": compare_peak - base, "rows": res
 """
 
 
+@pytest.mark.slow
 def test_comparison_and_fine_tuning_drivers_never_hold_the_pixel_array(ray_local, pretrained, tmp_path):
     import ray
 

@@ -46,6 +46,7 @@ def test_cache_key_changes_with_each_input_and_only_then():
         assert cache_key(**{**base, field: value}) != k, field
 
 
+@pytest.mark.slow
 def test_extraction_hits_and_misses(ray_local, tmp_path):
     w1, w2 = tmp_path / "w1.safetensors", tmp_path / "w2.safetensors"
     save_weights(build_backbone("digits_cnn"), w1)
@@ -91,6 +92,7 @@ def test_folder_without_manifest_is_rebuilt(ray_local, tmp_path):
     assert os.path.exists(os.path.join(again.path, MANIFEST))
 
 
+@pytest.mark.slow
 def test_corrupt_image_stops_extraction_with_its_name(ray_local, tmp_path):
     from PIL import Image
 
@@ -110,6 +112,7 @@ def test_corrupt_image_stops_extraction_with_its_name(ray_local, tmp_path):
     assert not list(storage.glob(f"cache/embeddings/*/{MANIFEST}")), "no cache may look complete"
 
 
+@pytest.mark.slow
 def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local, tmp_path):
     """A folder read -> decoded to uint8 -> embedded -> written by Ray Data gives the embeddings the
     in-memory path gives; the key follows the files' listing (a rewritten file is a new key)."""
@@ -138,6 +141,7 @@ def test_image_files_stream_to_the_cache_and_match_the_in_memory_path(ray_local,
     assert not changed.hit and changed.key != streamed.key
 
 
+@pytest.mark.slow
 def test_the_actor_pool_path_gives_the_task_paths_embeddings(ray_local, tmp_path, monkeypatch):
     """A set over ``TASK_MAX_ROWS`` images (and every set on GPUs) runs on an actor pool
     (``FileEmbedder`` over files, ``Embedder`` over arrays): forced here on a small set, both give
@@ -198,6 +202,7 @@ def optdigits_embeddings(pretrained, tmp_path_factory):
     return data, emb.vectors
 
 
+@pytest.mark.slow
 def test_feature_strategies_beat_chance_on_optdigits_5shot(optdigits_embeddings):
     data, vectors = optdigits_embeddings
     strategies = {n: make_strategy(n) for n in registered("feature")}

@@ -54,6 +54,7 @@ def models(pretrained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["finetune", "logistic"])
+@pytest.mark.slow
 def test_predict_on_the_test_split_reproduces_the_evaluated_accuracy(ray_local, models, name, tmp_path):
     """Ray Data batch inference over mnistm's test split gives the accuracy export evaluated on the
     same 500 images. Batches differ (actor batches of 128 against 256 in-process), so a float tie could
@@ -106,6 +107,7 @@ def test_feature_head_is_the_strategy_s_own_classifier(models, pretrained):
     assert (scores(model, test.images).argmax(1) != ref).sum() <= 2
 
 
+@pytest.mark.slow
 def test_model_folder_loads_in_a_fresh_process_without_the_training_config(pretrained, tmp_path):
     weights = tmp_path / "weights-copy"
     shutil.copytree(pretrained, weights)
@@ -165,6 +167,7 @@ def test_export_from_a_users_folder_and_from_a_comparison_on_it(ray_local, tmp_p
     assert loaded == classes and scores(model, load_embedded("mnistm").split("test").images[:4]).shape == (4, len(classes))
 
 
+@pytest.mark.slow
 def test_predict_folder_names_the_corrupt_image_and_predicts_the_rest(ray_local, models, tmp_path):
     root, _ = models
     folder = _png_folder(tmp_path / "images")
@@ -191,6 +194,7 @@ def test_predict_folder_names_the_corrupt_image_and_predicts_the_rest(ray_local,
     assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "predictions.parquet", "summary.json"]
 
 
+@pytest.mark.slow
 def test_predict_csv_and_parquet_inputs(ray_local, models, tmp_path):
     root, _ = models
     folder = _png_folder(tmp_path / "images", 6)
@@ -298,6 +302,7 @@ def test_adaptation_strategy_exports_its_classifier(tmp_path):
 @pytest.mark.parametrize("name, params, head", [("lora", {"steps": 10, "frozen": 1}, "linear"),
                                                ("protonet_ft", {"steps": 10, "frozen": 2}, "feature_linear"),
                                                ("mlp_probe", {"steps": 50}, "mlp")])
+@pytest.mark.slow
 def test_parameter_efficient_and_episodic_strategies_survive_export_and_predict(ray_local, pretrained, tmp_path,
                                                                                name, params, head):
     """Each new strategy exported from 5 shots per class: the folder holds the plain backbone's keys
@@ -342,6 +347,7 @@ def _readme_command(fragment: str) -> list[str]:
     return shlex.split(cmd.split("#")[0])
 
 
+@pytest.mark.slow
 def test_readme_export_command_works_from_the_committed_best_yaml(ray_local, pretrained, tmp_path):
     """best.yaml names its backbone by key and sha256, not by a path on the machine that wrote it: the
     README's command runs on another machine's storage, where the default backbone's key finds that
@@ -374,6 +380,7 @@ def test_readme_export_command_works_from_the_committed_best_yaml(ray_local, pre
     assert m["evaluation"]["accuracy"] > 0.3
 
 
+@pytest.mark.slow
 def test_predict_says_when_its_images_are_the_models_training_images(ray_local, tmp_path):
     """An export records what it trained on (the data's fingerprint, the images' ids and a digest of
     each image's pixels); a prediction over labelled images counts those it trained on, gives the

@@ -1,19 +1,23 @@
 """The fixed-hyper-parameter table (workflows.fewshot) is a preset of the comparison: one engine."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_fewshot_preset_runs_the_comparison_with_fixed_depths(ray_local, pretrained, tmp_path):
     home, out = tmp_path / "home", tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "workflows.fewshot", "--smoke-test", "--storage", str(home),
                         "--output", str(out), "--set", f"weights={pretrained}", "--set", "shots=[1]",
-                        "--set", "episodes=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--set", "episodes=2"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = pd.read_parquet(out / "rows.parquet")
     assert set(rows["strategy"]) == {"prototype", "logistic", "finetune_k2"}

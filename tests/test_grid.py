@@ -35,6 +35,7 @@ def _by_value():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.slow
 def test_failed_cells_are_kept_listed_and_retried_on_request(ray_local, tmp_path):
     store, flags = CellStore(tmp_path / "cells"), tmp_path / "flags"
     flags.mkdir()
@@ -70,6 +71,7 @@ def _progress_fn(spec: dict) -> tuple[pd.DataFrame, str]:
     return pd.DataFrame({"bars": [ray.data.DataContext.get_current().enable_progress_bars]}), "bars"
 
 
+@pytest.mark.slow
 def test_a_trial_draws_no_data_progress_bars(ray_local, tmp_path):
     """A trial's stderr is no terminal, and each redraw of a Ray Data bar there was one more log line:
     the trial process has them off (a fresh process has them on)."""
@@ -88,6 +90,7 @@ def _where_fn(spec: dict) -> tuple[pd.DataFrame, str]:
     return pd.DataFrame({"trial": [tune.get_context().get_trial_id()]}), "ok"
 
 
+@pytest.mark.slow
 def test_cheap_cells_run_first_many_to_a_trial(ray_local, tmp_path):
     """Cheap cells (a feature classifier's) go first, dealt into a few trials, and the grid as it
     stands after them is handed on (a comparison writes its first answers there) before any costly

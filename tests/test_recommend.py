@@ -170,6 +170,7 @@ def test_recommend_ranks_the_pretrained_backbone_first_and_writes_its_table(pret
     assert md.count("\n| ") == 1 + 8 and "| 1 | pretrained |" in md
 
 
+@pytest.mark.slow
 def test_recommend_workflow_smoke_test(ray_local, tmp_path):
     config = tmp_path / "cands.yaml"
     config.write_text(yaml.safe_dump({"candidates": [{"backbone": "digits_cnn", "weights": "random"}]}))

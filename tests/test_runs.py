@@ -70,6 +70,7 @@ def test_bad_run_configs_are_named(storage):
 # --- Ray Train -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_adabn_run_scores_and_exports_the_model_with_target_statistics(ray_local, storage, tmp_path):
     """AdaBN on Ray Train: trained as source-only, scored (and exported) with BatchNorm statistics
     re-estimated on the unlabelled pool: every weight equals the trained model's, the statistics not."""

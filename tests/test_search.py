@@ -70,6 +70,7 @@ def test_staged_training_equals_one_straight_run(pretrained):
     assert staged[-1][1] == pytest.approx(np.mean([r["accuracy"] for r in straight]))
 
 
+@pytest.mark.slow
 def test_asha_search_on_validation_then_test(ray_local, pretrained, tmp_path):
     cfg = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
         "target": "optdigits", "shots": 1, "queries": 5, "val_episodes": 2, "test_episodes": 3, "max_steps": 9,
@@ -110,6 +111,7 @@ def test_asha_search_on_validation_then_test(ray_local, pretrained, tmp_path):
     assert m["backbone"]["frozen_stages"] == best["params"]["frozen"] and (tmp_path / "model" / "model.json").is_file()
 
 
+@pytest.mark.slow
 def test_optuna_search_of_a_feature_strategy_uses_fractional_cpus(ray_local, pretrained, tmp_path):
     pytest.importorskip("optuna")
     cfg = load_config(SearchConfig, overrides=[f"weights={pretrained}"], base={
@@ -142,6 +144,7 @@ def test_validation_selection_rules(pretrained):
     assert halving.scores[3] == float("-inf")
 
 
+@pytest.mark.slow
 def test_a_search_of_an_adaptation_strategy_hands_its_trials_the_pool(ray_local, pretrained, tmp_path):
     """DANN's candidates train on the target's unlabelled pool (the validation split less each episode's
     queries), as its test phase does; a strategy that uses no pool gets none."""

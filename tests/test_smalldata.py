@@ -32,6 +32,7 @@ def _folder(root: Path, per_class: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretrained, tmp_path):
     folder = _folder(tmp_path / "mine", 7)
     base = {"targets": ["mine"], "shots": [5], "episodes": 3,
@@ -81,6 +82,7 @@ def test_small_folder_refuses_a_search_without_validation_images(tmp_path):
                                          "data": {"mine": {"folder": str(tmp_path), "split": "none"}}})
 
 
+@pytest.mark.slow
 def test_dry_run_runs_no_trial(tmp_path):
     r = subprocess.run([sys.executable, "-m", "workflows.compare", "--dry-run", "--storage", str(tmp_path / "home"),
                         "--output", str(tmp_path / "out"), "--set", "targets=[optdigits]", "--set", "shots=[1,5]"],

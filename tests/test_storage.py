@@ -82,6 +82,7 @@ def test_a_malformed_uri_is_one_clear_error_naming_it(spec, message):
     assert spec in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_or_an_unreachable_endpoint_fails_before_anything_runs(s3):
     missing = s3("x").replace(f"s3://{BUCKET}/", "s3://no-such-bucket/")
     with pytest.raises(ConfigError, match="not writable.*no-such-bucket. not found") as err:
@@ -112,6 +113,7 @@ def _read_parquet(loc: Location) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(loc.read_bytes()))
 
 
+@pytest.mark.slow
 def test_compare_export_and_predict_with_storage_data_and_outputs_in_a_bucket(ray_local, s3, tmp_path):
     from tl.compare import CompareConfig, run_compare
     from tl.config import load_config
@@ -156,6 +158,7 @@ def test_compare_export_and_predict_with_storage_data_and_outputs_in_a_bucket(ra
     assert json.loads((pred / "summary.json").read_text())["model"] == str(model)
 
 
+@pytest.mark.slow
 def test_a_killed_comparison_resumes_from_the_bucket_with_no_duplicate_row(ray_local, s3, pretrained, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     home, out = s3("kill/home"), s3("kill/out")

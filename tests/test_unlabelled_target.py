@@ -108,6 +108,7 @@ def test_bn_stats_is_checked_and_cannot_be_searched():
         load_config(CompareConfig, base={"strategies": [{"strategy": "prototype", "search": {"bn_stats": ["source", "target"]}}]})
 
 
+@pytest.mark.slow
 def test_a_comparison_with_target_statistics_and_transduction(ray_local, pretrained, tmp_path):
     """Feature and trained strategies with ``bn_stats: target`` and a transductive one run as cells of
     a comparison; the target statistics are made once per target, from its `adapt` split (and per
@@ -158,6 +159,7 @@ def test_export_with_target_statistics_and_transduction(pretrained, tmp_path):
     assert manifest["evaluation"]["accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_a_search_with_target_statistics(ray_local, pretrained, tmp_path):
     """Every candidate of a search embeds with the target's statistics (made once from its `adapt`
     split), the test phase too; best.yaml still names the source weights, which export resolves."""
@@ -181,6 +183,7 @@ def test_a_search_with_target_statistics(ray_local, pretrained, tmp_path):
             "space": {"bn_stats": {"grid": ["source", "target"]}}}), tmp_path / "home", tmp_path / "out2", QUIET)
 
 
+@pytest.mark.slow
 def test_adabn_in_a_comparison_cell_is_the_source_model_under_the_pools_statistics(pretrained):
     """A comparison's cell hands AdaBN the target's unlabelled pool (Strategy.uses_pool): its rows differ
     from source_only's, and each equals the source-only model of the same episode scored with BatchNorm
@@ -218,6 +221,7 @@ def test_adabn_in_a_comparison_cell_is_the_source_model_under_the_pools_statisti
         assert acc == pytest.approx(float(np.mean(predict(scored, run.query) == ep.query_labels)))
 
 
+@pytest.mark.slow
 def test_validation_queries_never_estimate_the_statistics_that_score_them(ray_local, pretrained, tmp_path):
     """bn_stats target: the validation episodes' queries come from one fold of the `adapt` split, and
     the statistics that score them were estimated on the other fold only; the test episodes get the

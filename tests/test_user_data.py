@@ -45,6 +45,7 @@ def user_backbone(ray_local, folders, tmp_path_factory):
     return res, home
 
 
+@pytest.mark.slow
 def test_pretrain_on_a_user_folder(user_backbone, folders):
     import json
 
@@ -59,6 +60,7 @@ def test_pretrain_on_a_user_folder(user_backbone, folders):
     assert len(train) == 108 and len(val) == 12 and val.class_counts() == {c: 4 for c in CLASSES}
 
 
+@pytest.mark.slow
 def test_user_source_to_user_unlabelled_target(user_backbone, folders, tmp_path):
     """Adaptation from the user's labelled folder to an unlabelled folder, scored on labelled test
     images given beside it; the workflow's config spells the data as paths."""
@@ -79,6 +81,7 @@ def test_user_source_to_user_unlabelled_target(user_backbone, folders, tmp_path)
     assert runs["target_test_accuracy"].between(0, 1).all() and runs["target_im"].notna().all()
 
 
+@pytest.mark.slow
 def test_unlabelled_target_without_test_images_has_label_free_scores_only(user_backbone, folders):
     from tl.runs import RunConfig, run
 
@@ -91,6 +94,7 @@ def test_unlabelled_target_without_test_images_has_label_free_scores_only(user_b
     assert record["sizes"] == {"source": 108, "source_val": 12, "target": 48}
 
 
+@pytest.mark.slow
 def test_finetune_on_a_user_folder(ray_local, folders, storage):
     """Many-shot fine-tuning on the user's labelled folder: halves by default (adapt trains, test scores)."""
     from tl.runs import RunConfig, check_data, run
@@ -115,6 +119,7 @@ def test_finetune_on_a_user_folder(ray_local, folders, storage):
     assert record["sizes"] == {"target": 24, "target_test": 24} and 0 <= record["history"][-1]["target_test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_search_on_a_user_folder(ray_local, folders, storage, tmp_path):
     from tl.config import load_config
     from tl.search import SearchConfig, run_search
@@ -217,6 +222,7 @@ def test_symbolic_links_to_folders_never_relabel_or_repeat_images(tmp_path):
     assert len(rows) == 9 and list(rows[rows["label"] == "b"]["id"]) == ["b/0.png", "b/1.png", "b/2.png"]
 
 
+@pytest.mark.slow
 def test_comparison_on_a_user_folder_sets_its_prediction_beside_the_outcome(ray_local, folders, storage, tmp_path):
     """The recommendation made before the run is keyed by the target's name (not its folder's path),
     so summary.md's "Predicted before the run" section has the user's target's rows."""

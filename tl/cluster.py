@@ -82,8 +82,10 @@ def job_client(address: str, token: str | None = None) -> Any:
 
 
 #: set in every process of a tl job: a Ray Train worker's print goes to its stdout once (Train's
-#: print patch would also log it, and the console would show each tl line twice)
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+#: print patch would also log it, and the console would show each tl line twice); Train's controller
+#: polls its workers every 0.5 s rather than 2 s: a worker's report waits for that poll (its result
+#: queue holds one), and a run's end is seen at the next one (benchmarks/train_overhead.py)
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def runtime_env(working_dir: str | os.PathLike = REPO_ROOT, excludes: Sequence[str] = (),

@@ -46,6 +46,9 @@ def fit(
     # (``preprocessed_dataset``) keeps its order in the passes Train runs and in the split over workers
     ingest = {key: ds.context.execution_options for key, ds in datasets.items()
               if ds.context.execution_options.preserve_order}
+    # one worker reads every row of every set: no split, so no split coordinator (an actor, a process
+    # start, for each split set of each run) stands between the worker and its rows
+    split = tuple(split) if workers > 1 else ()
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=train_config,
