@@ -44,6 +44,8 @@ def test_small_folder_at_5_shots_states_2_queries_per_class(ray_local, pretraine
     assert out.rows == len(rows) == 2 * 3
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Small-data mode, mine 5-shot" in text and "digit_0: 2" in text and "digit_9: 2" in text
+    # the folder has no split (every image for test episodes): the summary does not claim a validation split
+    assert "**No validation episodes** in these rows" in text and "Chosen on validation episodes" not in text
     assert (tmp_path / "out" / "confusion_mine_5shot.png").is_file()
     # every query of an episode is one of the 2 images left per class: 20 queries, accuracy in twentieths
     assert np.allclose((rows["accuracy"] * 20) % 1, 0)
@@ -98,6 +100,15 @@ def test_dry_run_runs_no_trial(tmp_path):
     assert est["test_episodes"] == 220 and est["val_episodes"] == 2 * (7 * 100 + 4 * 4 + 5 * 4) and est["wall_s"] > 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
+    # a user's folder without a split rule (nothing searches or takes target statistics): every image is for
+    # test episodes, and no validation episode is counted
+    folder = _folder(tmp_path / "mine", 7)
+    cfg = load_config(CompareConfig, base={
+        "targets": ["mine"], "shots": [5], "episodes": 3, "data": {"mine": {"folder": str(folder), "size": [28, 28]}},
+        "strategies": [{"strategy": "prototype"}, {"strategy": "finetune", "params": {"frozen": 3, "steps": 5}}]})
+    assert cfg.spec("mine").split == "none"
+    est = dry_run(cfg, tmp_path / "home", log=lambda _: None)
+    assert est["test_episodes"] == 2 * 3 and est["val_episodes"] == 0
 
 
 def test_augmentation_is_seeded_keeps_shapes_and_trains():

@@ -51,8 +51,12 @@ def estimate(cfg, todo: list, cores: int | None = None) -> dict:
         n_way = cfg.n_way or 10
         test_eps += cfg.episodes
         # every cell scores on validation episodes (a feature cell on its own, larger number); a searched
-        # entry first scores each candidate on as many selection episodes
+        # entry first scores each candidate on as many selection episodes. A user's target with
+        # ``split: none`` has no validation images: its cells run test episodes only
         val = getattr(cfg, "feature_val_episodes", cfg.val_episodes) if cands[0].uses_embeddings else cfg.val_episodes
+        spec = cfg.spec(c.spec["target"]) if hasattr(cfg, "spec") else None
+        if spec is not None and spec.split == "none":
+            val = 0
         select = cfg.val_episodes if len(cands) > 1 else 0
         val_eps += val + select * len(cands)
         for s in cands:

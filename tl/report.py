@@ -58,12 +58,16 @@ def recommendation_markdown(choices: list[Choice], summary: pd.DataFrame, val_sp
                             margin: float = TIE_MARGIN) -> str:
     """The top of summary.md: what to use per (target, shots), why, and how it did on test."""
     ci = summary.set_index(["target", "shots", "strategy"])["ci95"]
-    lines = ["## Recommendation", "",
-             f"Chosen on validation episodes of the `{val_split}` split (never on the test episodes below), "
-             "then confirmed on the test episodes. A strategy is tied with the validation winner when the paired "
-             f"95% interval of their validation difference lies within ±{100 * margin:g} points (practical "
-             "equivalence); among the tied strategies the cheapest by its training per episode (a fixed cost, not "
-             "a timing) is recommended.", "",
+    how = (f"Chosen on validation episodes of the `{val_split}` split (never on the test episodes below), "
+           "then confirmed on the test episodes. A strategy is tied with the validation winner when the paired "
+           f"95% interval of their validation difference lies within ±{100 * margin:g} points (practical "
+           "equivalence); among the tied strategies the cheapest by its training per episode (a fixed cost, not "
+           "a timing) is recommended.")
+    if choices and all(not c.val for c in choices):  # a user's target with split: none has no validation images
+        how = ("**No validation episodes** in these rows (a user's target with `split: none` has no validation "
+               "images): each recommendation is the best on the test episodes below, so its accuracy is optimistic; "
+               "`split: halves` gives the target validation episodes apart from its test ones.")
+    lines = ["## Recommendation", "", how, "",
              "| target | shots | recommended | test accuracy ± 95% CI | validation accuracy | validation winner "
              "| tied on validation | test: Δ to the test-best ± 95% CI | why |",
              "|---|---|---|---|---|---|---|---|---|"]
