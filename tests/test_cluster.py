@@ -45,10 +45,11 @@ def _local():
 
 
 def _pyproject() -> tuple[dict[str, str], str]:
-    """The pinned dependencies {name: version} and the image's Python tag (py311) from pyproject.toml."""
+    """The pinned dependencies {name: version}, the ``imagenet`` extra's with them (a cluster runs
+    ``weights: imagenet`` too), and the image's Python tag (py311) from pyproject.toml."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = {}
-    for dep in project["dependencies"]:
+    for dep in project["dependencies"] + project["optional-dependencies"]["imagenet"]:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.strip())
         assert m, f"pyproject dependency '{dep}' is not pinned with =="
         pins[m.group(1).lower()] = m.group(3)

@@ -75,7 +75,8 @@ class RunConfig(BackboneFields):
     ``source_val_split`` is scored too, and ``params`` lie over ``UDA_RECIPE``.
 
     ``weights``: ``pretrained`` (the tl home's source-pretrained backbone, made if missing),
-    ``random``, a weights file, a pretraining folder, or ``torchvision:<weights name>``;
+    ``random``, a weights file, a pretraining folder, ``torchvision:<weights name>``, or ``imagenet``
+    (the package release of ``efficientnet_lite0``/``_lite2``);
     ``init_head`` (with a source): start the head from that pretraining's head (same classes), so
     step 0 is the source model; ``limit``: at most this many images per set (0: all), for smoke tests.
 

@@ -37,6 +37,12 @@ def parser(prog: str, description: str, package: str = "workflows") -> argparse.
 def checked(config: object, notes: list[str] | tuple[str, ...] = ()) -> int:
     """What ``--check`` prints once the config is built (and the user's data it names listed, where
     the workflow does: ``notes`` say what could not be): the command and its keys are valid."""
+    backbone, weights = getattr(config, "backbone", None), getattr(config, "weights", None)
+    if isinstance(backbone, str) and isinstance(weights, str):  # a weights file that does not fit stops here
+        from tl.models.registry import check_weights
+
+        fits = check_weights(backbone, weights, getattr(config, "input_size", None))
+        notes = [*notes, fits] if fits else notes
     for note in notes:
         print(f"note: {note}")
     print(f"ok: {type(config).__name__} built, nothing run")

@@ -22,21 +22,30 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize to ``size`` and normalise per channel; inputs are N x 3 x H x W in [0, 1]."""
+    """Resize the whole image to ``size`` (``interpolation``: bilinear, or bicubic where the weights'
+    release was trained so; antialiased) and normalise per channel; inputs are N x 3 x H x W in [0, 1]."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != tuple(self.size):
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
+            if self.interpolation == "bicubic":  # cubic weights overshoot: back into the images' range
+                x = x.clamp(0, 1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def describe(self) -> dict:
-        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
+        """What keys a cache of this preprocessing's outputs (bilinear, the default, is left unsaid, so
+        the keys made before the option existed stay valid)."""
+        out = {"size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
+        if self.interpolation != "bilinear":
+            out["interpolation"] = self.interpolation
+        return out
 
 
 def image_size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -71,6 +80,11 @@ class Backbone(nn.Module):
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def native_names(self) -> dict[str, str]:
+        """Stage state-dict names -> the names the architecture's own library uses (timm's), where
+        they differ: what an error about a weights file shows. Empty when the stage names are the names."""
+        return {}
 
     @staticmethod
     def _pool(x: torch.Tensor) -> torch.Tensor:

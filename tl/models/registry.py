@@ -58,7 +58,9 @@ def get_spec(name: str) -> BackboneSpec:
     if family is not None:
         return family.spec(name)
     if name not in _SPECS:
-        raise ConfigError(f"unknown backbone '{name}' (registered: {', '.join(registered())})")
+        named = [p for p in _FAMILIES if not p.endswith(":")]  # providers of a few fixed names (ImageNet's)
+        raise ConfigError(f"unknown backbone '{name}' (registered: {', '.join(registered() + sorted(named))}; "
+                          f"or timm:<model> with the timm extra)")
     return _SPECS[name]
 
 
@@ -94,3 +96,17 @@ def make_backbone(name: str, weights: str | None = None, input_size: int | None 
         bb = build_backbone(name, input_size)
     load_weights(bb, weights)
     return bb
+
+
+def check_weights(backbone: str, weights: str | None, input_size: InputSize = None) -> str | None:
+    """``--check``'s look at weights the user names (a local file or folder, a ``torchvision:`` or
+    ``timm:`` name, ``imagenet``): loaded into the backbone here, so a file that does not fit is
+    the same clear error before anything starts; returns what was checked (None: nothing to check:
+    random weights, a ``pretrained`` name, made when the run needs it, or a URI, not fetched by a check)."""
+    from tl.storage import is_uri
+
+    w = str(weights or "")
+    if w in ("", "random", "none") or w == "pretrained" or w.startswith("pretrained:") or is_uri(w):
+        return None
+    make_backbone(backbone, w, input_size if isinstance(input_size, int) else None)
+    return f"weights {w} fit backbone {backbone}"

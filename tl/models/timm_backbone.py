@@ -220,6 +220,11 @@ class TimmBackbone(Backbone):
             else:
                 self.stages[i].register_parameter(_safe(n), t)
 
+    def native_names(self) -> dict[str, str]:
+        """Stage names -> timm's names of the same tensors."""
+        timm_of = {id(t): k for k, t in self.net.state_dict(keep_vars=True).items()}
+        return {k: timm_of[id(t)] for k, t in self.state_dict(keep_vars=True).items() if id(t) in timm_of}
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         for module, attr, stage, key in self._loose_buffers:  # buffers are replaced, not changed in place

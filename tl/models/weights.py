@@ -1,4 +1,5 @@
-"""Where backbone weights come from, every source beside the others: a torchvision weights name or a
+"""Where backbone weights come from, every source beside the others: ``imagenet`` (an installed
+package's release, ``tl.models.imagenet``); a torchvision weights name or a
 timm pretrained release (``timm:NAME[.TAG]``), both only from the user's caches and never downloaded;
 a ``.safetensors`` file; a ``.pt`` file loaded with ``weights_only=True``; or a folder written by
 this project's pretraining workflow; files and folders may be local or at a URI
@@ -138,28 +139,43 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
     return _read_file(path), {"source": str(path)}
 
 
+#: what a weights file may hold, said whenever one does not fit
+ACCEPTED = ("tl reads .pt/.pth state dicts (weights_only) and .safetensors files whose names are the backbone's "
+            "own, timm's or torchvision's; a file in other names whose tensors match the architecture's one to one "
+            "in order and shape converts with: python -m workflows.convert_weights FILE --backbone NAME --output "
+            "NEW.safetensors")
+
+
 def load_into(backbone: Backbone, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load a state dict strictly, mapping foreign names (torchvision's, timm's) onto stage names first."""
+    """Load a state dict strictly, mapping foreign names (torchvision's, timm's) onto stage names first.
+    A file that does not fit is one error: how many of its tensors matched, a few names on each side
+    (the file's as written, the architecture's as its own library names them) and what tl accepts."""
     mapped: dict[str, torch.Tensor] = {}
+    original: dict[str, str] = {}
     for k, v in state.items():
         new = k if k.startswith("stages.") else backbone.key_map(k)
         if new is not None:
-            mapped[new] = v
+            mapped[new], original[new] = v, k
     own = backbone.state_dict()
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     shapes = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
     if missing or unexpected or shapes:
+        native = backbone.native_names()
+
         def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        matched = len(set(own) & set(mapped)) - len(shapes)
+        parts = [f"{matched} of the file's {len(mapped)} tensors match the architecture's {len(own)}"]
         if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
+            parts.append(f"in the file only: {show([original[k] for k in unexpected])}")
+        if missing:
+            parts.append(f"in the architecture only: {show([native.get(k, k) for k in missing])}")
         if shapes:
-            parts.append("wrong shapes: " + show([f"{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
-        raise WeightsError(f"weights '{where}' do not fit backbone '{backbone.name}': " + "; ".join(parts))
+            parts.append("wrong shapes: " + show([f"{original[k]} {tuple(mapped[k].shape)} vs {native.get(k, k)} "
+                                                  f"{tuple(own[k].shape)}" for k in shapes]))
+        raise WeightsError(f"weights '{where}' do not fit backbone '{backbone.name}': " + "; ".join(parts)
+                           + f". {ACCEPTED}")
     backbone.load_state_dict(mapped, strict=True)
 
 
@@ -167,6 +183,12 @@ def load_weights(backbone: Backbone, source: str | None) -> dict:
     """Load ``source`` into ``backbone`` (None or 'random' keeps the random init); returns metadata."""
     if source in (None, "", "random", "none"):
         return {"source": "random"}
+    if source == "imagenet":  # the installed package's release for this backbone (tl.models.imagenet)
+        from tl.models.imagenet_weights import imagenet_state
+
+        state, meta = imagenet_state(backbone.name)
+        load_into(backbone, state, f"{source} ({meta['file']})")
+        return meta
     state, meta = read_weights(source)
     if meta.get("backbone") not in (None, backbone.name):
         raise WeightsError(f"weights '{source}' were trained for backbone '{meta['backbone']}', not '{backbone.name}'")
