@@ -69,3 +69,19 @@ def test_table_schema():
     df = load_embedded("optdigits").to_pandas()
     assert list(df.columns) == ["image", "label", "class_name", "domain", "split", "id"]
     assert df["class_name"].iloc[0] == str(df["label"].iloc[0])
+
+
+def test_faces_is_lfw_subset_in_two_stratified_halves():
+    """``faces``: scikit-image's lfw_subset, faces (its first 100) against non-face patches, split into
+    halves of 50 + 50; :base/:novel belong to the digit sets only."""
+    from skimage.data import lfw_subset
+
+    f = load_embedded("faces")
+    assert len(f) == 200 and f.image_shape == (3, 25, 25) and f.classes == ("background", "face")
+    raw = lfw_subset()
+    assert np.allclose(f.images[:, 0], raw) and (f.labels[:100] == 1).all() and (f.labels[100:] == 0).all()
+    for split in ("adapt", "test"):
+        assert f.split(split).class_counts() == {"background": 50, "face": 50}
+    assert not set(f.split("adapt").ids) & set(f.split("test").ids)
+    with pytest.raises(DataError, match="not those of 'faces'"):
+        load_embedded("faces:base")

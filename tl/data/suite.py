@@ -7,6 +7,9 @@
   of Neural Networks"): each *held-out* MNIST digit is blended with a random crop of a natural
   photo by taking the per-channel absolute difference. Photos are the RGB images the
   scikit-image wheel ships. No target image shares a digit with source training.
+- ``faces``: scikit-image's ``lfw_subset``, 100 faces from Labeled Faces in the Wild (Huang et al.
+  2007) and 100 non-face patches, 25x25 grey: a target far from digits (and near ImageNet's photos),
+  classes ``background`` and ``face``.
 
 Targets are split stratified into halves, ``adapt`` (validation episodes, unlabelled pool) and
 ``test``. Suffixes select the base/novel-class setting: ``mnist:base`` keeps classes 0-4,
@@ -31,7 +34,8 @@ PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field",
     "immunohistochemistry", "motorcycle_left", "retina", "rocket",
 )
-EMBEDDED = ("mnist", "optdigits", "mnistm")
+EMBEDDED = ("mnist", "optdigits", "mnistm", "faces")
+FACES = ("background", "face")
 
 
 def _grey_to_rgb(x: np.ndarray) -> np.ndarray:
@@ -131,7 +135,19 @@ def load_mnistm() -> ImageSet:
     )
 
 
-_LOADERS = {"mnist": load_mnist, "optdigits": load_optdigits, "mnistm": load_mnistm}
+def load_faces() -> ImageSet:
+    """scikit-image's ``lfw_subset``: its first 100 images are faces, the last 100 not (its docs)."""
+    import skimage.data as sk
+
+    x = np.asarray(sk.lfw_subset(), dtype=np.float32)
+    y = np.repeat(np.array([1, 0], dtype=np.int64), len(x) // 2)  # faces first: class 1, "face"
+    return ImageSet(
+        name="faces", images=_grey_to_rgb(x), labels=y, classes=FACES, domain="faces",
+        splits=stratified_halves(y, SPLIT_SEED), ids=np.array([f"faces-{i:03d}" for i in range(len(y))], dtype=object),
+    )
+
+
+_LOADERS = {"mnist": load_mnist, "optdigits": load_optdigits, "mnistm": load_mnistm, "faces": load_faces}
 
 
 @lru_cache(maxsize=16)
@@ -140,13 +156,15 @@ def _load_cached(name: str) -> ImageSet:
 
 
 def load_embedded(name: str) -> ImageSet:
-    """Load ``mnist``, ``optdigits`` or ``mnistm``, optionally with ``:base`` or ``:novel``."""
+    """Load ``mnist``, ``optdigits``, ``mnistm`` or ``faces``; a digits set optionally with ``:base`` or ``:novel``."""
     base, _, part = name.partition(":")
     if base not in _LOADERS:
         raise DataError(f"unknown embedded dataset '{name}' (known: {', '.join(EMBEDDED)}, with :base or :novel)")
     full = _load_cached(base)
     if not part:
         return full.subset(np.arange(len(full)))
+    if full.classes != DIGITS:
+        raise DataError(f"'{name}': :base and :novel split the digit sets' classes, not those of '{base}'")
     if part == "base":
         return full.with_classes(BASE_CLASSES, name=name)
     if part == "novel":
