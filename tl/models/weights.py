@@ -1,5 +1,5 @@
 """Where backbone weights come from, every source beside the others: ``imagenet`` (an installed
-package's release, ``tl.models.imagenet``); a torchvision weights name or a
+package's release, ``tl.models.imagenet_weights``); a torchvision weights name or a
 timm pretrained release (``timm:NAME[.TAG]``), both only from the user's caches and never downloaded;
 a ``.safetensors`` file; a ``.pt`` file loaded with ``weights_only=True``; or a folder written by
 this project's pretraining workflow; files and folders may be local or at a URI
