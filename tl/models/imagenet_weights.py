@@ -66,11 +66,11 @@ def imagenet_state(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The ImageNet weights of backbone ``name`` in timm's names (classifier included) and their
     metadata: the file's tensors mapped onto timm's architecture by position, every count and shape
     checked (``map_by_position``)."""
-    path = weights_file(name)
+    path, release = weights_file(name), release_of(name)
     src = torch.load(str(path), map_location="cpu", weights_only=True)
-    net = timm_module().create_model(release_of(name).arch, pretrained=False)
-    state = map_by_position(src, net.state_dict(), str(path), f"timm {release_of(name).arch}")
-    return state, {"source": IMAGENET_WEIGHTS, "file": str(path), "package": release_of(name).requirement}
+    net = timm_module().create_model(release.arch, pretrained=False)
+    state = map_by_position(src, net.state_dict(), str(path), f"timm {release.arch}")
+    return state, {"source": IMAGENET_WEIGHTS, "file": str(path), "package": release.requirement}
 
 
 def map_by_position(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], where: str,

@@ -183,9 +183,9 @@ def load_weights(backbone: Backbone, source: str | None) -> dict:
     """Load ``source`` into ``backbone`` (None or 'random' keeps the random init); returns metadata."""
     if source in (None, "", "random", "none"):
         return {"source": "random"}
-    if source == "imagenet":  # the installed package's release for this backbone (tl.models.imagenet)
-        from tl.models.imagenet_weights import imagenet_state
+    from tl.models.imagenet_weights import IMAGENET_WEIGHTS, imagenet_state
 
+    if source == IMAGENET_WEIGHTS:  # the installed package's release for this backbone
         state, meta = imagenet_state(backbone.name)
         load_into(backbone, state, f"{source} ({meta['file']})")
         return meta
