@@ -4,6 +4,8 @@
     python cluster/local.py status   [--state-dir ...]
     python cluster/local.py env      [--state-dir ...]   # export lines for the ray CLI and job clients
     python cluster/local.py kill w2  [--state-dir ...]   # SIGKILL one node (fault-tolerance drills)
+    python cluster/local.py add --own-disk DIR [--state-dir ...]  # one more node that sees its own DIR
+    python cluster/local.py remove x3 [--state-dir ...]  # stop one node and drop it from the record
     python cluster/local.py down     [--state-dir ...]
 
 Why: our users outgrow one machine, and a single-node Ray hides what breaks on a cluster (paths
@@ -153,6 +155,9 @@ def auth_env(state: dict, base: dict | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
+    # a node's CPUs are what `ray start --num-cpus` says: one thread per assigned CPU (tl.runtime.CPUS_PER_CORE_VAR
+    # is for the single local Ray a workflow or the tests start, and must not reach these nodes)
+    env.pop("TL_CPUS_PER_CORE", None)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = state["token_file"]
     env["PATH"] = state["bin_dir"] + os.pathsep + env.get("PATH", "")
@@ -192,11 +197,11 @@ def _node_ports(base: int, index: int) -> dict[str, int]:
             "min-worker-port": b + 10, "max-worker-port": b + 99}
 
 
-def _start_node(state: dict, node: dict, args: list[str], log, attempts: int = 3) -> None:
+def _start_node(state: dict, node: dict, args: list[str], log, attempts: int = 3, prefix: list[str] = ()) -> None:
     """``ray start`` in a new session (so the node's processes can be found and stopped later).
     Ray gives a raylet 30 s to register; on a loaded machine it can miss that, so a node that
     fails is stopped and started again, up to ``attempts`` times."""
-    cmd = [_ray_bin(), "start", *args, "--node-ip-address", HOST, "--num-cpus", str(node["num_cpus"]),
+    cmd = [*prefix, _ray_bin(), "start", *args, "--node-ip-address", HOST, "--num-cpus", str(node["num_cpus"]),
            "--resources", json.dumps(node["resources"]), "--temp-dir", node["temp_dir"],
            "--object-store-memory", str(state["object_store_mb"] * 1024 * 1024), "--disable-usage-stats"]
     for k, v in node["ports"].items():
@@ -357,6 +362,37 @@ def kill(state_dir: str, name: str, log=print) -> list[int]:
     return pids
 
 
+def add(state_dir: str, own_disk: str, num_cpus: int = 1, log=print) -> dict:
+    """One more worker node whose ``own_disk`` folder is its own (an empty tmpfs mounted over it in
+    the node's own mount namespace: ``unshare -m``, as root): what a folder on a node's local disk
+    looks like on a real cluster, where the driver's files under that path are not there. Returns
+    the node's record (named ``x<index>``)."""
+    state = load_state(state_dir)
+    folder = Path(own_disk).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    index = len(state["nodes"])
+    name = f"x{index}"
+    node = {"name": name, "num_cpus": num_cpus, "resources": {f"node_{name}": 1},
+            "temp_dir": str(Path(state["state_dir"]) / name), "own_disk": str(folder),
+            "ports": _node_ports(int(state["gcs_address"].rsplit(":", 1)[1]), index)}
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs tl-own-disk "{folder}" && exec "$0" "$@"']
+    _start_node(state, node, ["--address", state["gcs_address"]], log, prefix=prefix)
+    return node
+
+
+def remove(state_dir: str, name: str, log=print) -> None:
+    """Stop node ``name`` (its processes, as ``down`` does) and drop it from the record."""
+    state = load_state(state_dir)
+    node = next((n for n in state["nodes"] if n["name"] == name), None)
+    if node is None:
+        raise ClusterError(f"no node '{name}' in the cluster of '{state_dir}'")
+    pids = stop_node(node)
+    state["nodes"] = [n for n in state["nodes"] if n["name"] != name]
+    _save_state(state)
+    log(f"removed node {name}: stopped {len(pids)} processes")
+
+
 def down(state_dir: str, log=print) -> int:
     """Stop the recorded nodes, workers first, and remove the record; returns the processes left (0)."""
     state = load_state(state_dir)
@@ -374,8 +410,9 @@ def down(state_dir: str, log=print) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python cluster/local.py", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status", "env", "kill"])
-    p.add_argument("node", nargs="?", help="for `kill`: the node's name (head, w1, w2, ...)")
+    p.add_argument("command", choices=["up", "down", "status", "env", "kill", "add", "remove"])
+    p.add_argument("node", nargs="?", help="for `kill` and `remove`: the node's name (head, w1, w2, ...)")
+    p.add_argument("--own-disk", metavar="DIR", help="for `add`: a folder the new node sees as its own, empty")
     p.add_argument("--state-dir", default=os.environ.get("TL_CLUSTER_DIR", DEFAULT_STATE_DIR),
                    help=f"where the token, the record, node temp dirs and shared storage go (default "
                         f"{DEFAULT_STATE_DIR}; short: Unix socket paths live under it)")
@@ -405,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             if not a.node:
                 p.error("kill needs a node name, e.g. `kill w2`")
             kill(a.state_dir, a.node)
+        elif a.command == "add":
+            if not a.own_disk:
+                p.error("add needs --own-disk DIR")
+            add(a.state_dir, a.own_disk)
+        elif a.command == "remove":
+            if not a.node:
+                p.error("remove needs a node name")
+            remove(a.state_dir, a.node)
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

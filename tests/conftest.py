@@ -29,6 +29,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from tl.runtime import CPUS_PER_CORE_VAR
+
+        # as workflows._cli.init_ray says it for its local Ray: its workers run one thread per core they hold
+        os.environ[CPUS_PER_CORE_VAR] = f"{max(1.0, 4 / (os.cpu_count() or 1)):g}"
         ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -201,6 +201,8 @@ def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
     assert set(rows["git_commit"].str.replace("+dirty", "")) == {head}, set(rows["git_commit"])
     assert all(json.loads(h)["host"] == host for h, host in zip(rows["hardware"], rows["host"]))
     assert (out / "config.yaml").stat().st_size > 0
+    # each trial ran one torch thread per CPU Ray assigned it (trained cells 1, feature cells 0.25: one thread)
+    assert set(rows["trial_cpus"]) <= {1.0, 0.25} and set(rows["threads"]) == {1}, rows[["trial_cpus", "threads"]]
     # the workflow's console in the job's log (its driver's and, forwarded, its workers' lines; before it, Ray's
     # job manager says it sets up the runtime env and runs the entrypoint): tl's own lines and the paths of its
     # results, no line of Ray's loggers (they are in the files its first line names)
@@ -227,6 +229,60 @@ def test_adaptation_runs_overlap_on_the_cluster(cluster, pretrained, tmp_path):
     assert runs["started_at"].max() < runs["finished_at"].min(), runs[["method", "started_at", "finished_at"]]
     print(f"adaptation runs overlapped for {runs['finished_at'].min() - runs['started_at'].max():.1f} s on "
           f"nodes {sorted(set(runs['node']))}")
+
+
+def _driver_env(cluster: dict, home: Path) -> dict[str, str]:
+    """A driver on this machine connected to the cluster directly (``--address``), as a user runs one."""
+    env = _local().auth_env(cluster)
+    env["HOME"] = str(home)
+    return env
+
+
+@pytest.mark.slow
+def test_trials_train_workers_and_extraction_use_what_ray_assigned_them_on_their_nodes(cluster, tmp_path):
+    """cluster/probe.py on the 3 nodes (1, 2 and 2 CPUs): a trial of 2 CPUs runs 2 threads, a Train worker of 1
+    CPU runs 1 (the driver's machine has more cores: the old rule gave it those), and an extraction of 4 blocks
+    runs more than one task at once."""
+    storage = Path(cluster["storage"]) / "probe"
+    r = subprocess.run([PY, str(REPO / "cluster" / "probe.py"), "--address", cluster["gcs_address"], "--storage",
+                        str(storage), "--trial-cpus", "2", "--images", "4096"], cwd=REPO,
+                       env=_driver_env(cluster, tmp_path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == 3 and out["storage_shared"]
+    assert out["trial"] == {"cpus": 2.0, "threads": 2, "torch_threads": 2}, out
+    assert out["train_worker"] == {"cpus": 1.0, "threads": 1, "torch_threads": 1}, out
+    assert out["extraction"]["tasks"] >= 4 and out["extraction"]["most_at_once"] > 1, out
+
+
+@pytest.mark.slow
+def test_a_comparison_on_a_folder_one_node_cannot_see_is_refused_before_any_trial(cluster, pretrained, tmp_path):
+    """A fourth node whose /tmp/tl-own-... is its own disk (a tmpfs in its own mount namespace); a comparison
+    run directly against the cluster with its storage there stops at once, naming the folder."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("`unshare -m` is not permitted here (it needs root): no node can have a disk of its own")
+    own = Path(tempfile.mkdtemp(prefix="tl-own-", dir="/tmp"))
+    r = subprocess.run([PY, str(LOCAL), "add", "--own-disk", str(own), "--state-dir", cluster["state_dir"]],
+                       capture_output=True, check=False, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    name = json.loads((Path(cluster["state_dir"]) / "cluster.json").read_text())["nodes"][-1]["name"]
+    try:
+        storage, out = own / "home", tmp_path / "out"
+        t0 = time.time()
+        r = subprocess.run([PY, "-m", "workflows.compare", "--smoke-test", "--address", cluster["gcs_address"],
+                            "--storage", str(storage), "--output", str(out), "--set", f"weights={pretrained}"],
+                           cwd=REPO, env=_driver_env(cluster, tmp_path), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2, (r.stdout[-3000:], r.stderr[-3000:])
+        assert re.search(rf"storage path '{re.escape(str(storage))}' is not shared: 1 of the cluster's \d+ nodes \(",
+                         r.stderr), r.stderr[-3000:]
+        assert "s3://" in r.stderr.strip().splitlines()[-1]
+        assert sorted(p.name for p in storage.iterdir()) == [], "no cell, cache or trial folder was written"
+        assert not out.exists()
+        print(f"refused after {time.time() - t0:.1f} s: {r.stderr.strip().splitlines()[-1][:200]}")
+    finally:
+        subprocess.run([PY, str(LOCAL), "remove", name, "--state-dir", cluster["state_dir"]], capture_output=True,
+                       check=False, timeout=300)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _trial_running_on(local, node: dict) -> bool:

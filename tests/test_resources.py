@@ -42,3 +42,37 @@ def test_an_episode_trains_on_the_cpu_here_and_its_tensors_follow_the_task_devic
     assert run.device.type == episode_device()
     assert all(p.device.type == episode_device() for p in run.model.parameters())
     assert run.predict().shape == (3,)
+
+
+def test_threads_are_what_ray_assigned_a_task_counted_in_cores_of_the_local_ray(ray_local, monkeypatch):
+    """A task, actor or trial runs one torch thread per core of what Ray assigned it, read where it
+    runs; the local Ray the tests start has 2 logical CPUs per core here (conftest says so to its workers)."""
+    import os
+
+    import ray
+
+    from tl.runtime import CPUS_PER_CORE_VAR, assigned_cpus, assigned_threads, threads_for
+
+    factor = float(os.environ[CPUS_PER_CORE_VAR])
+    assert factor == max(1.0, 4 / (os.cpu_count() or 1))
+
+    @ray.remote
+    def inside():
+        import torch
+
+        return assigned_cpus(), assigned_threads(), torch.get_num_threads()
+
+    for cpus in (0.25, 1, 2, 4):
+        got = ray.get(inside.options(num_cpus=cpus).remote())
+        assert got[0] == cpus and got[1] == got[2] == threads_for(cpus), (cpus, got)
+    assert ray.get(inside.options(num_cpus=4).remote())[1] == max(1, round(4 / factor))
+    assert assigned_cpus() is None, "the driver has no assignment"
+    monkeypatch.setenv(CPUS_PER_CORE_VAR, "1")  # a cluster's node: one thread per assigned CPU
+    assert [threads_for(c) for c in (0.25, 1, 1.5, 3)] == [1, 1, 2, 3]
+
+
+def test_a_one_node_ray_passes_the_storage_check_without_probing(ray_local, tmp_path):
+    from tl.runtime import check_shared_storage
+
+    check_shared_storage(tmp_path / "home")  # one node: nothing to probe, nothing written
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,7 @@ from tl.errors import ConfigError, TrainingError
 from tl.grid import Cell, CellStore, GridResult, run_cells, stamp
 from tl.report import write_config
 from tl.runs import UDA_RECIPE, RunConfig, check_data, run
+from tl.runtime import check_shared_storage
 from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
 
@@ -300,6 +301,7 @@ def run_experiment(cfg: AdaptExperimentConfig, storage: "str | os.PathLike | Loc
 
     t0 = time.time()
     storage = Location.of(storage)
+    check_shared_storage(storage)  # on several nodes, a folder one of them cannot see stops here
     output.mkdir(parents=True, exist_ok=True)
     for t in cfg.targets:  # bad data stops here, before any pretraining or trial
         check_data(cfg.run_config(t, cfg.methods[0], cfg.seeds[0]))

@@ -25,7 +25,7 @@ from tl.errors import ConfigError, TrainingError, grid_exit_status
 from tl.evaluate import VAL_RULES, CellInputs, EpisodeSettings, run_cell
 from tl.grid import Cell, CellStore, GridResult, plan, run_cells, stamp
 from tl.models import input_size_of, num_stages
-from tl.runtime import cluster_gpus, gpu_share
+from tl.runtime import check_shared_storage, cluster_gpus, gpu_share
 from tl.storage import Location
 from tl.strategies import StrategyEntry, check_labels
 
@@ -326,6 +326,7 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
 
     t0 = time.time()
     storage = Location.of(storage)
+    check_shared_storage(storage)  # on several nodes, a folder one of them cannot see stops here
     store = CellStore(cfg.cells_dir(storage))
     gpu = gpu_share(cfg.gpu_per_trial, cluster_gpus())
     # a first plan with the weights as they are now (weights still to be pretrained: every cell to run)
@@ -342,7 +343,8 @@ def run_compare(cfg: CompareConfig, storage: "str | os.PathLike | Location", out
     log(f"[compare] {len(grid)} cells ({len(cfg.targets)} targets x {len(cfg.shots)} shots x {len(cfg.seeds)} seeds x "
         f"{len(cfg.strategies)} strategies), {cfg.episodes} test episodes each; {len(p['done'])} finished and "
         f"{len(p['failed'])} failed before (in {store.root}); {len(p['todo'])} to run"
-        + (f"; trained cells take {gpu:g} GPU each, in bf16 mixed precision" if gpu else ""))
+        + (f"; trained cells take {gpu:g} GPU each, in mixed precision (bf16 where the GPU has it, else fp16)"
+           if gpu else ""))
     output.mkdir(parents=True, exist_ok=True)  # once the data and the weights are checked
     if cfg.recommend:  # the prediction is made before any cell runs, and recorded beside the outcome
         from tl.recommend import for_comparison

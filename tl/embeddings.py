@@ -28,7 +28,7 @@ from tl.data import ImageSet
 from tl.errors import DataError
 from tl.models import make_backbone, weights_digest
 from tl.models.embedder import Embedder, FileEmbedder, embed_batch
-from tl.runtime import cluster_gpus, data_limits_refresh, data_progress
+from tl.runtime import cluster_gpus, data_progress
 from tl.storage import Location
 
 if TYPE_CHECKING:
@@ -41,15 +41,16 @@ MANIFEST = "manifest.json"
 class EmbedConfig:
     """How to extract: which backbone, weights and stage; how big the batches (an array's; files are
     read, decoded and embedded a listing block of ``LISTING_BLOCK`` files at a time), and how many
-    run at once: ``actors`` (CPU tasks, an actor pool for a large set; GPU actors when ``use_gpu``)
-    of ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch threads (0: the process default)."""
+    run at once: ``actors`` (CPU tasks, an actor pool for a large set; GPU actors when ``use_gpu``;
+    None: as many as Ray Data fits on the cluster's CPUs) of ``cpus_per_actor`` CPUs and
+    ``threads_per_actor`` torch threads (0: one per CPU Ray assigned the task or actor)."""
 
     backbone: str = "digits_cnn"
     weights: str | None = None
     stage: int | None = None
     input_size: int | None = None
     batch_size: int = 256
-    actors: int = 1
+    actors: int | None = 1
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0
     use_gpu: bool = False
@@ -57,9 +58,10 @@ class EmbedConfig:
     @staticmethod
     def on_cluster(**fields) -> "EmbedConfig":
         """``fields`` with what the running cluster offers: one Ray Data GPU actor per GPU where it
-        has GPUs (extraction is the big axis), one CPU task at a time otherwise."""
+        has GPUs (extraction is the big axis); on CPUs, Ray Data's own choice of how many tasks (or
+        actors, for a large set) run at once, as many as the cluster's CPUs hold."""
         gpus = int(cluster_gpus())
-        return EmbedConfig(**fields, use_gpu=gpus > 0, actors=max(1, gpus))
+        return EmbedConfig(**fields, use_gpu=gpus > 0, actors=gpus if gpus > 0 else None)
 
 
 @dataclass
@@ -120,7 +122,9 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
                  threads=cfg.threads_per_actor)
     if _on_actors(cfg, rows):
         cls, kwargs = (Embedder, build) if decode is None else (FileEmbedder, dict(build, decode=decode))
-        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        pool = (ray.data.ActorPoolStrategy(size=cfg.actors) if cfg.actors
+                else ray.data.ActorPoolStrategy(min_size=1, max_size=_cpu_slots(cfg.cpus_per_actor)))
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=pool,
                               batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor,
                               num_gpus=1 if cfg.use_gpu else 0)
     return ds.map_batches(embed_batch, fn_kwargs=dict(build, digest=digest, decode=decode),
@@ -133,6 +137,17 @@ def _on_actors(cfg: EmbedConfig, rows: int) -> bool:
     return cfg.use_gpu or rows > TASK_MAX_ROWS
 
 
+def _cpu_slots(cpus_each: float) -> int:
+    """How many CPU actors of ``cpus_each`` CPUs the running cluster holds at once (at least one)."""
+    import ray
+
+    return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) // max(cpus_each, 1e-3)))
+
+
+def _at_once(cfg: EmbedConfig) -> str:
+    return "as many at a time as Ray Data fits" if cfg.actors is None else f"{cfg.actors} at a time"
+
+
 def _write(ds, cfg: EmbedConfig, rows: int, path: str, fs: pafs.FileSystem):
     """``ds`` (``_embed``'s, of ``rows`` images) written as Parquet under ``path``; returns ``ds``,
     whose ``stats()`` name the operators that ran. On tasks the write asks for what the embedding
@@ -140,7 +155,6 @@ def _write(ds, cfg: EmbedConfig, rows: int, path: str, fs: pafs.FileSystem):
     operators: one task reads, decodes, embeds and writes a block, and no worker process starts for
     the writes alone."""
     data_progress(ds.context)  # bars on a terminal; in a log file tl's own lines say it
-    data_limits_refresh()  # the second task at the coordinator's answer, not at the next second
     same = {} if _on_actors(cfg, rows) else dict(concurrency=cfg.actors,
                                                   ray_remote_args={"num_cpus": cfg.cpus_per_actor})
     ds.write_parquet(path, filesystem=fs, **same)
@@ -168,7 +182,7 @@ def extract(data: ImageSet, cfg: EmbedConfig, cache_root: "str | Location", log:
         fs.delete_dir(folder)
     if len(data) >= ANNOUNCE_ROWS:  # long work says it starts; a short one has its one line when done
         log(f"[embed] extracting {len(data)} images of '{data.name}' with {cfg.backbone} (stage {cfg.stage or 'last'}) "
-            f"{cfg.actors} at a time, batch {cfg.batch_size}")
+            f"{_at_once(cfg)}, batch {cfg.batch_size}")
     ds = _embed(data.to_ray(("row", "image", "label", "id")), cfg, stage, digest, cfg.batch_size, "numpy", len(data))
     part = f"data-{uuid.uuid4().hex[:8]}"
     _write(ds, cfg, len(data), f"{folder}/{part}", fs)
@@ -218,7 +232,7 @@ def extract_stream(name: str, fingerprint: str, images, labels: np.ndarray, ids,
             log(f"[embed] {where} has no manifest (an interrupted write): rebuilding it")
             fs.delete_dir(folder)
         log(f"[embed] extracting {len(images)} images of '{name}' with {cfg.backbone} (stage {cfg.stage or 'last'}), "
-            f"streamed read -> decode -> embed -> Parquet, {cfg.actors} at a time, blocks of about {LISTING_BLOCK} "
+            f"streamed read -> decode -> embed -> Parquet, {_at_once(cfg)}, blocks of about {LISTING_BLOCK} "
             f"images")
         # the driver's listing goes to the object store in blocks; each task (actor on GPUs) reads,
         # decodes (uint8) and embeds a block's images in one process (read_binary_files and a

@@ -28,7 +28,7 @@ from ray import tune
 
 from tl.config import config_hash
 from tl.errors import ConfigError, TLError
-from tl.runtime import hardware, data_progress
+from tl.runtime import assigned_cpus, assigned_threads, check_shared_storage, data_progress, hardware
 from tl.storage import Location
 
 CellFn = Callable[..., "tuple[pd.DataFrame, str]"]
@@ -150,9 +150,8 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
     before the trial reports it (one report per cell). Cells finished before (by a previous attempt
     of this trial, which Tune retries after a crash) are skipped."""
     import ray
-    import torch
 
-    torch.set_num_threads(1)  # one core per trial: trials are the parallel axis
+    threads = assigned_threads()  # what Ray assigned the trial, on its node
     data_progress()
     store = CellStore(root)
     cells = [Cell.from_plain(c) for c in config["cells"]]
@@ -173,6 +172,7 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
         rows["cell_seconds"] = t1 - t0
         rows["cell_started"], rows["cell_finished"] = t0, t1  # when, so phases can be checked from the rows
         rows["node"], rows["host"] = ray.get_runtime_context().get_node_id(), platform.node()
+        rows["threads"], rows["trial_cpus"] = threads, assigned_cpus()
         rows["hardware"] = json.dumps(hardware(), sort_keys=True)  # the node's that ran the cell, not the driver's
         store.save(cell, rows)
         # numbers for Tune's loggers (TensorBoard, CSV, MLflow): the cell's means of what it measured
@@ -234,6 +234,7 @@ def _fit(trials: list[list[Cell]], store: CellStore, fn: CellFn, *, shared: dict
          max_failures: int, mlflow: str, experiment: str) -> None:
     """One Tune experiment, a trial per list of cells; a trial that still crashes after Tune's
     retries leaves its unfinished cells failed with its exception."""
+    check_shared_storage(storage)  # before any trial: every node must see the cells' folder
     trainable = tune.with_resources(
         tune.with_parameters(_trial, fn=fn, root=str(store.root), shared=shared),
         lambda config: {"cpu": max(c["cpu"] for c in config["cells"]), "gpu": max(c["gpu"] for c in config["cells"])})

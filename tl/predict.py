@@ -28,7 +28,7 @@ import pandas as pd
 
 from tl.data.decode import ReadDecode, listing_dataset
 from tl.errors import ConfigError, DataError
-from tl.runtime import data_limits_refresh, data_progress
+from tl.runtime import data_progress
 from tl.storage import Location, check_writable, is_uri
 
 SPLITS = ("adapt", "test", "train", "val", "heldout", "all")
@@ -297,7 +297,6 @@ def predict(model_dir: "str | Path | Location", source: str, output: "str | Path
     ds = ds.map_batches(_Rows(classes), batch_format="numpy")
     ds.context.execution_options.preserve_order = True
     data_progress(ds.context)
-    data_limits_refresh()
     parts = out_loc / f".predictions-{uuid.uuid4().hex[:8]}"
     try:
         ds.write_parquet(parts.path, filesystem=parts.fs)

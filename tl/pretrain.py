@@ -33,7 +33,7 @@ from tl.data.spec import TRAIN_VAL, DataSpec, check_files_of, is_embedded, load_
 from tl.errors import ConfigError
 from tl.models import Classifier, build_backbone, get_spec, input_size_of, save_weights
 from tl.models.weights import META_FILE, MODEL_FILE, file_sha256
-from tl.runtime import provenance, torch_threads
+from tl.runtime import provenance
 from tl.storage import Location
 from tl.train import ray_train
 from tl.train.digit_augment import SOURCE_AUGMENTS, digit_augment_preprocessed
@@ -169,13 +169,13 @@ def _worker(c: dict) -> None:
 
     Bit-reproducible (docs/finetuning.md, "Same command, same numbers"): the train set is read in
     its (seeded) order and split the same way every pass (``ordered``), the local shuffle and every
-    draw are seeded per epoch, and the thread count is the driver's (``torch_threads``); so the same
-    config on the same machine with the same number of workers gives the same weights, resumed or
+    draw are seeded per epoch, and the thread count is what Ray assigned the worker (``ray_train.start``); so the same
+    config on the same cluster with the same number of workers gives the same weights, resumed or
     not."""
     import ray.train
     import ray.train.torch
 
-    rank, world = ray_train.start(c["threads"], c["seed"])
+    rank, world, threads = ray_train.start(c["seed"])
     if c["use_gpu"]:  # cuDNN's own choice of convolution algorithms is not the same from run to run
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     model = Classifier(build_backbone(c["backbone"], c["input_size"]), c["num_classes"])
@@ -230,7 +230,7 @@ def _worker(c: dict) -> None:
         said = (epoch + 1) % max(1, c["epochs"] // 5) == 0 or epoch + 1 == c["epochs"]
         ray_train.checkpoint({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc},
                              {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                              "epoch": epoch + 1, "val_accuracy": acc, "resumes": resumes},
+                              "epoch": epoch + 1, "val_accuracy": acc, "resumes": resumes, "threads": threads},
                              f"[pretrain] epoch {epoch + 1}/{c['epochs']}  loss {loss:.4f}  source val accuracy "
                              f"{acc:.4f}" if said else "")
 
@@ -253,8 +253,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
     model_pp = build_backbone(cfg.backbone, cfg.input_size).preprocessing
     log(f"[pretrain] {cfg.backbone} on {cfg.data_name}: {len(train)} train / {len(val)} val images, "
         f"{cfg.epochs} epochs, {cfg.workers} Ray Train workers{' on GPUs' if cfg.use_gpu else ''}")
-    worker_cfg = dict(dataclasses.asdict(cfg), num_classes=len(train.classes), train_size=len(train),
-                      threads=torch_threads(cfg.workers))
+    worker_cfg = dict(dataclasses.asdict(cfg), num_classes=len(train.classes), train_size=len(train))
     result = ray_train.fit(
         _worker, worker_cfg,
         {"train": ray_train.preprocessed_dataset(train, model_pp, ordered=True),
@@ -271,7 +270,7 @@ def pretrain(cfg: PretrainConfig, storage: "str | os.PathLike | Location",
         "backbone": cfg.backbone, "data": to_dict(cfg)["data"], "classes": list(train.classes), "val_accuracy": acc,
         "epochs": int(state["epoch"]), "resumed_at_epochs": ray_train.resumed_at(state),
         "preprocessing": model_pp.describe(), "feature_dim": spec.feature_dim,
-        "config": to_dict(cfg), "threads": worker_cfg["threads"], "wall_s": wall, **provenance(),
+        "config": to_dict(cfg), "threads": int(state.get("threads", 0)), "wall_s": wall, **provenance(),
     }
     with tempfile.TemporaryDirectory(prefix="tl-pretrain-") as tmp:
         save_weights(model.backbone, Path(tmp) / MODEL_FILE)

@@ -40,13 +40,13 @@ from tl.models import Classifier, input_size_of, make_backbone, save_weights
 from tl.nn import ReplayBatches
 from tl.nn.scores import information_maximization, soft_neighborhood_density
 from tl.pretrain import resolve_weights, weights_identity
-from tl.runtime import provenance, torch_threads
+from tl.runtime import provenance
 from tl.storage import Location
 from tl.strategies import REGISTRY, TrainedStrategy, make_strategy
 from tl.strategies.adapt import AdaptStrategy
 from tl.train import ray_train
 from tl.train.augment import augment_stream
-from tl.train.loop import make_optimizer, train_steps
+from tl.train.loop import amp_dtype, grad_scaler, make_optimizer, precision_name, say_precision, train_steps
 
 #: The unsupervised recipe under every adaptation run's ``params`` (Ganin et al. 2016, section
 #: 5.2.2): SGD with momentum 0.9, μ_p = 0.01 / (1 + 10 p)^0.75, λ_p rising from 0 to 1, BatchNorm in
@@ -233,13 +233,15 @@ def _worker(c: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    rank, world = ray_train.start(c["threads"], c["seed"])
+    rank, world, _threads = ray_train.start(c["seed"])
     strategy = make_strategy(c["strategy"], c["params"])
     model = strategy.prepare(make_backbone(c["backbone"], c["weights"], c["input_size"], seed=c["seed"]),
                              c["num_classes"])
     if c["init_head"]:
         _load_head(model, c["weights"])
+    strategy.freeze(model)  # before prepare_model's DDP wrapper, which registers the parameters that require grad
     device = ray.train.torch.get_device()
+    model.to(device)  # where the batches come (Ray Data hands a GPU worker its batches on its GPU)
     batches = _stream(ray.train.get_dataset_shard(c["labelled"]), max(1, strategy.batch_size // world), c["seed"],
                       True, c["labelled"])
     # the labelled stream augmented per image as the strategy asks (the source stream when adapting)
@@ -254,13 +256,17 @@ def _worker(c: dict) -> None:
     history = list(state["history"]) if state is not None else []
     if state is None:  # the strategy's hook (lp_ft's probe) sees the first batch, which is then trained on
         first = next(batches)
-        strategy.on_start(model, *first)
+        strategy.on_start(model, *(t.to(device) for t in first))  # the batch beside the model
         batches = itertools.chain([first], batches)
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(strategy, model)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     amp = bool(c["amp"]) and device.type == "cuda"
+    dtype = amp_dtype(device) if amp else None
+    scaler = grad_scaler(dtype)  # fp16 (a GPU without bf16): one loss scale over the whole run
+    if c["amp"] and rank == 0:
+        say_precision(c["prefix"], device)
     lr_scale = strategy.lr_scale if c["adapt"] else None
     shards = {k: ray.train.get_dataset_shard(k) for k in c["evaluate"]}
     if step >= strategy.steps:  # the run had finished: hand its last checkpoint back
@@ -269,7 +275,7 @@ def _worker(c: dict) -> None:
         end = min(strategy.steps, (step // c["checkpoint_every"] + 1) * c["checkpoint_every"])
         t0 = time.perf_counter()
         losses = train_steps(model, strategy, batches, end, optimizer=opt, start_step=step, device=device,
-                             autocast=amp, target_batches=second, lr_scale=lr_scale)
+                             autocast=amp, scaler=scaler, target_batches=second, lr_scale=lr_scale)
         step = end
         metrics: dict[str, float] = {"step": step, "loss": ray_train.global_mean(float(np.mean(losses)))}
         if c["adapt"]:
@@ -286,7 +292,8 @@ def _worker(c: dict) -> None:
             history.append(metrics)
         extra = {} if scored is ray_train.unwrap(model) else {"scored_model": scored.state_dict()}
         ray_train.checkpoint(metrics, {"model": ray_train.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                       "step": step, "history": history, "resumes": resumes, **extra},
+                                       "step": step, "history": history, "resumes": resumes,
+                                       "device": device.type, "precision": precision_name(dtype), **extra},
                              f"{c['prefix']} step {step}/{strategy.steps}  loss {metrics['loss']:.4f}  "
                              f"{_scores_text(metrics)}  ({metrics['train_s']:.1f} s training)")
 
@@ -394,7 +401,7 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     classes = sets["target"].classes
     c = dict(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size, init_head=adapting and cfg.init_head,
              strategy=cfg.strategy, params=cfg.resolved_params(), num_classes=len(classes), seed=cfg.seed,
-             amp=cfg.amp, checkpoint_every=cfg.checkpoint_every, threads=torch_threads(cfg.workers),
+             amp=cfg.amp, checkpoint_every=cfg.checkpoint_every,
              prefix=f"[{cfg.kind}] {label}:", labelled=labelled, unlabelled=unlabelled, adapt=adapting,
              evaluate=[k for k in ("source_val", "target_pool", "target_test") if k in datasets])
     result = ray_train.fit(_worker, c, datasets, name=cfg.key(), storage=Location.of(storage) / "ray", workers=cfg.workers,
@@ -404,6 +411,8 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source_name, "target": cfg.target_name,
               "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"],
               "resumed_at_steps": ray_train.resumed_at(state), "weights": weights,
+              # where the last interval trained: its workers' device type and precision
+              "device": state.get("device", "unknown"), "precision": state.get("precision", "unknown"),
               "config": to_dict(cfg), "params": cfg.resolved_params(), "classes": list(classes),
               "wall_s": time.time() - t0, "sizes": {k: len(v) for k, v in sets.items()}, **provenance()}
     where = ""

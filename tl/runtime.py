@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -34,9 +35,54 @@ def resolve_storage(path: "str | os.PathLike | Location | None") -> Location:
     return check_writable(loc, "storage path")
 
 
+#: set by the process that starts a local Ray with more logical CPUs than cores (``workflows._cli``,
+#: the tests' fixture), inherited by that Ray's workers: how many of its logical CPUs make one core
+CPUS_PER_CORE_VAR = "TL_CPUS_PER_CORE"
+
+
+def cpus_per_core() -> float:
+    """Logical CPUs of the running Ray per core of its machine: 1 on a cluster (``ray start`` counts
+    cores), ``CPUS_PER_CORE_VAR`` on the local Ray tl starts (docs/architecture.md, "Ray in this project")."""
+    try:
+        return max(1.0, float(os.environ.get(CPUS_PER_CORE_VAR) or 1))
+    except ValueError:
+        return 1.0
+
+
+def threads_for(cpus: float) -> int:
+    """torch threads for work that Ray assigned ``cpus`` logical CPUs: one per assigned core, at least one."""
+    return max(1, math.ceil(cpus / cpus_per_core() - 1e-9))
+
+
+def assigned_cpus() -> float | None:
+    """The CPUs Ray assigned to this process's task, actor, trial or Train worker (None in a driver,
+    or outside Ray): the node-side truth, not the driver's ``os.cpu_count()``."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except AssertionError:  # a driver: Ray answers only in a worker
+        return None
+
+
+def assigned_threads() -> int:
+    """Sets and returns this process's torch threads from what Ray assigned it (``threads_for``);
+    in a driver, the machine's cores."""
+    import torch
+
+    cpus = assigned_cpus()
+    n = threads_for(cpus) if cpus else max(1, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
 def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
-    """CPUs each of ``num_workers`` may ask for so the group fits the running Ray's logical CPUs
-    and leaves ``reserve`` for the Ray Data tasks around it (docs/architecture.md, "Ray in this project": starvation hangs)."""
+    """CPUs each of ``num_workers`` Ray Train workers asks for so the group fits the running Ray's
+    logical CPUs and leaves ``reserve`` for the Ray Data tasks around it (docs/architecture.md, "Ray
+    in this project": starvation hangs): at most one, and the worker runs as many torch threads as
+    that is of a core (``threads_for``): more cores for a run are more workers."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
@@ -44,6 +90,58 @@ def cpus_per_worker(num_workers: int, reserve: float = 0.5) -> float:
     if share <= 0:
         raise ConfigError(f"{num_workers} workers do not fit the {total:g} CPUs of the running Ray")
     return round(min(1.0, share), 3)
+
+
+def _sees(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+_REACHED: set[tuple[str, frozenset]] = set()
+
+
+def check_shared_storage(storage: "str | os.PathLike | Location", what: str = "storage path") -> None:
+    """On a Ray cluster of several nodes, a local ``storage`` folder is used by trials and Train
+    workers on every node (cells, checkpoints, caches, weights): refuse it at once, naming it, when a
+    node does not see it (its own disk), rather than let cells written there come back "unfinished".
+    Checked for real: the driver writes a marker there and a zero-CPU task pinned to each other node
+    reads it. A URI (s3://...) and a one-node Ray pass as they are; a folder that passed once on the
+    same nodes is not probed again."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    loc = Location.of(storage)
+    if not loc.is_local or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in nodes if n["NodeID"] != here]
+    key = (str(loc.path), frozenset(n["NodeID"] for n in nodes))
+    if not others or key in _REACHED:
+        return
+    token = uuid.uuid4().hex
+    marker = Path(loc.path) / f".tl-reach-{token[:12]}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), token) for n in others]
+        seen = ray.get(refs, timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [f"{n.get('NodeManagerAddress', '?')} node {n['NodeID'][:8]}" for n, ok in zip(others, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"{what} '{loc.path}' is not shared: {len(blind)} of the cluster's {len(nodes)} nodes "
+            f"({', '.join(blind[:4])}) cannot see it, and trials there would write cells and look for weights "
+            f"where this driver cannot; on a cluster of several nodes pass --storage a folder every node mounts "
+            f"at the same path (NFS, a shared volume) or a bucket (s3://bucket/tl)")
+    _REACHED.add(key)
 
 
 DEFAULT_GPU_SHARE = 0.25  # four trained cells share one GPU: a few-shot episode is far from filling it
@@ -76,11 +174,6 @@ def episode_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_threads(num_workers: int) -> int:
-    """Threads for each torch worker process on one machine: the cores, shared out."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
-
-
 COMMIT_VAR = "TL_GIT_COMMIT"  # set by workflows.submit: a job's upload has no .git
 
 
@@ -94,26 +187,6 @@ def data_progress(context: Any = None) -> None:
     import ray.data
 
     (context or ray.data.DataContext.get_current()).enable_progress_bars = sys.stderr.isatty()
-
-
-#: seconds between Ray Data's refreshes of an execution's resource limits (Ray Data 2.60: 1 s)
-DATA_LIMITS_REFRESH_S = 0.1
-
-
-def data_limits_refresh(seconds: float = DATA_LIMITS_REFRESH_S) -> None:
-    """Ray Data (2.60) refreshes an execution's resource limits once a second, and until its
-    autoscaling coordinator's answer to the first request is seen they are zero: the execution runs
-    a single task (its liveness rule). Refreshed every ``seconds`` instead, the second task starts
-    when the answer comes, about 0.6 s sooner per execution: 10,000 files on warm worker processes
-    in 5.2-5.4 s instead of 5.9-6.0 s on 2 cores (``python -m benchmarks.files``, docs/data.md).
-    Each refresh is a look at one pending reference (a new request to the coordinator actor when the
-    last has come back), in this process only. A Ray without the setting is left as it is
-    (tests/test_embeddings.py checks that the pinned one has it)."""
-    from ray.data._internal.execution import resource_manager
-
-    manager = getattr(resource_manager, "ResourceManager", None)
-    if isinstance(getattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", None), (int, float)):
-        manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = seconds
 
 
 def git_head(cwd: str | os.PathLike, dirty_mark: bool = False) -> str:

@@ -32,7 +32,7 @@ from tl.grid import TrialProgress, quiet_tune
 from tl.data.spec import DataSpec, resolve
 from tl.models import input_size_of, num_stages
 from tl.report import describe, write_best, write_config, write_reports
-from tl.runtime import cluster_gpus, gpu_share
+from tl.runtime import check_shared_storage, cluster_gpus, gpu_share
 from tl.storage import Location
 from tl.strategies import make_strategy
 
@@ -199,12 +199,11 @@ class SearchConfig(BackboneFields, EpisodeFields):
 def _search_trial(config: dict, *, data, embeddings, weights, folds, fixed: dict) -> None:
     """One candidate: validation episodes advanced milestone by milestone, reported to Tune.
     ``weights``/``embeddings``: one, or ``{fold: ...}`` per validation fold (``bn_stats: target``)."""
-    import torch
-
     from tl.evaluate import staged_accuracy
     from tl.models import make_backbone
+    from tl.runtime import assigned_threads
 
-    torch.set_num_threads(1)
+    assigned_threads()  # what Ray assigned the trial, on its node
     params = {**fixed["params"], **candidate(config, fixed["keys"])}
     strat = make_strategy(fixed["strategy"], params)
     if strat.budget_key:
@@ -251,6 +250,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
 
     t0 = time.time()
     storage = Location.of(storage)
+    check_shared_storage(storage)  # on several nodes, a folder one of them cannot see stops here
     output.mkdir(parents=True, exist_ok=True)
     # a user's folder stays files: each trial's episodes decode their own images
     target = load_target(cfg.target_name, cfg.target_spec, cfg.test_split, cfg.val_split,
@@ -324,6 +324,7 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
         f"search {cfg.search_alg}")
     run_config = tune.RunConfig(name=name, **(storage / "tune").ray_storage(), verbose=0,
                                 callbacks=[TrialProgress(log, total, "search", _describe)])
+    check_shared_storage(storage)  # before any trial: every node must see the search's folder
     tuner, resumed = None, False
     if tune.Tuner.can_restore(path.path, storage_filesystem=path.ray_filesystem):
         try:

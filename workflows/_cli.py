@@ -121,6 +121,10 @@ def init_ray(address: str | None) -> None:
         except Exception as exc:
             raise ConfigError(f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0]})") from exc
     else:
+        from tl.runtime import CPUS_PER_CORE_VAR
+
+        # its workers inherit it: a worker assigned 2 of these logical CPUs runs 1 torch thread
+        os.environ[CPUS_PER_CORE_VAR] = f"{local_cpus() / (os.cpu_count() or 1):g}"
         ray.init(num_cpus=local_cpus())
     ray.data.DataContext.get_current().enable_progress_bars = False
     _ray_lines_to_file(ray_log)  # the loggers Ray set up in ray.init
@@ -146,12 +150,8 @@ def _ray_lines_to_file(path: Path | None = None) -> Path:
         folder = Path(tempfile.gettempdir()) / "tl-logs"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    try:  # Ray sets up its console handler once, at its first start if not before: here, so it is replaced
-        from ray._private.log import generate_logging_config
+    import ray  # noqa: F401  (importing Ray sets up its console handler, replaced below)
 
-        generate_logging_config()
-    except ImportError:
-        pass
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     names = ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]

@@ -18,9 +18,12 @@ class Embedder:
         import torch
 
         from tl.models.registry import make_backbone
+        from tl.runtime import assigned_threads
 
         if threads:
             torch.set_num_threads(threads)
+        else:  # what Ray assigned this actor, on its node
+            assigned_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = make_backbone(backbone, weights, input_size).eval().to(self.device)
         self.stage = stage
@@ -66,7 +69,6 @@ class FileEmbedder(Embedder):
 #: (1,000 files: 14-18 s per extraction with an actor pool, 1.5-2.8 s with warm tasks, on 2 busy cores)
 _BUILT: "OrderedDict[tuple, Embedder]" = OrderedDict()
 _KEEP = 1
-_DEFAULT_THREADS: list[int] = []
 
 
 def embed_batch(batch, *, backbone: str, weights: str | None, digest: str, stage: int | None,
@@ -77,15 +79,18 @@ def embed_batch(batch, *, backbone: str, weights: str | None, digest: str, stage
     the listed images. A generator: Ray Data takes each yielded batch as output."""
     import torch
 
-    if not _DEFAULT_THREADS:
-        _DEFAULT_THREADS.append(torch.get_num_threads())
+    from tl.runtime import assigned_threads
+
     key = (backbone, weights, digest, input_size)
     embedder = _BUILT.pop(key, None) or Embedder(backbone, weights, stage, input_size, 0)
     _BUILT[key] = embedder
     while len(_BUILT) > _KEEP:
         _BUILT.popitem(last=False)
     embedder.stage = stage
-    torch.set_num_threads(threads or _DEFAULT_THREADS[0])  # a reused process keeps no earlier task's setting
+    if threads:  # a reused process keeps no earlier task's setting: set for every task
+        torch.set_num_threads(threads)
+    else:  # what Ray assigned this task, on its node
+        assigned_threads()
     if decode is None:
         yield embedder(batch)
         return

@@ -1,8 +1,9 @@
 """The strategy interface: a strategy is data (its hyper-parameters) plus a few small methods.
 
-Feature strategies classify cached embeddings; trained strategies say which parameters train and
-at what learning rate (``param_groups``), what the per-step loss is (``loss``), and optional hooks
-(``prepare``, ``on_start``). The one training loop (``tl.train.loop``) never branches on a name.
+Feature strategies classify cached embeddings; trained strategies say which parameters train
+(``freeze``, before a DDP wrapper is built) and at what learning rate (``param_groups``), what the
+per-step loss is (``loss``), and optional hooks (``prepare``, ``on_start``). The one training loop
+(``tl.train.loop``) never branches on a name.
 """
 
 from __future__ import annotations
@@ -205,15 +206,21 @@ class TrainedStrategy(Strategy):
         """The model to train: here, the given backbone with its first k stages frozen."""
         return Classifier(backbone.freeze_first(self.frozen), n_classes)
 
+    def freeze(self, model: Classifier) -> None:
+        """Switch off ``requires_grad`` of the parameters the strategy never trains (the backbone's when
+        ``backbone_lr_mult`` is 0), once, before anything wraps the model: DDP registers the parameters
+        that require grad when it is built and waits for each one's gradient at every step."""
+        if self.backbone_lr_mult <= 0:
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+
     def param_groups(self, model: Classifier) -> list[dict]:
-        """Head at ``lr``; trainable backbone parameters at ``lr * backbone_lr_mult``."""
+        """Head at ``lr``; trainable backbone parameters at ``lr * backbone_lr_mult`` (none at a rate of
+        0; ``freeze`` switched their gradients off). Builds the groups only: no parameter changes here."""
         groups = [{"params": list(model.head.parameters()), "lr": self.lr, "name": "head"}]
         trainable = [p for p in model.backbone.parameters() if p.requires_grad]
         if trainable and self.backbone_lr_mult > 0:
             groups.append({"params": trainable, "lr": self.lr * self.backbone_lr_mult, "name": "backbone"})
-        elif trainable:
-            for p in trainable:
-                p.requires_grad_(False)
         return groups
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -251,7 +258,7 @@ class EpisodeRun:
                  extra: dict[str, torch.Tensor | None] | None = None):
         """``extra``: more image tensors a subclass trains on (for example an unlabelled pool);
         they pass through the frozen prefix with the support set and are kept in ``self.extra``."""
-        from tl.train.loop import make_optimizer
+        from tl.train.loop import amp_dtype, grad_scaler, make_optimizer, say_precision
 
         if task.backbone is None or task.support_x is None or task.query_x is None:
             raise ConfigError(f"strategy '{strategy.name}' needs images and a backbone")
@@ -261,9 +268,14 @@ class EpisodeRun:
         torch.manual_seed(task.seed)
         # channels-last convolutions: about a quarter faster per step on CPU (oneDNN) than the default
         # layout, the same arithmetic up to rounding. On a GPU every tensor of the episode lives there
-        # and the steps run in bf16 autocast (mixed precision); the CPU path is unchanged.
+        # and the steps run in mixed precision (``tl.train.loop.amp_dtype``: bf16 where the GPU has it,
+        # else fp16 with a loss scaler); the CPU path is unchanged.
         self.device = torch.device(task.device)
+        if self.device.type == "cuda":
+            say_precision("[episode]", self.device)
+        self.scaler = grad_scaler(amp_dtype(self.device))
         model = strategy.prepare(task.backbone(), task.n_way).to(self.device, memory_format=torch.channels_last)
+        strategy.freeze(model)
         x, q = _channels_last(_on(task.support_x, self.device)), _channels_last(_on(task.query_x, self.device))
         y = torch.as_tensor(task.support_y).to(self.device)
         extra = {name: _channels_last(_on(t, self.device)) for name, t in (extra or {}).items()}
@@ -287,7 +299,7 @@ class EpisodeRun:
         if steps > self.step:
             train_steps(self.model, self.strategy, self.batches, steps, optimizer=self.optimizer, start_step=self.step,
                         target_batches=self.second, lr_scale=self.lr_scale, device=self.device,
-                        autocast=self.device.type == "cuda")
+                        autocast=self.device.type == "cuda", scaler=self.scaler)
             self.step = steps
 
     def predict(self) -> np.ndarray:

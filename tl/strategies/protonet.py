@@ -49,6 +49,9 @@ class ProtoNetFT(TrainedStrategy):
         model.head.weight.requires_grad_(False)
         return model
 
+    def freeze(self, model: Classifier) -> None:
+        """Nothing more: the backbone is all it trains, at ``lr * backbone_lr_mult`` (0 leaves it as it is)."""
+
     def param_groups(self, model: Classifier) -> list[dict]:
         trainable = [p for p in model.backbone.parameters() if p.requires_grad]
         return [{"params": trainable, "lr": self.lr * self.backbone_lr_mult, "name": "backbone"}]

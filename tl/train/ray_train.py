@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tl.errors import TrainingError
-from tl.runtime import cpus_per_worker, data_progress
+from tl.runtime import assigned_threads, check_shared_storage, cpus_per_worker, data_progress
 from tl.storage import Location
 
 STATE_FILE = "state.pt"
@@ -39,6 +39,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_shared_storage(storage)  # before any worker: every node must see the run's checkpoints
     resources = {"CPU": cpus_per_worker(workers)}
     if use_gpu:
         resources["GPU"] = 1
@@ -77,16 +78,17 @@ def _root_message(exc: BaseException) -> str:
     return lines[-1] if lines else repr(exc)
 
 
-def start(threads: int, seed: int) -> tuple[int, int]:
-    """Inside a worker: torch's threads and seed set, Ray Data's progress bars off (no terminal);
-    returns (world rank, world size)."""
+def start(seed: int) -> tuple[int, int, int]:
+    """Inside a worker: torch's threads from the CPUs Ray assigned this worker (``tl.runtime.assigned_threads``:
+    the node's truth, not the driver's cores), the seed set, Ray Data's progress bars off (no terminal);
+    returns (world rank, world size, threads)."""
     import ray.train
 
-    torch.set_num_threads(threads)
+    threads = assigned_threads()
     torch.manual_seed(seed)
     data_progress()
     ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
+    return ctx.get_world_rank(), ctx.get_world_size(), threads
 
 
 def resume(model: torch.nn.Module, what: str, counter: str) -> tuple[dict | None, int, list[int]]:
