@@ -60,3 +60,20 @@ def test_no_import_circle_in_tl():
     import grimp
 
     assert _cycles(grimp.build_graph("tl")) == []
+
+
+def test_tl_and_its_commands_use_rays_public_apis_only():
+    """Nothing of Ray's private modules (``ray._private``, ``ray.*._internal``) is imported by tl, its
+    workflows, benchmarks or cluster scripts, at module level or inside a function: an upgrade of Ray
+    may change them without notice (docs/architecture.md, "Ray in this project")."""
+    import ast
+
+    found = []
+    for folder in ("tl", "workflows", "benchmarks", "cluster"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if n.startswith("ray.") and any(p.startswith("_") for p in n.split(".")[1:])]
+    assert not found, found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import sys
@@ -166,30 +167,54 @@ def _ray_lines_to_file(path: Path | None = None) -> Path:
     return path
 
 
+#: a line Ray forwards from a worker process ("(RayTrainWorker pid=123, ip=10.0.0.2) text") or its
+#: autoscaler ("(autoscaler +2s) text"), its prefix coloured unless RAY_COLOR_PREFIX=0
+_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*pid=\d+[^()]*|autoscaler[^()]*)\)(?:\x1b\[[0-9;]*m)? ?(.*)$",
+                        re.S)
+
+
+class _WorkerLines(io.TextIOBase):
+    """This process's stdout or stderr with the lines Ray forwards from its workers filtered: tl's own
+    (``TL_LINE``) pass without Ray's prefix, the rest stay in the workers' log files; this process's
+    own lines pass as they are. Plain Python on the stream Ray's log monitor prints to (Ray's public
+    ``log_to_driver`` is all or nothing)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            m = _FORWARDED.match(line)
+            if m is None:
+                self.stream.write(line + "\n")
+            elif TL_LINE.match(m.group(1)):
+                self.stream.write(m.group(1) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
 def _only_tl_lines_from_workers() -> str:
-    """What Ray forwards from its worker processes to this console: tl's own lines only (``TL_LINE``);
-    the rest stays in the workers' log files, whose folder is returned ("" where this Ray has no hook
-    for it: then everything is forwarded, as Ray does by default)."""
-    try:
-        from ray._private import worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return ""
-    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
-        return ""
-
-    def tl_lines(data: dict) -> None:
-        lines = [ln for ln in data.get("lines", []) if TL_LINE.match(ln)]
-        if lines:
-            stream = sys.stderr if data.get("is_err") else sys.stdout
-            stream.write("".join(ln + "\n" for ln in lines))
-            stream.flush()
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", tl_lines)
-    node = getattr(ray_worker, "_global_node", None)
-    logs = node.get_logs_dir_path() if node is not None and hasattr(node, "get_logs_dir_path") else ""
-    return logs or "each node's /tmp/ray/session_latest/logs"
+    """What Ray forwards from its worker processes to this console: tl's own lines only (``TL_LINE``,
+    ``_WorkerLines`` on stdout and stderr); the rest stays in the workers' log files, whose place is
+    returned."""
+    if not isinstance(sys.stdout, _WorkerLines):
+        sys.stdout, sys.stderr = _WorkerLines(sys.stdout), _WorkerLines(sys.stderr)
+    return "each node's Ray temp dir (/tmp/ray by default), session_latest/logs"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
