@@ -155,3 +155,15 @@ def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray
     assert PretrainConfig(**_recipe("pretrained:shift")).key() == PretrainConfig(augment="shift").key()
     with pytest.raises(ConfigError, match="weights 'pretrained:colour': the pretraining recipe must be one of"):
         resolve_weights("pretrained:colour", "digits_cnn", storage, print)
+
+
+@pytest.mark.slow
+def test_a_diverging_pretraining_stops_naming_its_first_non_finite_step(ray_local, tmp_path):
+    """Losses are read once an epoch (no device read per step); the first non-finite one still stops the
+    run with its step and rate, and no backbone is written."""
+    from tl.errors import TrainingError
+
+    cfg = PretrainConfig(epochs=1, limit=256, batch_size=32, lr=1e30, workers=1)
+    with pytest.raises(TrainingError, match=r"non-finite loss \S+ in 'pretrain' at step \d+ with learning rate"):
+        pretrain(cfg, tmp_path, log=lambda _: None)
+    assert not (tmp_path / "backbones" / cfg.key() / "meta.json").exists()

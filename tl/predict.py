@@ -28,7 +28,7 @@ import pandas as pd
 
 from tl.data.decode import ReadDecode, listing_dataset
 from tl.errors import ConfigError, DataError
-from tl.runtime import data_progress
+from tl.runtime import assigned_threads, data_progress
 from tl.storage import Location, check_writable, is_uri
 
 SPLITS = ("adapt", "test", "train", "val", "heldout", "all")
@@ -39,7 +39,8 @@ MAX_LISTED = 20
 class PredictConfig:
     """``actors``: size of the actor pool (0: one per GPU when the cluster has GPUs, else 1);
     ``cpus_per_actor``: a fraction leaves CPUs for the read and decode tasks around the pool;
-    ``use_gpu``: None = when the cluster has GPUs; ``image_column``/``id_column``/``label_column``:
+    ``use_gpu``: None = when the cluster has GPUs; ``threads_per_actor``: torch threads of each (0: one
+    per CPU Ray assigned it, at least one); ``image_column``/``id_column``/``label_column``:
     columns of a Parquet file (the id column defaults to ``id`` when there is one) or CSV manifest."""
 
     actors: int = 0
@@ -71,6 +72,8 @@ class Predictor:
 
         if threads:
             torch.set_num_threads(threads)
+        else:  # one per CPU Ray assigned this actor, on its node
+            assigned_threads()
         manifest, weights = ray.get(blob[0])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model_from_parts(manifest, load_bytes(weights), "model").to(self.device).eval()

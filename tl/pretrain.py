@@ -218,14 +218,18 @@ def _worker(c: dict) -> None:
                 group["lr"] = lr
             x = _augment(batch["image"], c, pp, gen).to(device)
             loss = F.cross_entropy(model(x), batch["label"].to(device), label_smoothing=c["label_smoothing"])
-            ray_train.check_finite(loss, what="pretrain", step=step, lr=lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read once per epoch: a read per step waits for a GPU every step
             step += 1
+        values = torch.stack(losses).tolist() if losses else []
+        for i, value in enumerate(values):  # the first non-finite loss stops the run, naming its step
+            if not np.isfinite(value):
+                bad = epoch * steps_per_epoch + i
+                ray_train.check_finite(losses[i], what="pretrain", step=bad, lr=_lr_at(bad, total, warmup, c["lr"]))
         acc = ray_train.shard_accuracy(model, ray.train.get_dataset_shard("val"), device)
-        loss = ray_train.global_mean(float(np.mean(losses)) if losses else float("nan"))
+        loss = ray_train.global_mean(float(np.mean(values)) if values else float("nan"))
         # a line every few epochs (about five in a run, and the last): progress without a screenful
         said = (epoch + 1) % max(1, c["epochs"] // 5) == 0 or epoch + 1 == c["epochs"]
         ray_train.checkpoint({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc},

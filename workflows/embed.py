@@ -18,8 +18,8 @@ class EmbedJob:
     """``data``: a data spec (an embedded name, or a folder, CSV or Parquet, local or at a URI; a
     folder without class subfolders is unlabelled); ``split``: one split of it (every image when
     unset); ``actors``: extraction tasks at a time on CPUs, the actor pool's size for a large set (GPU
-    actors with ``use_gpu``), each with
-    ``threads_per_actor`` torch threads (0: the process default)."""
+    actors with ``use_gpu``; 0: as many as Ray Data fits on the cluster's CPUs), each with
+    ``threads_per_actor`` torch threads (0: one per CPU Ray assigned it)."""
 
     data: str | DataSpec = "mnistm"
     split: str | None = None
@@ -31,6 +31,12 @@ class EmbedJob:
     actors: int = 1
     threads_per_actor: int = 0
     use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.actors < 0 or self.threads_per_actor < 0:
+            from tl.errors import ConfigError
+
+            raise ConfigError("config keys 'actors' and 'threads_per_actor' must be 0 or more")
 
 
 def main() -> int:
@@ -54,7 +60,7 @@ def main() -> int:
     size = input_size_of(job.backbone, job.input_size)
     weights = resolve_weights(job.weights, job.backbone, storage, print)
     ecfg = EmbedConfig(backbone=job.backbone, weights=weights, stage=job.stage, input_size=job.input_size,
-                       batch_size=job.batch_size, actors=job.actors, threads_per_actor=job.threads_per_actor,
+                       batch_size=job.batch_size, actors=job.actors or None, threads_per_actor=job.threads_per_actor,
                        use_gpu=job.use_gpu)
     # a user's images stay in their files (a folder, a manifest, Parquet rows) and stream from storage
     # to the cache through Ray Data: the driver lists them, never decodes them, nor loads the vectors
