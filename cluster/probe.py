@@ -57,8 +57,9 @@ def _most_at_once(tasks: list) -> int:
     return most
 
 
-def probe(storage: str, trial_cpus: float, images: int) -> dict:
-    """The checks, on the Ray this process is connected to."""
+def probe(storage: str, trial_cpus: float, images: int, address: str = "auto") -> dict:
+    """The checks, on the Ray this process is connected to (``address``: its GCS, for the State API: with
+    another Ray on this machine, "auto" would not know which to ask)."""
     import numpy as np
     import ray
     from ray import tune
@@ -85,8 +86,8 @@ def probe(storage: str, trial_cpus: float, images: int) -> dict:
                     np.array([f"p{i}" for i in range(images)], object))
     t0 = time.time() * 1000
     extract(data, EmbedConfig.on_cluster(batch_size=256), storage, log=lambda line: None)
-    tasks = [t for t in list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
-             if "embed_batch" in (t.name or "") and (t.start_time_ms or 0) >= t0]
+    listed = list_tasks(address=address, filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
+    tasks = [t for t in listed if "embed_batch" in (t.name or "") and (t.start_time_ms or 0) >= t0]
     out["extraction"] = {"tasks": len(tasks), "most_at_once": _most_at_once(tasks),
                          "nodes": len({t.node_id for t in tasks})}
     ok = all(out[k]["threads"] == out[k]["torch_threads"] == threads_for(out[k]["cpus"])
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = a.storage or tempfile.mkdtemp(prefix="tl-probe-")
     ray.init(address=a.address, log_to_driver=False)
     try:
-        out = probe(storage, a.trial_cpus, a.images)
+        out = probe(storage, a.trial_cpus, a.images, a.address)
     finally:
         ray.shutdown()
     print(json.dumps(out), flush=True)

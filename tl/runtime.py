@@ -131,7 +131,11 @@ def check_shared_storage(storage: "str | os.PathLike | Location", what: str = "s
         probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(marker), token) for n in others]
-        seen = ray.get(refs, timeout=120)
+        try:
+            seen = ray.get(refs, timeout=120)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ConfigError(f"{what} '{loc.path}': the check that every node of the cluster sees it got no answer "
+                              f"from some of its {len(others)} other nodes within 120 s") from exc
     finally:
         marker.unlink(missing_ok=True)
     blind = [f"{n.get('NodeManagerAddress', '?')} node {n['NodeID'][:8]}" for n, ok in zip(others, seen) if not ok]

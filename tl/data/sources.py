@@ -412,18 +412,21 @@ def load_source(
     folder: str | None = None,
     csv: str | None = None,
     parquet: str | None = None,
+    idx: str | None = None,
     size: tuple[int, int] = (28, 28),
     classes: Sequence[str] | None = None,
     mixed_sizes: str = "error",
     unlabelled: bool = False,
     lazy: bool = False,
 ) -> ImageSet:
-    """Exactly one of: an embedded dataset name, an image folder, a CSV manifest or a Parquet file
-    (``unlabelled``: a folder without class subfolders, or a Parquet file without labels, is allowed,
+    """Exactly one of: an embedded dataset name, an image folder, a CSV manifest, a Parquet file or IDX
+    files (``tl.data.idx``; held in memory) (``unlabelled``: a folder without class subfolders, or a Parquet file without labels, is allowed,
     its labels -1; ``lazy``: the images stay in their files, decoded when rows are asked for)."""
-    given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet)) if v}
+    given = {k: v for k, v in (("dataset", dataset), ("folder", folder), ("csv", csv), ("parquet", parquet),
+                                ("idx", idx)) if v}
     if len(given) != 1:
-        raise DataError(f"give exactly one data source (dataset, folder, csv or parquet); got {sorted(given) or 'none'}")
+        raise DataError(f"give exactly one data source (dataset, folder, csv, parquet or idx); got "
+                        f"{sorted(given) or 'none'}")
     if dataset:
         from tl.data.suite import load_embedded
 
@@ -432,6 +435,10 @@ def load_source(
         return load_image_folder(folder, size, classes, mixed_sizes, unlabelled, lazy)
     if csv:
         return load_csv_manifest(csv, size, classes, mixed_sizes, lazy)
+    if idx:  # small enough to hold: read whole, never lazily
+        from tl.data.idx import load_idx
+
+        return load_idx(idx, size, classes)
     from tl.data.parquet import load_parquet
 
     return load_parquet(parquet, size, classes, mixed_sizes=mixed_sizes, unlabelled=unlabelled, lazy=lazy)

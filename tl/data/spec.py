@@ -2,9 +2,10 @@
 
 - an embedded name: ``mnist``, ``optdigits``, ``mnistm`` (``:base``/``:novel`` for class halves);
 - a path or URI (``/data/pets``, ``s3://bucket/pets``, ``gs://…``, any pyarrow filesystem): a folder
-  with one subfolder per class, a ``.csv`` manifest (``path,label``) or a ``.parquet`` file or folder
-  (image bytes + label); the kind comes from the suffix (``path``), or is named (``folder``, ``csv``,
-  ``parquet``);
+  with one subfolder per class, a ``.csv`` manifest (``path,label``), a ``.parquet`` file or folder
+  (image bytes + label), or IDX files (MNIST's and Fashion-MNIST's format: an images file or a folder
+  of them, ``tl.data.idx``); the kind comes from the suffix (``path``), or is named (``folder``,
+  ``csv``, ``parquet``, ``idx``);
 - a mapping with one of those and the options: ``name`` (its label in tables; default the last path
   component), ``size`` (default the backbone's input), ``classes`` (their order; a label outside them
   is an error), ``split``, ``seed`` and ``mixed_sizes``.
@@ -33,7 +34,7 @@ from tl.data.imageset import ImageSet
 from tl.errors import ConfigError, DataError
 
 SPLIT_RULES = ("none", "halves")
-KINDS = ("folder", "csv", "parquet")
+KINDS = ("folder", "csv", "parquet", "idx")
 #: the rule for a labelled source a model is trained on (pretraining, an adaptation source)
 TRAIN_VAL = {"train": 0.9, "val": 0.1}
 
@@ -46,6 +47,7 @@ class DataSpec:
     folder: str | None = None
     csv: str | None = None
     parquet: str | None = None
+    idx: str | None = None
     name: str | None = None
     size: tuple[int, int] | None = None
     classes: tuple[str, ...] | None = None
@@ -59,7 +61,7 @@ class DataSpec:
 
         given = [k for k in ("path", *KINDS) if getattr(self, k)]
         if len(given) != 1:
-            raise ConfigError(f"config key '{key}': give exactly one of path, folder, csv or parquet "
+            raise ConfigError(f"config key '{key}': give exactly one of path, folder, csv, parquet or idx "
                               f"(got {given or 'none'})")
         if isinstance(self.split, str) and self.split not in SPLIT_RULES:
             raise ConfigError(f"config key '{key}.split': '{self.split}' is not one of {', '.join(SPLIT_RULES)} "
@@ -77,11 +79,12 @@ class DataSpec:
     @property
     def where(self) -> str:
         """The path or URI as given."""
-        return str(self.path or self.folder or self.csv or self.parquet)
+        return str(self.path or self.folder or self.csv or self.parquet or self.idx)
 
     def kind(self) -> str:
-        """``folder``, ``csv`` or ``parquet``: named, or from the path's suffix (a folder of ``.parquet``
-        files is Parquet; a URI's query is not its suffix)."""
+        """``folder``, ``csv``, ``parquet`` or ``idx``: named, or from the path's suffix (a folder of
+        ``.parquet`` files is Parquet, an IDX images file or a folder holding one is IDX; a URI's query
+        is not its suffix)."""
         for k in KINDS:
             if getattr(self, k):
                 return k
@@ -93,6 +96,10 @@ class DataSpec:
             return "csv"
         if suffix in (".parquet", ".pq"):
             return "parquet"
+        from tl.data.idx import is_idx
+
+        if is_idx(loc):
+            return "idx"
         if loc.is_local and loc.is_dir():
             names = [p.name for p in loc.iterdir()]
             if names and all(n.endswith(".parquet") or n.startswith((".", "_")) for n in names):
@@ -122,6 +129,8 @@ class DataSpec:
             out["path"] = self.path
         if self.mixed_sizes != "error":
             out["mixed_sizes"] = self.mixed_sizes
+        if self.idx is None:  # a field added later: absent, it leaves the keys of every other spec as they were
+            out.pop("idx")
         return out
 
 
@@ -202,7 +211,7 @@ def load_data(name: str, spec: DataSpec | None, size: tuple[int, int] | None = N
     return out
 
 
-KIND_NAMES = {"folder": "image folder", "csv": "CSV manifest", "parquet": "Parquet file"}
+KIND_NAMES = {"folder": "image folder", "csv": "CSV manifest", "parquet": "Parquet file", "idx": "IDX data"}
 
 
 def check_classes(data: ImageSet, spec: DataSpec) -> None:
@@ -264,7 +273,7 @@ def _enough(full: ImageSet, parts: int, rule: str, s: dict) -> None:
     counts = np.bincount(full.labels[full.labels >= 0]) if (full.labels >= 0).any() else np.array([len(full)])
     small = [full.classes[c] if full.classes else "(unlabelled)" for c, n in enumerate(counts) if 0 < n < parts]
     if small:
-        raise DataError(f"data '{s['path'] or s['folder'] or s['csv'] or s['parquet']}': class '{small[0]}' has fewer "
+        raise DataError(f"data '{s['path'] or s['folder'] or s['csv'] or s['parquet'] or s['idx']}': class '{small[0]}' has fewer "
                         f"images than the {parts} parts of split {rule}")
 
 
