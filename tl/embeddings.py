@@ -122,8 +122,8 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
                  threads=cfg.threads_per_actor)
     if _on_actors(cfg, rows):
         cls, kwargs = (Embedder, build) if decode is None else (FileEmbedder, dict(build, decode=decode))
-        pool = (ray.data.ActorPoolStrategy(size=cfg.actors) if cfg.actors
-                else ray.data.ActorPoolStrategy(min_size=1, max_size=_cpu_slots(cfg.cpus_per_actor)))
+        # no size: Ray Data grows the pool as far as the cluster's resources let it
+        pool = ray.data.ActorPoolStrategy(size=cfg.actors) if cfg.actors else ray.data.ActorPoolStrategy(min_size=1)
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=pool,
                               batch_size=batch_size, batch_format=batch_format, num_cpus=cfg.cpus_per_actor,
                               num_gpus=1 if cfg.use_gpu else 0)
@@ -135,13 +135,6 @@ def _embed(ds, cfg: EmbedConfig, stage: int | None, digest: str, batch_size: int
 def _on_actors(cfg: EmbedConfig, rows: int) -> bool:
     """Whether ``_embed`` maps ``rows`` images on an actor pool (else CPU tasks)."""
     return cfg.use_gpu or rows > TASK_MAX_ROWS
-
-
-def _cpu_slots(cpus_each: float) -> int:
-    """How many CPU actors of ``cpus_each`` CPUs the running cluster holds at once (at least one)."""
-    import ray
-
-    return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) // max(cpus_each, 1e-3)))
 
 
 def _at_once(cfg: EmbedConfig) -> str:

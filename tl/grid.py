@@ -151,7 +151,7 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
     of this trial, which Tune retries after a crash) are skipped."""
     import ray
 
-    threads = assigned_threads()  # what Ray assigned the trial, on its node
+    threads, cpus = assigned_threads(), assigned_cpus()  # what Ray assigned the trial, on its node
     data_progress()
     store = CellStore(root)
     cells = [Cell.from_plain(c) for c in config["cells"]]
@@ -172,7 +172,7 @@ def _trial(config: dict, *, fn: CellFn, root: str, shared: dict) -> None:
         rows["cell_seconds"] = t1 - t0
         rows["cell_started"], rows["cell_finished"] = t0, t1  # when, so phases can be checked from the rows
         rows["node"], rows["host"] = ray.get_runtime_context().get_node_id(), platform.node()
-        rows["threads"], rows["trial_cpus"] = threads, assigned_cpus()
+        rows["threads"], rows["trial_cpus"] = threads, cpus
         rows["hardware"] = json.dumps(hardware(), sort_keys=True)  # the node's that ran the cell, not the driver's
         store.save(cell, rows)
         # numbers for Tune's loggers (TensorBoard, CSV, MLflow): the cell's means of what it measured

@@ -107,8 +107,8 @@ def check_shared_storage(storage: "str | os.PathLike | Location", what: str = "s
     workers on every node (cells, checkpoints, caches, weights): refuse it at once, naming it, when a
     node does not see it (its own disk), rather than let cells written there come back "unfinished".
     Checked for real: the driver writes a marker there and a zero-CPU task pinned to each other node
-    reads it. A URI (s3://...) and a one-node Ray pass as they are; a folder that passed once on the
-    same nodes is not probed again."""
+    reads it. A URI (s3://...) and a one-node Ray pass as they are; a folder that passed on the same
+    nodes, or lies inside one that did, is not probed again."""
     import uuid
 
     import ray
@@ -120,9 +120,9 @@ def check_shared_storage(storage: "str | os.PathLike | Location", what: str = "s
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     here = ray.get_runtime_context().get_node_id()
     others = [n for n in nodes if n["NodeID"] != here]
-    key = (str(loc.path), frozenset(n["NodeID"] for n in nodes))
-    if not others or key in _REACHED:
-        return
+    ids = frozenset(n["NodeID"] for n in nodes)
+    if not others or any(same == ids and Path(loc.path).is_relative_to(done) for done, same in _REACHED):
+        return  # a folder inside one every node saw (a run's checkpoints under its storage) is seen too
     token = uuid.uuid4().hex
     marker = Path(loc.path) / f".tl-reach-{token[:12]}"
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def check_shared_storage(storage: "str | os.PathLike | Location", what: str = "s
             f"({', '.join(blind[:4])}) cannot see it, and trials there would write cells and look for weights "
             f"where this driver cannot; on a cluster of several nodes pass --storage a folder every node mounts "
             f"at the same path (NFS, a shared volume) or a bucket (s3://bucket/tl)")
-    _REACHED.add(key)
+    _REACHED.add((str(loc.path), ids))
 
 
 DEFAULT_GPU_SHARE = 0.25  # four trained cells share one GPU: a few-shot episode is far from filling it
