@@ -188,6 +188,34 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_range() -> tuple[int, int] | None:
+    """The kernel's range for the local ends of outgoing connections: a server port inside it can be
+    taken at any moment by some process's connection (Ray's own clients open many), so a node bound
+    there fails to start now and then ("timed out during startup"), never reliably."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_ports(servers: list[int], every: list[int]) -> None:
+    """Refuse ports (``every``: servers and worker ranges) in the ephemeral range, or ``servers`` already bound."""
+    eph = _ephemeral_range()
+    if eph is not None:
+        inside = sorted(q for q in every if eph[0] <= q <= eph[1])
+        if inside:
+            raise ClusterError(f"port(s) {inside[0]}..{inside[-1]} lie in the kernel's ephemeral range "
+                               f"{eph[0]}-{eph[1]} (/proc/sys/net/ipv4/ip_local_port_range), where outgoing "
+                               f"connections take ports at random and a node may fail to start; choose --port and "
+                               f"--dashboard-port so that every node's ports (--port to --port+100*(workers+2)) "
+                               f"stay below {eph[0]}")
+    busy = [q for q in servers if not _port_free(q)]
+    if busy:
+        raise ClusterError(f"port(s) {busy} are in use; choose another --port / --dashboard-port "
+                           f"(another cluster may be running)")
+
+
 def _node_ports(base: int, index: int) -> dict[str, int]:
     """Fixed ports for node ``index``: the block ``base + 100*(index+1)`` to ``+99`` (its servers, then its
     workers), so clusters whose ``--port`` differ by 1000 or more never collide."""
@@ -275,12 +303,9 @@ def up(state_dir: str, port: int, dashboard_port: int, head_cpus: int, worker_cp
     if len(str(sd)) > MAX_TEMP_DIR:
         raise ClusterError(f"--state-dir '{sd}' is {len(str(sd))} characters; Ray's socket paths under it would pass "
                            f"the 107-byte Unix limit; use at most {MAX_TEMP_DIR} (e.g. /tmp/tl-cluster)")
-    wanted = [port, port + 1, dashboard_port] + [p for i in range(workers + 1) for k, p in _node_ports(port, i).items()
-                                       if not k.endswith("worker-port")]
-    busy = [p for p in wanted if not _port_free(p)]
-    if busy:
-        raise ClusterError(f"port(s) {busy} are in use; choose another --port / --dashboard-port "
-                           f"(another cluster may be running)")
+    nodes = [_node_ports(port, i) for i in range(workers + 1)]
+    servers = [port, port + 1, dashboard_port] + [q for n in nodes for k, q in n.items() if not k.endswith("worker-port")]
+    _check_ports(servers, servers + [q for n in nodes for q in range(n["min-worker-port"], n["max-worker-port"] + 1)])
     sd.mkdir(parents=True, exist_ok=True)
     token_file = sd / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -372,9 +397,12 @@ def add(state_dir: str, own_disk: str, num_cpus: int = 1, log=print) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     index = len(state["nodes"])
     name = f"x{index}"
+    ports = _node_ports(int(state["gcs_address"].rsplit(":", 1)[1]), index)
+    servers = [q for k, q in ports.items() if not k.endswith("worker-port")]
+    _check_ports(servers, servers + list(range(ports["min-worker-port"], ports["max-worker-port"] + 1)))
     node = {"name": name, "num_cpus": num_cpus, "resources": {f"node_{name}": 1},
             "temp_dir": str(Path(state["state_dir"]) / name), "own_disk": str(folder),
-            "ports": _node_ports(int(state["gcs_address"].rsplit(":", 1)[1]), index)}
+            "ports": ports}
     prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
               f'mount -t tmpfs tl-own-disk "{folder}" && exec "$0" "$@"']
     _start_node(state, node, ["--address", state["gcs_address"]], log, prefix=prefix)
