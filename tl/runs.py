@@ -302,7 +302,8 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
     """The run's images by role: ``target`` (the target images training sees) and ``target_test``
     (absent for an unlabelled target without ``test``); with a source also ``source`` (labelled)
     and ``source_val``. The training sets are permuted once (the embedded rows are sorted by class,
-    and shards should mix classes); ``limit`` cuts every set."""
+    and shards should mix classes); ``limit`` cuts every set, the evaluation sets to a seeded sample
+    of every class rather than their first (class-sorted) rows."""
     size = input_size_of(cfg.backbone, cfg.input_size)
     tname, tspec = resolve(cfg.target, "target")
     sets: dict[str, ImageSet] = {}
@@ -341,10 +342,11 @@ def _sets(cfg: RunConfig) -> dict[str, ImageSet]:
         if k in sets:
             order = rng.permutation(len(sets[k]))
             sets[k] = sets[k].subset(order[: cfg.limit] if cfg.limit else order)
-    if cfg.limit:
+    if cfg.limit:  # a seeded sample in the set's own order: the first rows of a class-sorted set hold few classes
+        pick = np.random.default_rng([cfg.seed, 1])
         for k in ("source_val", "target_test"):
-            if k in sets:
-                sets[k] = sets[k].subset(np.arange(min(cfg.limit, len(sets[k]))))
+            if k in sets and len(sets[k]) > cfg.limit:
+                sets[k] = sets[k].subset(np.sort(pick.permutation(len(sets[k]))[: cfg.limit]))
     return sets
 
 
