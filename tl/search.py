@@ -341,7 +341,10 @@ def run_search(cfg: SearchConfig, storage: "str | os.PathLike | Location", outpu
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
                                                        search_alg=search_alg, num_samples=cfg.num_samples,
-                                                       max_concurrent_trials=cfg.max_concurrent or None))
+                                                       max_concurrent_trials=cfg.max_concurrent or None,
+                                                       # a finished candidate's process takes the next one: no
+                                                       # interpreter and torch import per candidate (as tl.grid)
+                                                       reuse_actors=True))
     with quiet_tune():
         grid = tuner.fit()
     trials = []
