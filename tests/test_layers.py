@@ -77,3 +77,28 @@ def test_tl_and_its_commands_use_rays_public_apis_only():
                 found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
                           if n.startswith("ray.") and any(p.startswith("_") for p in n.split(".")[1:])]
     assert not found, found
+
+
+def test_the_console_filter_keeps_tls_lines_and_drops_rays_forwarded_ones():
+    """workflows._cli._WorkerLines: a worker's tl line passes without Ray's prefix; Ray's forwarded lines (a
+    worker's own, the autoscaler's, a raylet's and the GCS's notices about a dead node, with the indented lines
+    that continue them) stay in the log files; the process's own lines pass as they are."""
+    import io
+
+    from workflows._cli import _WorkerLines
+
+    sink = io.StringIO()
+    out = _WorkerLines(sink)
+    out.write("(pid=4242) [compare] 3/8 optdigits 1-shot seed 0 prototype: 80.0%\n"
+              "(TrainWorker pid=77, ip=10.0.0.2) Reporting training result 1\n"
+              "(autoscaler +2s) Adding 1 node(s)\n"
+              "(raylet) The node with node id: abc has been marked dead because the detector has missed too many\n"
+              "\t(1) the process was killed\n\t(2) raylet has lagging heartbeats due to slow network\n"
+              "(raylet, ip=10.0.0.3) A worker died or was killed while executing a task\n"
+              "\x1b[36m(pid=gcs_server)\x1b[0m Failed to remove 1 bundle(s) at node abc\n"
+              "rows: /tmp/out/rows.parquet\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1\n")
+    out.flush()
+    assert sink.getvalue().splitlines() == ["[compare] 3/8 optdigits 1-shot seed 0 prototype: 80.0%",
+                                            "rows: /tmp/out/rows.parquet",
+                                            "Traceback (most recent call last):", '  File "x.py", line 1']

@@ -169,19 +169,21 @@ def _ray_lines_to_file(path: Path | None = None) -> Path:
 
 #: a line Ray forwards from a worker process ("(RayTrainWorker pid=123, ip=10.0.0.2) text") or its
 #: autoscaler ("(autoscaler +2s) text"), its prefix coloured unless RAY_COLOR_PREFIX=0
-_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*pid=\d+[^()]*|autoscaler[^()]*)\)(?:\x1b\[[0-9;]*m)? ?(.*)$",
+_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*pid=[\w.-]+[^()]*|autoscaler[^()]*|raylet[^()]*)\)"
+                        r"(?:\x1b\[[0-9;]*m)? ?(.*)$",
                         re.S)
 
 
 class _WorkerLines(io.TextIOBase):
     """This process's stdout or stderr with the lines Ray forwards from its workers filtered: tl's own
     (``TL_LINE``) pass without Ray's prefix, the rest stay in the workers' log files; this process's
-    own lines pass as they are. Plain Python on the stream Ray's log monitor prints to (Ray's public
-    ``log_to_driver`` is all or nothing)."""
+    own lines pass as they are, except the indented lines that continue a dropped one (a raylet's
+    notice about a dead node goes on over several). Plain Python on the stream Ray's log monitor
+    prints to (Ray's public ``log_to_driver`` is all or nothing)."""
 
     def __init__(self, stream) -> None:
         super().__init__()
-        self.stream, self.pending = stream, ""
+        self.stream, self.pending, self.dropping = stream, "", False
 
     def write(self, text: str) -> int:
         self.pending += text
@@ -189,9 +191,15 @@ class _WorkerLines(io.TextIOBase):
         for line in lines:
             m = _FORWARDED.match(line)
             if m is None:
+                if self.dropping and line[:1] in (" ", "\t"):
+                    continue
+                self.dropping = False
                 self.stream.write(line + "\n")
             elif TL_LINE.match(m.group(1)):
+                self.dropping = False
                 self.stream.write(m.group(1) + "\n")
+            else:
+                self.dropping = True
         return len(text)
 
     def flush(self) -> None:
