@@ -1,7 +1,7 @@
 """A real Ray cluster, not a mock: three nodes on this machine (cluster/local.py), each its own
 ``ray start`` with token authentication on; the comparison submitted through the Jobs API; a
 submission without the token refused; a worker node killed mid-comparison (the first worker seen
-running a trial); nothing left behind.
+running a trained cell's trial); nothing left behind.
 
 The cluster's processes get RAY_AUTH_MODE=token from cluster/local.py; this test process keeps
 conftest's RAY_AUTH_MODE=disabled and talks to the cluster over HTTP with an explicit bearer
@@ -152,14 +152,25 @@ def cluster():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _submit_cli(state: dict, argv: list[str], token_file: str | None, home: Path, timeout: float = 1200):
+def _submit_cli(state: dict, argv: list[str], token_file: str | None, home: Path, timeout: float = 1200,
+                wait: bool = True):
+    """``python -m workflows.submit`` run to its end (a CompletedProcess) or, with ``wait=False``, started (a
+    Popen whose stdout and stderr go to files in ``home``, read back with ``_job_output``)."""
     cmd = [PY, "-m", "workflows.submit", "--address", state["dashboard_url"]]
     cmd += ["--token-file", token_file] if token_file else []
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled"}
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(k, None)
+    if not wait:
+        with open(home / "submit.stdout", "w") as stdout, open(home / "submit.stderr", "w") as stderr:
+            return subprocess.Popen(cmd + ["--", *argv], cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
     return subprocess.run(cmd + ["--", *argv], cwd=REPO, env=env, capture_output=True, check=False, text=True,
                           timeout=timeout)
+
+
+def _job_output(home: Path) -> tuple[str, str]:
+    """What a ``_submit_cli(..., wait=False)`` with this ``home`` wrote so far: (stdout, stderr)."""
+    return (home / "submit.stdout").read_text(), (home / "submit.stderr").read_text()
 
 
 @pytest.mark.slow
@@ -191,62 +202,6 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
     assert "should never run" not in r.stdout and "echo hi" not in r.stdout
 
 
-@pytest.mark.slow
-def test_compare_job_runs_on_several_nodes(cluster, pretrained, tmp_path):
-    storage = Path(cluster["storage"]) / "smoke"
-    out = storage / "out"
-    argv = ["python", "-m", "workflows.compare", "--smoke-test", "--storage", str(storage), "--output", str(out),
-            "--set", f"weights={pretrained}"]
-    t0 = time.time()
-    r = _submit_cli(cluster, argv, cluster["token_file"], tmp_path)
-    wall = time.time() - t0
-    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
-    assert "SUCCEEDED" in r.stderr and "rows:" in r.stdout
-    for f in ("rows.parquet", "summary.md", "best.yaml", "accuracy_vs_shots.png", "command.txt"):
-        assert (out / f).stat().st_size > 0, f
-    rows = pd.read_parquet(out / "rows.parquet")
-    cells = rows.groupby(["target", "shots", "seed", "strategy"])
-    assert cells.ngroups == 8 and len(rows) == 8 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
-    # the smoke grid's bd_cspn_bn_target embeds with target statistics, made once on the job's storage: from the whole
-    # adapt split (test episodes) and without each of its 2 validation folds (validation episodes)
-    assert len(list((storage / "cache" / "bn_stats").iterdir())) == 3
-    nodes = {n["node_id"] for n in cluster["nodes"]}
-    assert set(rows["node"]) <= nodes and rows["node"].nunique() > 1, rows.groupby("strategy")["node"].unique()
-    # provenance inside a job: the upload has no .git, so the submitter's commit travels in the job's env
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert set(rows["git_commit"].str.replace("+dirty", "")) == {head}, set(rows["git_commit"])
-    assert all(json.loads(h)["host"] == host for h, host in zip(rows["hardware"], rows["host"]))
-    assert (out / "config.yaml").stat().st_size > 0
-    # each trial ran one torch thread per CPU Ray assigned it (trained cells 1, feature cells 0.25: one thread)
-    assert set(rows["trial_cpus"]) <= {1.0, 0.25} and set(rows["threads"]) == {1}, rows[["trial_cpus", "threads"]]
-    # the workflow's console in the job's log (its driver's and, forwarded, its workers' lines; before it, Ray's
-    # job manager says it sets up the runtime env and runs the entrypoint): tl's own lines and the paths of its
-    # results, no line of Ray's loggers (they are in the files its first line names)
-    log = r.stdout[r.stdout.index("[ray] Ray's own messages: "):]
-    foreign = [ln for ln in log.splitlines()
-               if ln.strip() and not TL_LINE.match(ln) and not re.match(r"(rows|summary|best|plot): ", ln)]
-    assert not foreign, foreign[:20]
-    print(f"compare --smoke-test as a job on 3 nodes: {wall:.0f} s; cells per node "
-          f"{rows.groupby('node')['strategy'].nunique().to_dict()}")
-
-
-@pytest.mark.slow
-def test_adaptation_runs_overlap_on_the_cluster(cluster, pretrained, tmp_path):
-    """The adaptation benchmark's runs are grid cells: two Ray Train runs go at once on 3 nodes."""
-    storage = Path(cluster["storage"]) / "adapt"
-    out = storage / "out"
-    argv = ["python", "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
-            "--output", str(out), "--set", f"weights={pretrained}", "--set", "params.steps=20",
-            "--set", "checkpoint_every=10"]
-    r = _submit_cli(cluster, argv, cluster["token_file"], tmp_path)
-    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
-    runs = pd.read_csv(out / "runs.csv").groupby("run").first()
-    assert len(runs) == 2 and set(runs["method"]) == {"source_only", "dann"}
-    assert runs["started_at"].max() < runs["finished_at"].min(), runs[["method", "started_at", "finished_at"]]
-    print(f"adaptation runs overlapped for {runs['finished_at'].min() - runs['started_at'].max():.1f} s on "
-          f"nodes {sorted(set(runs['node']))}")
-
-
 def _driver_env(cluster: dict, home: Path) -> dict[str, str]:
     """A driver on this machine connected to the cluster directly (``--address``), as a user runs one."""
     env = _local().auth_env(cluster)
@@ -255,20 +210,41 @@ def _driver_env(cluster: dict, home: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_trials_train_workers_and_extraction_use_what_ray_assigned_them_on_their_nodes(cluster, tmp_path):
-    """cluster/probe.py on the 3 nodes (1, 2 and 2 CPUs): a trial of 2 CPUs runs 2 threads, a Train worker of 1
-    CPU runs 1 (the driver's machine has more cores: the old rule gave it those), and an extraction of 4 blocks
-    runs more than one task at once."""
-    storage = Path(cluster["storage"]) / "probe"
-    r = subprocess.run([PY, str(REPO / "cluster" / "probe.py"), "--address", cluster["gcs_address"], "--storage",
-                        str(storage), "--trial-cpus", "2", "--images", "4096"], cwd=REPO,
-                       env=_driver_env(cluster, tmp_path), capture_output=True, text=True, timeout=900)
+def test_adaptation_runs_overlap_and_trials_train_workers_and_extraction_use_what_ray_assigned_them(
+        cluster, pretrained, tmp_path):
+    """Two checks on the 3 nodes (1, 2 and 2 CPUs). The adaptation benchmark's runs are grid cells: two
+    Ray Train runs go at once (a job). Then cluster/probe.py, a driver connected directly: a trial of 2 CPUs
+    runs 2 threads, a Train worker of 1 CPU runs 1 (the driver's machine has more cores: the old rule gave it
+    those), and an extraction of 4 blocks runs more than one task at once."""
+    storage = Path(cluster["storage"]) / "adapt"
+    out = storage / "out"
+    argv = ["python", "-m", "workflows.adapt", "--smoke-test", "--workers", "1", "--storage", str(storage),
+            "--output", str(out), "--set", f"weights={pretrained}", "--set", "params.steps=2",
+            "--set", "checkpoint_every=2"]
+    job = _submit_cli(cluster, argv, cluster["token_file"], tmp_path, wait=False)
+    try:
+        # the probe once the job has ended: its extraction's concurrency is the cluster's, not what the job leaves
+        returncode = job.wait(timeout=1200)
+        r = subprocess.run([PY, str(REPO / "cluster" / "probe.py"), "--address", cluster["gcs_address"], "--storage",
+                            str(Path(cluster["storage"]) / "probe"), "--trial-cpus", "2", "--images", "4096"],
+                           cwd=REPO, env=_driver_env(cluster, tmp_path), capture_output=True, text=True, timeout=900)
+    finally:
+        if job.poll() is None:  # an assertion or a time-out above: the job's follower is not left behind
+            job.kill()
+            job.wait()
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["nodes"] == 3 and out["storage_shared"]
-    assert out["trial"] == {"cpus": 2.0, "threads": 2, "torch_threads": 2}, out
-    assert out["train_worker"] == {"cpus": 1.0, "threads": 1, "torch_threads": 1}, out
-    assert out["extraction"]["tasks"] >= 4 and out["extraction"]["most_at_once"] > 1, out
+    probed = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probed["nodes"] == 3 and probed["storage_shared"]
+    assert probed["trial"] == {"cpus": 2.0, "threads": 2, "torch_threads": 2}, probed
+    assert probed["train_worker"] == {"cpus": 1.0, "threads": 1, "torch_threads": 1}, probed
+    assert probed["extraction"]["tasks"] >= 4 and probed["extraction"]["most_at_once"] > 1, probed
+    stdout, stderr = _job_output(tmp_path)
+    assert returncode == 0, (stdout[-4000:], stderr[-4000:])
+    runs = pd.read_csv(out / "runs.csv").groupby("run").first()
+    assert len(runs) == 2 and set(runs["method"]) == {"source_only", "dann"}
+    assert runs["started_at"].max() < runs["finished_at"].min(), runs[["method", "started_at", "finished_at"]]
+    print(f"adaptation runs overlapped for {runs['finished_at'].min() - runs['started_at'].max():.1f} s on "
+          f"nodes {sorted(set(runs['node']))}; probe: {probed}")
 
 
 @pytest.mark.slow
@@ -307,58 +283,91 @@ def _trial_running_on(local, node: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_job_survives_a_killed_worker_node(cluster, pretrained):
-    from tl.cluster import exit_status, follow, job_client, read_token, runtime_env, submit
-
+def test_compare_job_runs_on_several_nodes_and_survives_a_killed_worker_node(cluster, pretrained, tmp_path):
+    """The smoke comparison submitted as a job (workflows.submit); once its feature cells are done, the first
+    worker node seen running a trained cell's trial is killed: the job still succeeds, Tune retries the lost
+    trial on another node, and the rows come from several nodes."""
     local = _local()
-    storage = Path(cluster["storage"]) / "kill"
+    storage = Path(cluster["storage"]) / "smoke"
     out = storage / "out"
-    # the smoke test's first three entries (its bd_cspn_bn_target cells end too quickly to be caught running),
-    # a little bigger (9 cells, 6 episodes each) so the kill lands mid-run
-    argv = ["python", "-m", "workflows.compare", "--smoke-test", "--set", "experiment=compare-kill",
-            "--set", "strategies=[{strategy: prototype}, {strategy: logistic}, "
-                     "{strategy: finetune, params: {steps: 10}, search: {frozen: [3, 4]}}]",
-            "--set", "shots=[1,5,10]", "--set", "episodes=6", "--set", f"weights={pretrained}",
-            "--storage", str(storage), "--output", str(out)]
-    client = job_client(cluster["dashboard_url"], read_token(cluster["token_file"]))
-    job_id = submit(client, argv, runtime_env())
-    workers = [n for n in cluster["nodes"] if n["name"] != "head"]  # the driver runs on the head
-    deadline = time.time() + 900
-    while not (busy := [n for n in workers if _trial_running_on(local, n)]):
-        status = str(client.get_job_status(job_id))
-        assert "SUCCEEDED" not in status and "FAILED" not in status, f"job ended ({status}) before a trial ran"
-        assert time.time() < deadline, "no trial reached a worker node within 900 s"
-        time.sleep(0.3)
-    victim = busy[0]
-    done_before = {p.name for p in (storage / "runs" / "compare-kill" / "cells").glob("*.parquet")}
-    r = subprocess.run([PY, str(LOCAL), "kill", victim["name"], "--state-dir", cluster["state_dir"]],
-                       capture_output=True, check=False, text=True, timeout=120)
-    assert r.returncode == 0 and f"killed node {victim['name']}" in r.stdout, r.stdout + r.stderr
-    assert not local.node_processes(victim)
-    logs: list[str] = []
-    info = follow(client, job_id, write=logs.append)
-    text = "".join(logs)
-    assert exit_status(info) == 0, text[-5000:]
+    argv = ["python", "-m", "workflows.compare", "--smoke-test", "--storage", str(storage), "--output", str(out),
+            "--set", f"weights={pretrained}"]
+    t0 = time.time()
+    job = _submit_cli(cluster, argv, cluster["token_file"], tmp_path, wait=False)
+    try:
+        workers = [n for n in cluster["nodes"] if n["name"] != "head"]  # the driver runs on the head
+        deadline = time.time() + 900
+        # the feature cells run first, many to a trial, and end too quickly to be caught running: the trained cells
+        # (finetune) follow once the interim summary.md is written, one trial each
+        while not ((out / "summary.md").exists() and (busy := [n for n in workers if _trial_running_on(local, n)])):
+            assert job.poll() is None, f"job ended before a trained cell's trial ran:\n{_job_output(tmp_path)[1][-3000:]}"
+            assert time.time() < deadline, "no trained cell's trial reached a worker node within 900 s"
+            time.sleep(0.3)
+        victim = busy[0]
+        done_before = {p.name for p in (storage / "runs" / "compare-smoke" / "cells").glob("*.parquet")}
+        r = subprocess.run([PY, str(LOCAL), "kill", victim["name"], "--state-dir", cluster["state_dir"]],
+                           capture_output=True, check=False, text=True, timeout=120)
+        assert r.returncode == 0 and f"killed node {victim['name']}" in r.stdout, r.stdout + r.stderr
+        assert not local.node_processes(victim)
+        returncode = job.wait(timeout=1200)
+        wall = time.time() - t0
+    finally:
+        if job.poll() is None:  # an assertion above failed: the job's follower is not left behind
+            job.kill()
+            job.wait()
+    stdout, stderr = _job_output(tmp_path)
+    assert returncode == 0, (stdout[-4000:], stderr[-4000:])
+    assert "SUCCEEDED" in stderr and "rows:" in stdout
+    for f in ("rows.parquet", "summary.md", "best.yaml", "accuracy_vs_shots.png", "command.txt"):
+        assert (out / f).stat().st_size > 0, f
     rows = pd.read_parquet(out / "rows.parquet")
-    assert rows.groupby(["shots", "strategy"]).ngroups == 9 and len(rows) == 9 * 6, len(rows)
-    assert not rows.duplicated(["strategy", "shots", "episode"]).any()
+    cells = rows.groupby(["target", "shots", "seed", "strategy"])
+    assert cells.ngroups == 8 and len(rows) == 8 * 3 and not rows.duplicated(["strategy", "shots", "episode"]).any()
+    # the smoke grid's bd_cspn_bn_target embeds with target statistics, made once on the job's storage: from the whole
+    # adapt split (test episodes) and without each of its 2 validation folds (validation episodes)
+    assert len(list((storage / "cache" / "bn_stats").iterdir())) == 3
+    nodes = {n["node_id"] for n in cluster["nodes"]}
+    assert set(rows["node"]) <= nodes and rows["node"].nunique() > 1, rows.groupby("strategy")["node"].unique()
+    # provenance inside a job: the upload has no .git, so the submitter's commit travels in the job's env
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert set(rows["git_commit"].str.replace("+dirty", "")) == {head}, set(rows["git_commit"])
+    assert all(json.loads(h)["host"] == host for h, host in zip(rows["hardware"], rows["host"]))
+    assert (out / "config.yaml").stat().st_size > 0
+    # each trial ran one torch thread per CPU Ray assigned it (trained cells 1, feature cells 0.25: one thread)
+    assert set(rows["trial_cpus"]) <= {1.0, 0.25} and set(rows["threads"]) == {1}, rows[["trial_cpus", "threads"]]
+    # the workflow's console in the job's log (its driver's and, forwarded, its workers' lines; before it, Ray's
+    # job manager says it sets up the runtime env and runs the entrypoint): tl's own lines and the paths of its
+    # results, no line of Ray's loggers (they are in the files its first line names), nor the notices Ray's GCS
+    # and raylets send every driver about the node killed
+    foreign = _foreign_lines(stdout)
+    assert not foreign, foreign[:20]
     # Tune retried the trials that were lost with the node: their cells finished on another node
-    retried = _retried_cells(storage / "tune")
-    assert retried, f"no trial was retried after {victim['name']} was killed:\n" + text[-3000:]
+    retried = _retried_cells(storage / "tune", "compare-smoke")
+    assert retried, f"no trial was retried after {victim['name']} was killed:\n" + stdout[-3000:]
     for shots, label in retried:
         cell = rows[(rows["shots"] == shots) & (rows["strategy"] == label)]
-        assert len(cell) == 6, (shots, label, len(cell))
+        assert len(cell) == 3, (shots, label, len(cell))
         # a retried trial of several cheap cells skips the ones it finished before the kill (kept as they were)
         if not any(f"__{shots}shot__" in n and f"__{label}__" in n for n in done_before):
             assert victim["node_id"] not in set(cell["node"]), (shots, label, set(cell["node"]))
-    print(f"killed {victim['name']} ({victim['node_id'][:8]}) with {len(done_before)} of 9 cells finished; retried "
-          f"(shots, strategy): {sorted(retried)}; final rows {len(rows)}")
+    print(f"compare --smoke-test as a job on 3 nodes: {wall:.0f} s; cells per node "
+          f"{rows.groupby('node')['strategy'].nunique().to_dict()}; killed {victim['name']} "
+          f"({victim['node_id'][:8]}) with {len(done_before)} of 8 cells finished; retried (shots, strategy): "
+          f"{sorted(retried)}")
 
 
-def _retried_cells(tune_dir: Path) -> set[tuple[int, str]]:
+def _foreign_lines(stdout: str) -> list[str]:
+    """The lines of a workflow's console in a job's log (from its "[ray] Ray's own messages" line on) that are
+    neither tl's own nor the paths of its results."""
+    start = stdout.index("[ray] Ray's own messages: ")
+    return [line for line in stdout[start:].splitlines() if line.strip() and not TL_LINE.match(line)
+            and not re.match(r"(rows|summary|best|plot): ", line)]
+
+
+def _retried_cells(tune_dir: Path, experiment: str) -> set[tuple[int, str]]:
     """(shots, label) of every trial that Tune ran again after a failure, from the experiment's saved state."""
     out = set()
-    for state in tune_dir.glob("compare-kill-*/experiment_state-*.json"):
+    for state in tune_dir.glob(f"{experiment}-*/experiment_state-*.json"):
         for trial_json, run_metadata in json.loads(state.read_text())["trial_data"]:
             if json.loads(run_metadata).get("num_failures", 0) > 0:
                 for cell in json.loads(trial_json)["config"]["cells"]:

@@ -1,5 +1,5 @@
 """The comparison workflow on the local Ray: outputs, rerun runs nothing, failures (a killed
-comparison resumed: tests/test_faults.py, against a clean run of the same grid)."""
+comparison resumed: tests/test_storage.py, on a bucket, against a clean run of the same grid)."""
 
 import json
 import os

@@ -1,5 +1,6 @@
 """Real faults on real Ray: a Ray Train worker killed mid-run (fine-tuning and adaptation), extraction killed while writing the
-embedding cache, a comparison's driver killed (resumed rows equal a clean run's rows)."""
+embedding cache. A comparison's driver killed (resumed rows equal a clean run's rows): tests/test_storage.py, with its
+storage and output in a bucket."""
 
 import json
 import os
@@ -27,15 +28,15 @@ def _stream(proc, lines: list[str]) -> threading.Thread:
     return t
 
 
-STEPS, KILL_AFTER = 40, 20  # a worker run's steps (a checkpoint every 10), and the step it is killed after
+STEPS, EVERY, KILL_AFTER = 20, 5, 10  # a worker run's steps, a checkpoint every EVERY, and the step it is killed after
 WORKER_RUNS = {
-    # workflow, its log prefix, its arguments: STEPS steps, a checkpoint every 10, 2 retries on failure
+    # workflow, its log prefix, its arguments: STEPS steps, a checkpoint every EVERY, 2 retries on failure
     "finetune": ("finetune", ["--workers", "1", "--set", "weights=random", "--set", "target=optdigits",
-                              "--set", "limit=256", "--set", "checkpoint_every=10", "--set", f"params.steps={STEPS}",
+                              "--set", "limit=256", "--set", f"checkpoint_every={EVERY}", "--set", f"params.steps={STEPS}",
                               "--set", "params.batch_size=32", "--set", "max_failures=2"]),
     "adapt": ("adapt", ["--workers", "1", "--set", "weights=random", "--set", "targets=[optdigits]",
                         "--set", "seeds=[0]", "--set", "methods=[{strategy: dann}]", "--set", "limit=256",
-                        "--set", "checkpoint_every=10", "--set", f"params.steps={STEPS}", "--set", "params.batch_size=32",
+                        "--set", f"checkpoint_every={EVERY}", "--set", f"params.steps={STEPS}", "--set", "params.batch_size=32",
                         "--set", "max_failures=2"]),
 }
 
@@ -81,16 +82,16 @@ def test_killed_train_worker_restarts_from_its_last_checkpoint(workflow, ray_loc
         history = pd.DataFrame(record["history"])
     else:
         history = pd.read_csv(tmp_path / "out" / "runs.csv").sort_values("step")
-    assert history["step"].tolist() == list(range(10, STEPS + 1, 10)), history[["step", "attempt"]].to_string()
+    assert history["step"].tolist() == list(range(EVERY, STEPS + 1, EVERY)), history[["step", "attempt"]].to_string()
     assert set(history["attempt"]) == {0, 1}, history[["step", "attempt"]].to_string()
     resumed = int(history[history["attempt"] == 0]["step"].max())
-    assert int(history[history["attempt"] == 1]["step"].min()) == resumed + 10
+    assert int(history[history["attempt"] == 1]["step"].min()) == resumed + EVERY
     if workflow == "finetune":
         assert record["resumed_at_steps"] == [resumed]
     print(f"{workflow}: worker pid {killed} killed after step {last_before}; pid {new_pid} resumed at step {resumed}")
     # a step line is printed once its checkpoint is handed to Ray Train, whose one-slot result queue
     # means the previous checkpoint is registered: at most one interval of reported progress is redone
-    assert last_before - 10 <= resumed <= last_before + 10 and resumed > 0, (last_before, resumed)
+    assert last_before - EVERY <= resumed <= last_before + EVERY and resumed > 0, (last_before, resumed)
 
 
 def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):
@@ -99,7 +100,7 @@ def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):
 
     home = tmp_path / "home"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "workflows.embed", "--storage", str(home), "--set", "data=mnist",
+    cmd = [sys.executable, "-m", "workflows.embed", "--storage", str(home), "--set", "data=optdigits",
            "--set", "weights=random", "--set", "input_size=64", "--set", "batch_size=64"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -114,69 +115,9 @@ def test_extraction_killed_while_writing_is_rebuilt(ray_local, tmp_path):
     assert len(folders) == 1 and not (folders[0] / "manifest.json").exists(), "the kill should land mid-write"
 
     interrupted = {p.name for p in folders[0].glob("data-*")}
-    data = load_embedded("mnist")
+    data = load_embedded("optdigits")
     emb = extract(data, EmbedConfig(weights=None, input_size=64, batch_size=64), str(home / "cache"), lambda _: None)
     assert not emb.hit and emb.vectors.shape == (len(data), 256) and (folders[0] / "manifest.json").exists()
     parts = {p.name for p in folders[0].glob("data-*")}
     assert len(parts) == 1 and not parts & interrupted, "the interrupted write's part is removed, not kept beside"
     assert np.array_equal(emb.ids, data.ids)
-
-
-def _grid(pretrained, experiment: str = "fault") -> list[str]:
-    """The comparison's overrides: 12 cells; no recommendation (it predicts, it does not change a row)."""
-    return [f"weights={pretrained}", f"experiment={experiment}", "targets=[optdigits, mnistm]", "shots=[1,3]",
-            "episodes=3", "queries=5", "recommend=false",
-            'strategies=[{strategy: logistic}, {strategy: finetune, label: ft3, params: {frozen: 3, steps: 20}}, '
-            '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 20}}]']
-
-
-def _compare(pretrained, home, out):
-    sets = [a for o in _grid(pretrained) for a in ("--set", o)]
-    return [sys.executable, "-m", "workflows.compare", "--storage", str(home), "--output", str(out), *sets]
-
-
-def test_killed_comparison_driver_resumes_to_a_clean_runs_rows(ray_local, pretrained, tmp_path):
-    from tl.compare import CompareConfig, run_compare
-    from tl.config import load_config
-
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    # the clean run, in this process, in the same tl home under another experiment: its cells are its own, and
-    # the killed run below finds the embeddings it extracted in the cache (extraction's faults: the test above)
-    clean = run_compare(load_config(CompareConfig, overrides=_grid(pretrained, "fault-clean")), tmp_path / "home",
-                        tmp_path / "clean-out", log=lambda _: None)
-    assert clean.exit_status == 0 and clean.rows == 12 * 3
-
-    home, out = tmp_path / "home", tmp_path / "out"
-    cells = home / "runs" / "fault" / "cells"
-    proc = subprocess.Popen(_compare(pretrained, home, out), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list(cells.glob("*.parquet"))) < 5:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # a trial already running in the cluster may still write its cell (atomically) before Ray reaps
-    # the dead job's actors: count once the folder has been still for a few seconds
-    finished, still_since = len(list(cells.glob("*.parquet"))), time.time()
-    while time.time() - still_since < 8:
-        time.sleep(0.5)
-        now = len(list(cells.glob("*.parquet")))
-        if now != finished:
-            finished, still_since = now, time.time()
-    assert 5 <= finished < 12, finished
-    assert not (out / "rows.parquet").exists(), "no complete-looking result from a killed run"
-    assert not (out / "best.yaml").exists()
-    # what it showed while its trained cells ran: the feature cells' summary, incomplete at its top
-    assert (out / "summary.md").read_text().startswith("**INCOMPLETE: ")
-    kept = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet")}
-    # run again (what `--resume` and the same command do), here in this process
-    resumed = run_compare(load_config(CompareConfig, overrides=_grid(pretrained)), home, out, log=lambda _: None)
-    assert resumed.exit_status == 0 and resumed.grid.skipped == finished and resumed.grid.ran == 12 - finished
-    assert len(list(cells.glob("*.parquet"))) == 12
-    assert {f.name: f.stat().st_mtime_ns for f in cells.glob("*.parquet") if f.name in kept} == kept, \
-        "cells finished before the kill are kept, not run again"
-    keys = ["target", "shots", "seed", "strategy", "episode"]
-    a = pd.read_parquet(tmp_path / "clean-out" / "rows.parquet").sort_values(keys).reset_index(drop=True)
-    b = pd.read_parquet(out / "rows.parquet").sort_values(keys).reset_index(drop=True)
-    assert len(b) == 12 * 3 and not b.duplicated(keys).any()
-    pd.testing.assert_frame_equal(a[keys + ["accuracy", "params", "confusion"]], b[keys + ["accuracy", "params", "confusion"]])

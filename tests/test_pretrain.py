@@ -22,9 +22,20 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_ddp_pretraining_checkpoint_scores_well_above_chance(ray_local, storage):
-    cfg = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=2, lr=0.05, augment="shift")
-    res = pretrain(cfg, storage)
+#: the DDP run (two workers, the default digits recipe) that the checkpoint test scores and the
+#: same-bytes test makes again in a fresh home: one run for both (``ddp_digits``)
+DDP_DIGITS = PretrainConfig(epochs=3, limit=1200, batch_size=64, workers=2, lr=0.05, augment="digits")
+
+
+@pytest.fixture(scope="module")
+def ddp_digits(ray_local, tmp_path_factory):
+    """``DDP_DIGITS`` pretrained once into a fresh home of its own: (home, result)."""
+    home = tmp_path_factory.mktemp("ddp-digits-home")
+    return home, pretrain(DDP_DIGITS, home)
+
+
+def test_ddp_pretraining_checkpoint_scores_well_above_chance(ddp_digits):
+    storage, res = ddp_digits
     assert not res.reused and res.epochs_run == 3
     assert res.val_accuracy > 0.6, f"10-way chance is 0.1, got {res.val_accuracy}"
     meta = json.loads((res.path / "meta.json").read_text())
@@ -41,14 +52,24 @@ def test_ddp_pretraining_checkpoint_scores_well_above_chance(ray_local, storage)
         pred = model(model.backbone.preprocessing(torch.from_numpy(val.images))).argmax(1).numpy()
     assert abs(float(np.mean(pred == val.labels)) - res.val_accuracy) < 1e-6
 
-    again = pretrain(cfg, storage)
+    again = pretrain(DDP_DIGITS, storage)
     assert again.reused and again.val_accuracy == res.val_accuracy
 
 
-def _run_pretrain(address: str, storage: Path, *extra: str, **kw) -> subprocess.Popen:
+#: the ``pretrained`` fixture's config (tests/conftest.py): one worker, the shift recipe; the killed
+#: run below pretrains it, so the fixture is the run never killed that it must equal
+FIXTURE_CONFIG = dict(epochs=3, limit=1800, batch_size=64, lr=0.05, workers=1, augment="shift")
+
+
+def _pretrain_args(storage: Path) -> list[str]:
+    """The arguments of ``python -m workflows.pretrain`` for ``FIXTURE_CONFIG`` into ``storage``."""
+    sets = [a for k, v in FIXTURE_CONFIG.items() if k != "workers" for a in ("--set", f"{k}={v}")]
+    return ["--storage", str(storage), "--workers", str(FIXTURE_CONFIG["workers"]), *sets]
+
+
+def _run_pretrain(address: str, storage: Path, **kw) -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "workflows.pretrain", "--storage", str(storage), "--workers", "1",
-           "--set", "epochs=4", "--set", "limit=800", "--set", "batch_size=32", "--set", "augment=shift", *extra]
+    cmd = [sys.executable, "-m", "workflows.pretrain", *_pretrain_args(storage)]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -57,17 +78,15 @@ def _digests(folder: Path) -> tuple[str, str]:
     return file_sha256(folder / MODEL_FILE), file_sha256(folder / HEAD_FILE)
 
 
-def test_the_same_config_pretrains_to_the_same_bytes(ray_local, tmp_path):
+def test_the_same_config_pretrains_to_the_same_bytes(ddp_digits, tmp_path):
     """Same command, same numbers (docs/finetuning.md): two runs of one config into two fresh homes
     write byte-identical weights on two DDP workers with the default digits recipe, although Ray Data
-    finishes its blocks in any order. (One worker and the ``pretrained`` fixture's shift recipe: the
-    killed-and-resumed run below, two processes, writes the bytes of a run never killed.)"""
-    cfg = PretrainConfig(epochs=1, limit=1200, batch_size=64, lr=0.05, workers=2, augment="digits")
-    homes = [tmp_path / "a", tmp_path / "b"]
-    for home in homes:
-        home.mkdir()
-    first, second = (pretrain(cfg, home, log=lambda _: None) for home in homes)
-    assert not first.reused and not second.reused
+    finishes its blocks in any order (the first: ``ddp_digits``, which the checkpoint test scores).
+    (One worker and the ``pretrained`` fixture's shift recipe: the killed-and-resumed run below, two
+    processes, writes the bytes of a run never killed.)"""
+    _, first = ddp_digits
+    second = pretrain(DDP_DIGITS, tmp_path, log=lambda _: None)
+    assert not first.reused and not second.reused and first.path != second.path
     assert _digests(first.path) == _digests(second.path)
     assert first.val_accuracy == second.val_accuracy
 
@@ -87,11 +106,15 @@ def test_the_train_set_streams_in_its_own_order(ray_local):
     assert np.array_equal(labels, train.labels)
 
 
-def test_killed_pretraining_resumes_from_its_last_checkpoint(ray_local, storage, tmp_path):
+def test_killed_pretraining_resumes_from_its_last_checkpoint(ray_local, pretrained, storage, monkeypatch):
     """The driver (a job on the session's Ray) killed after the first registered checkpoint: Ray ends
     the job's Train workers with it, and the same command again resumes from that checkpoint, to the
     weights a run that was never killed writes (every epoch's draws are seeded by its number), on one
-    worker with the shift recipe (the ``pretrained`` fixture's)."""
+    worker with the shift recipe: the ``pretrained`` fixture's config, so the fixture is that run."""
+    whole = Path(pretrained)
+    assert whole.name == PretrainConfig(**FIXTURE_CONFIG).key(), "FIXTURE_CONFIG is not the pretrained fixture's"
+    epochs = FIXTURE_CONFIG["epochs"]
+    assert epochs >= 2  # room for a kill after the first checkpoint and before the end
     address = ray_local.get_runtime_context().gcs_address
     proc = _run_pretrain(address, storage)
     deadline = time.time() + 240
@@ -104,17 +127,18 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(ray_local, storage,
     proc.wait(timeout=30)
     assert not list(storage.glob("backbones/*/meta.json")), "a killed run must not look finished"
 
-    second = _run_pretrain(address, storage)
-    out, _ = second.communicate(timeout=400)
-    assert second.returncode == 0, out
-    meta = json.loads(next(storage.glob("backbones/*/meta.json")).read_text())
-    assert meta["epochs"] == 4
+    # the same command again: its main, run here (a driver of the session's Ray other than the killed one's
+    # job, with nothing of it in memory; no second interpreter to start)
+    from workflows.pretrain import main
+
+    monkeypatch.setattr(sys, "argv", ["workflows.pretrain", *_pretrain_args(storage)])
+    assert main() == 0
+    (meta_file,) = storage.glob("backbones/*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    assert meta_file.parent.name == whole.name and meta["epochs"] == epochs
     # the second run started from the killed one's checkpoint (an epoch after the first), not from the start
-    assert len(meta["resumed_at_epochs"]) == 1 and 1 <= meta["resumed_at_epochs"][0] <= 4, meta["resumed_at_epochs"]
-    (tmp_path / "whole").mkdir()
-    whole = pretrain(PretrainConfig(epochs=4, limit=800, batch_size=32, workers=1, augment="shift"), tmp_path / "whole",
-                     log=lambda _: None)
-    assert _digests(next(storage.glob("backbones/*/meta.json")).parent) == _digests(whole.path)
+    assert len(meta["resumed_at_epochs"]) == 1 and 1 <= meta["resumed_at_epochs"][0] <= epochs, meta["resumed_at_epochs"]
+    assert _digests(meta_file.parent) == _digests(whole)
 
 
 def test_the_digits_recipe_trains_on_ray_and_the_former_recipe_keeps_its_key(ray_local, storage):

@@ -158,34 +158,83 @@ def test_compare_export_and_predict_with_storage_data_and_outputs_in_a_bucket(ra
     assert json.loads((pred / "summary.json").read_text())["model"] == str(model)
 
 
+def _kill_grid(pretrained, experiment: str) -> list[str]:
+    """The killed comparison's overrides: 6 cells, 2 feature cells (the first phase) and 4 trained ones, which run
+    one at a time (each takes every logical CPU), so a kill after the first trained cell lands mid-run; no
+    recommendation (it predicts, it does not change a row)."""
+    return [f"weights={pretrained}", f"experiment={experiment}", "targets=[optdigits]", "shots=[1,2]",
+            "episodes=2", "val_episodes=1", "feature_val_episodes=5", "queries=5", "recommend=false",
+            "cpus_per_trial=4",
+            'strategies=[{strategy: logistic}, {strategy: finetune, label: ft3, params: {frozen: 3, steps: 20}}, '
+            '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 20}}]']
+
+
 @pytest.mark.slow
-def test_a_killed_comparison_resumes_from_the_bucket_with_no_duplicate_row(ray_local, s3, pretrained, tmp_path):
+def test_a_killed_comparison_resumes_from_the_bucket_to_a_clean_runs_rows(ray_local, s3, pretrained, tmp_path):
+    """A comparison with its storage and output in the bucket, its driver killed mid-run (SIGKILL), then run again
+    with --resume: the cells finished before the kill are kept, not run again, the others run, and the rows equal a
+    clean run's, with no duplicate row; the killed run left nothing complete-looking."""
+    from tl.compare import CompareConfig, run_compare
+    from tl.config import load_config
+
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     home, out = s3("kill/home"), s3("kill/out")
+    # the clean run, in this process, in the same tl home under another experiment: its cells are its own, and the
+    # killed run below finds the embeddings it extracted in the bucket's cache (extraction's faults: test_faults.py)
+    clean = run_compare(load_config(CompareConfig, overrides=_kill_grid(pretrained, "s3-kill-clean")), home,
+                        tmp_path / "clean-out", log=lambda _: None)
+    assert clean.exit_status == 0 and clean.rows == 6 * 2
+
     cells = Location.of(home) / "runs" / "s3-kill" / "cells"
-    cmd = [sys.executable, "-m", "workflows.compare", "--storage", home, "--output", out,
-           "--set", f"weights={pretrained}", "--set", "experiment=s3-kill", "--set", "targets=[optdigits]",
-           "--set", "shots=[1,2,3]", "--set", "episodes=3", "--set", "queries=5", "--set", "recommend=false",
-           "--set", 'strategies=[{strategy: finetune, label: ft3, params: {frozen: 3, steps: 40}}, '
-                    '{strategy: finetune, label: ft2, params: {frozen: 2, steps: 40}}]']
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+    sets = [a for o in _kill_grid(pretrained, "s3-kill") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "workflows.compare", "--storage", home, "--output", out, *sets]
+    # the output is staged in a local temporary folder (uploaded when the run ends): here, to see what it showed
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "TMPDIR": str(staging)}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished_cells() -> list[str]:
+        return [f.name for f in cells.files() if f.name.endswith(".parquet")]
+
     deadline = time.time() + 300
-    while time.time() < deadline and not [f for f in cells.files() if f.name.endswith(".parquet")]:
-        time.sleep(0.5)
+    while time.time() < deadline and len(finished_cells()) < 3 and proc.poll() is None:
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = [f.name for f in cells.files() if f.name.endswith(".parquet")]
-    assert 1 <= len(finished) < 6, f"the kill should land mid-run ({len(finished)} of 6 cells finished)"
+    # a trial already running in the cluster may still write its cell (atomically) before Ray reaps
+    # the dead job's actors: count once the folder has been still for a few seconds
+    finished, still_since = finished_cells(), time.time()
+    while time.time() - still_since < 8:
+        time.sleep(0.5)
+        now = finished_cells()
+        if len(now) != len(finished):
+            finished, still_since = now, time.time()
+    assert 3 <= len(finished) < 6, f"the kill should land mid-run ({len(finished)} of 6 cells finished)"
     assert not (Location.of(out) / "rows.parquet").exists(), "no complete-looking result from a killed run"
+    assert not Location.of(out).files(), "nothing is uploaded from a killed run"
+    # what it showed while its trained cells ran: the feature cells' summary, incomplete at its top
+    (shown,) = staging.glob("tl-out-*")
+    assert (shown / "summary.md").read_text().startswith("**INCOMPLETE: ")
+    assert not (shown / "rows.parquet").exists() and not (shown / "best.yaml").exists()
     kept = {name: (cells / name).read_bytes() for name in finished}
 
+    t_resume = time.time()
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert len(finished_cells()) == 6
     assert {name: (cells / name).read_bytes() for name in finished} == kept, "finished cells are kept, not rerun"
-    rows = _read_parquet(Location.of(out) / "rows.parquet")
-    assert len(rows) == 6 * 3 and not rows.duplicated(["target", "shots", "seed", "strategy", "episode"]).any()
-    assert f"summary: s3://{BUCKET}/kill/out/summary.md" in done.stdout
+    keys = ["target", "shots", "seed", "strategy", "episode"]
+    a = pd.read_parquet(tmp_path / "clean-out" / "rows.parquet").sort_values(keys).reset_index(drop=True)
+    b = _read_parquet(Location.of(out) / "rows.parquet").sort_values(keys).reset_index(drop=True)
+    assert len(b) == 6 * 2 and not b.duplicated(keys).any()
+    pd.testing.assert_frame_equal(a[keys + ["accuracy", "params", "confusion"]], b[keys + ["accuracy", "params", "confusion"]])
+    # the resumed run ran exactly the cells that had not finished (each row says when its cell ran)
+    ran = b.groupby(keys[:-1])["cell_started"].first()
+    assert (ran >= t_resume).sum() == 6 - len(finished) and (ran < t_resume).sum() == len(finished)
+    # its outputs are in the bucket, complete
+    summary = (Location.of(out) / "summary.md").read_text()
+    assert summary and not summary.startswith("**INCOMPLETE") and (Location.of(out) / "best.yaml").is_file()
 
 
 def test_a_bucket_without_class_folders_is_one_clear_error_naming_the_uri(s3):

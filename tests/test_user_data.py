@@ -41,7 +41,7 @@ def user_backbone(ray_local, folders, tmp_path_factory):
     from tl.pretrain import PretrainConfig, pretrain
 
     home = tmp_path_factory.mktemp("user-home")
-    res = pretrain(PretrainConfig(data=str(folders["source"]), epochs=2, batch_size=32, workers=1), home)
+    res = pretrain(PretrainConfig(data=str(folders["source"]), epochs=1, batch_size=32, workers=1), home)
     return res, home
 
 
@@ -72,7 +72,7 @@ def test_user_source_to_user_unlabelled_target(user_backbone, folders, tmp_path)
         "experiment": "user-adapt", "source": str(folders["source"]), "targets": [str(folders["unlabelled"])],
         "test": {"unlabelled": str(folders["test"])}, "weights": str(res.path), "seeds": [0], "workers": 1,
         "checkpoint_every": 2, "methods": [{"strategy": "dann"}],
-        "params": {"steps": 4, "batch_size": 16, "target_batch_size": 16}})
+        "params": {"steps": 2, "batch_size": 16, "target_batch_size": 16}})
     out = run_experiment(cfg, home, tmp_path / "out")
     assert out.exit_status == 0
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
@@ -127,9 +127,9 @@ def test_search_on_a_user_folder(ray_local, folders, storage, tmp_path):
     cfg = load_config(SearchConfig, base={
         "experiment": "user-search", "target": str(folders["target"]), "shots": 1, "val_episodes": 2,
         "test_episodes": 2, "weights": "random", "max_steps": 3, "scheduler": "none", "queries": 2,
-        "space": {"frozen": {"grid": [3, 4]}}, "params": {"lr": 0.01}})
+        "space": {"frozen": {"grid": [4]}}, "params": {"lr": 0.01}})
     out = run_search(cfg, storage, tmp_path / "out")
-    assert len(out.trials) == 2 and 0 <= out.test_accuracy <= 1
+    assert len(out.trials) == 1 and 0 <= out.test_accuracy <= 1
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert set(rows["target"]) == {"target"}
 
