@@ -199,8 +199,11 @@ def _ephemeral_range() -> tuple[int, int] | None:
         return None
 
 
-def _check_ports(servers: list[int], every: list[int]) -> None:
-    """Refuse ports (``every``: servers and worker ranges) in the ephemeral range, or ``servers`` already bound."""
+def _check_ports(extra: list[int], nodes: list[dict[str, int]]) -> None:
+    """Refuse the ports of ``nodes`` (``_node_ports``; servers and worker ranges) and ``extra`` servers if any lies
+    in the ephemeral range, or a server's is already bound."""
+    servers = extra + [q for n in nodes for k, q in n.items() if not k.endswith("worker-port")]
+    every = servers + [q for n in nodes for q in range(n["min-worker-port"], n["max-worker-port"] + 1)]
     eph = _ephemeral_range()
     if eph is not None:
         inside = sorted(q for q in every if eph[0] <= q <= eph[1])
@@ -303,9 +306,7 @@ def up(state_dir: str, port: int, dashboard_port: int, head_cpus: int, worker_cp
     if len(str(sd)) > MAX_TEMP_DIR:
         raise ClusterError(f"--state-dir '{sd}' is {len(str(sd))} characters; Ray's socket paths under it would pass "
                            f"the 107-byte Unix limit; use at most {MAX_TEMP_DIR} (e.g. /tmp/tl-cluster)")
-    nodes = [_node_ports(port, i) for i in range(workers + 1)]
-    servers = [port, port + 1, dashboard_port] + [q for n in nodes for k, q in n.items() if not k.endswith("worker-port")]
-    _check_ports(servers, servers + [q for n in nodes for q in range(n["min-worker-port"], n["max-worker-port"] + 1)])
+    _check_ports([port, port + 1, dashboard_port], [_node_ports(port, i) for i in range(workers + 1)])
     sd.mkdir(parents=True, exist_ok=True)
     token_file = sd / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -398,8 +399,7 @@ def add(state_dir: str, own_disk: str, num_cpus: int = 1, log=print) -> dict:
     index = len(state["nodes"])
     name = f"x{index}"
     ports = _node_ports(int(state["gcs_address"].rsplit(":", 1)[1]), index)
-    servers = [q for k, q in ports.items() if not k.endswith("worker-port")]
-    _check_ports(servers, servers + list(range(ports["min-worker-port"], ports["max-worker-port"] + 1)))
+    _check_ports([], [ports])
     node = {"name": name, "num_cpus": num_cpus, "resources": {f"node_{name}": 1},
             "temp_dir": str(Path(state["state_dir"]) / name), "own_disk": str(folder),
             "ports": ports}
