@@ -93,11 +93,12 @@ def test_dry_run_runs_no_trial(tmp_path):
     # what the dry run counts, as tl.compare.dry_run returns it for the same config
     est = dry_run(load_config(CompareConfig, overrides=["targets=[optdigits]", "shots=[1,5]"]), tmp_path / "home",
                   log=lambda _: None)
-    # the 11 default strategies (dann and the four that use unlabelled target images included) x 2 shot counts
-    assert len(est["plan"]["todo"]) == 22 and not est["plan"]["done"] and not est["plan"]["failed"]
-    # per shot count: the 7 feature cells are scored on 100 validation episodes, the 4 trained ones on 4, and
-    # finetune first chooses its depth on 4 selection episodes for each of its 5 depths
-    assert est["test_episodes"] == 220 and est["val_episodes"] == 2 * (7 * 100 + 4 * 4 + 5 * 4) and est["wall_s"] > 0
+    # the 7 default strategies (every family: dann and the two that use unlabelled target images included) x 2
+    # shot counts
+    assert len(est["plan"]["todo"]) == 14 and not est["plan"]["done"] and not est["plan"]["failed"]
+    # per shot count: the 4 feature cells are scored on 100 validation episodes, the 3 trained ones on 4, and
+    # finetune first chooses its depth on 4 selection episodes for each of its 3 depths
+    assert est["test_episodes"] == 140 and est["val_episodes"] == 2 * (4 * 100 + 3 * 4 + 3 * 4) and est["wall_s"] > 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "tune").exists()
     assert not (tmp_path / "home" / "backbones").exists(), "a dry run pretrains nothing"
     # a user's folder without a split rule (nothing searches or takes target statistics): every image is for
