@@ -1,6 +1,7 @@
 """The main job: compare transfer strategies on the same seeded episodes, each cell a Ray Tune trial.
 
-    python -m workflows.compare                       # the embedded digits suite (about 13 minutes on 2 cores)
+    python -m workflows.compare                       # make demo's grid: every family on mnistm, 1 and 5 shots
+    python -m workflows.compare --config workflows/configs/compare-full.yaml   # the full grid (about 18 min, 2 cores)
     python -m workflows.compare --set 'shots=[1,5]' --set episodes=100
     python -m workflows.compare --address ray://head:10001 --storage /shared/tl --output /shared/results/x
 """
