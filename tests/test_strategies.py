@@ -239,3 +239,30 @@ def test_a_parameter_efficient_model_moves_only_its_kind_of_parameter(name, move
         return
     bn_layers = {k.rsplit(".", 1)[0] for k in before if k.endswith("running_mean")}
     assert changed == {f"{layer}.{p}" for layer in bn_layers for p in moved}
+
+
+@pytest.mark.parametrize("name,frozen", [("lp_ft", 3), ("dann", 2)])
+def test_rows_are_the_same_with_the_frozen_prefix_computed_once_or_at_every_step(name, frozen, monkeypatch):
+    """A trained strategy with frozen stages in eval mode runs them once per episode (``EpisodeRun``'s
+    ``cache_prefix``); the rows of the same seeded episodes are those of the run that computes them at
+    every step: the same accuracy and the same confusion counts (finetune's model: the test above; here
+    lp_ft's probe and dann's two streams through the prefix, in a cell's episode runner)."""
+    from tl.evaluate.episodes import run_episodes
+    from tl.strategies.base import EpisodeRun
+
+    d = load_embedded("optdigits").split("adapt")
+    bb = build_backbone("digits_cnn")
+    strategy = make_strategy(name, {"frozen": frozen, "steps": 3})
+    rows = {}
+    for cached in (True, False):
+        monkeypatch.setattr(EpisodeRun, "cache_prefix", cached)
+        x, y, q = (torch.from_numpy(bb.preprocessing(torch.from_numpy(d.images[:10])).numpy()), d.labels[:10] % 5,
+                   bb.preprocessing(torch.from_numpy(d.images[10:12])))
+        task = EpisodeTask(n_way=5, support_y=y, seed=0, support_x=x, query_x=q, backbone=lambda: copy.deepcopy(bb),
+                           unlabelled_x=x if strategy.uses_pool else None)
+        assert strategy.start_episode(task).model.start == (frozen if cached else 0)
+        rows[cached] = run_episodes({name: strategy}, d, shots=2, queries=5, episodes=2, seed=0, n_way=5,
+                                    backbone=copy.deepcopy(bb), unlabelled=d if strategy.uses_pool else None)
+    assert len(rows[True]) == len(rows[False]) == 2
+    for a, b in zip(rows[True], rows[False]):
+        assert a["accuracy"] == b["accuracy"] and a["confusion"] == b["confusion"], (a, b)

@@ -254,6 +254,10 @@ class EpisodeRun:
     with the same optimizer and batch stream, so a run stopped at 20 steps and continued to 60 is the
     run of 60 steps. This is what lets ASHA spend its budget in training steps."""
 
+    #: run the frozen stages once per episode where they are a fixed function (BatchNorm frozen, no
+    #: augmentation); off, every step runs them on its batch (a test compares the two: the same rows)
+    cache_prefix: ClassVar[bool] = True
+
     def __init__(self, strategy: TrainedStrategy, task: EpisodeTask,
                  extra: dict[str, torch.Tensor | None] | None = None):
         """``extra``: more image tensors a subclass trains on (for example an unlabelled pool);
@@ -280,7 +284,7 @@ class EpisodeRun:
         y = torch.as_tensor(task.support_y).to(self.device)
         extra = {name: _channels_last(_on(t, self.device)) for name, t in (extra or {}).items()}
         k = model.backbone.frozen_stages
-        if k and strategy.batch_norm == "frozen" and strategy.augment == "none":
+        if k and strategy.batch_norm == "frozen" and strategy.augment == "none" and self.cache_prefix:
             # frozen stages in eval mode are a fixed function: run them once, train the rest
             model.backbone.eval()
             with torch.no_grad():
