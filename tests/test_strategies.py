@@ -253,13 +253,12 @@ def test_rows_are_the_same_with_the_frozen_prefix_computed_once_or_at_every_step
     d = load_embedded("optdigits").split("adapt")
     bb = build_backbone("digits_cnn")
     strategy = make_strategy(name, {"frozen": frozen, "steps": 3})
+    x = bb.preprocessing(torch.from_numpy(d.images[:12]))
+    task = EpisodeTask(n_way=5, support_y=d.labels[:10] % 5, seed=0, support_x=x[:10], query_x=x[10:],
+                       backbone=lambda: copy.deepcopy(bb), unlabelled_x=x if strategy.uses_pool else None)
     rows = {}
     for cached in (True, False):
         monkeypatch.setattr(EpisodeRun, "cache_prefix", cached)
-        x, y, q = (torch.from_numpy(bb.preprocessing(torch.from_numpy(d.images[:10])).numpy()), d.labels[:10] % 5,
-                   bb.preprocessing(torch.from_numpy(d.images[10:12])))
-        task = EpisodeTask(n_way=5, support_y=y, seed=0, support_x=x, query_x=q, backbone=lambda: copy.deepcopy(bb),
-                           unlabelled_x=x if strategy.uses_pool else None)
         assert strategy.start_episode(task).model.start == (frozen if cached else 0)
         rows[cached] = run_episodes({name: strategy}, d, shots=2, queries=5, episodes=2, seed=0, n_way=5,
                                     backbone=copy.deepcopy(bb), unlabelled=d if strategy.uses_pool else None)
