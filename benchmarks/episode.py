@@ -25,14 +25,18 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks import _table
 from workflows import _cli
 
+if TYPE_CHECKING:
+    import numpy as np
+
 TARGET_RATIO = 1.15
 
 
-def _plain_loop(task, frozen: int, steps: int, lr: float) -> "object":
+def _plain_loop(task, frozen: int, steps: int, lr: float) -> "np.ndarray":
     """The same episode as a practitioner's loop: returns the query predictions."""
     import torch
     import torch.nn.functional as F
