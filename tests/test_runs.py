@@ -138,9 +138,13 @@ def test_two_worker_ddp_adaptation_run_completes_checkpoints_and_is_reused(ray_l
     assert ckpts and (ckpts[-1] / "state.pt").is_file()
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 4
-    # the same config again: the finished run hands its last checkpoint back, nothing is retrained
+    # the same config again: the finished run hands its last checkpoint back, nothing is retrained, and no
+    # Ray Train run starts (one would register the checkpoint again: Train's snapshot would change)
+    snapshot = storage / "ray" / cfg.key() / "checkpoint_manager_snapshot.json"
+    before = snapshot.read_bytes()
     again = run(cfg, storage, None, log=lambda _: None)
-    assert again["history"] == rec["history"]
+    assert again["history"] == rec["history"] and again["steps"] == rec["steps"]
+    assert snapshot.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ interval ends in ``checkpoint``, which prints its progress line only after the r
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 import tempfile
@@ -168,6 +170,33 @@ def load_result_state(result) -> dict:
         raise TrainingError("the training run finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+#: written in a run's folder once ``fit`` returned: the checkpoint its train function ended on
+FINISHED_FILE = "tl_finished.json"
+
+
+def mark_finished(result, storage: "str | os.PathLike | Location", name: str) -> None:
+    """Record that run ``name`` finished, and on which checkpoint (a folder of the run's own), so the
+    same run asked again is handed that checkpoint's state by ``finished_state`` without a Ray Train
+    start (a controller and a worker group, each a new process: most of a small run's time)."""
+    if result.checkpoint is None:
+        return
+    (Location.of(storage) / name / FINISHED_FILE).write_text(
+        json.dumps({"checkpoint": os.path.basename(result.checkpoint.path.rstrip("/"))}))
+
+
+def finished_state(storage: "str | os.PathLike | Location", name: str) -> dict | None:
+    """The state of run ``name``'s last checkpoint if the run finished before (``mark_finished``), else
+    None: an unfinished run (killed, failed) is resumed by ``fit`` as before."""
+    run_dir = Location.of(storage) / name
+    marker = run_dir / FINISHED_FILE
+    if not marker.is_file():
+        return None
+    state_file = run_dir / json.loads(marker.read_text())["checkpoint"] / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return torch.load(io.BytesIO(state_file.read_bytes()), map_location="cpu", weights_only=True)
 
 
 def check_finite(loss: torch.Tensor, *, what: str, step: int, lr: float) -> None:
