@@ -375,22 +375,6 @@ def _datasets(cfg: RunConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
     return datasets
 
 
-def _fit(cfg: RunConfig, sets: dict[str, ImageSet], weights: str, classes: list,
-         label: str, labelled: str, unlabelled: str | None, adapting: bool, run_dir: Location) -> dict:
-    """The run on Ray Train (started, or resumed from its last checkpoint); returns its final state."""
-    datasets = _datasets(cfg, sets)
-    c = dict(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size, init_head=adapting and cfg.init_head,
-             strategy=cfg.strategy, params=cfg.resolved_params(), num_classes=len(classes), seed=cfg.seed,
-             amp=cfg.amp, checkpoint_every=cfg.checkpoint_every,
-             prefix=f"[{cfg.kind}] {label}:", labelled=labelled, unlabelled=unlabelled, adapt=adapting,
-             evaluate=[k for k in ("source_val", "target_pool", "target_test") if k in datasets])
-    result = ray_train.fit(_worker, c, datasets, name=cfg.key(), storage=run_dir, workers=cfg.workers,
-                           use_gpu=cfg.use_gpu, split=(labelled, "target") if adapting else (labelled,),
-                           max_failures=cfg.max_failures)
-    ray_train.mark_finished(result, run_dir, cfg.key())
-    return ray_train.load_result_state(result)
-
-
 def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | None = None,
         log: Callable[[str], None] = print, checked: bool = False) -> dict[str, Any]:
     """Run (or resume, or reuse) one run; returns its record: the per-checkpoint ``history`` of
@@ -421,7 +405,16 @@ def run(cfg: RunConfig, storage: "str | os.PathLike | Location", output: Path | 
     if state is not None:
         log(f"[{cfg.kind}] {label}: finished before; its last checkpoint is handed back, nothing is retrained")
     else:
-        state = _fit(cfg, sets, weights, classes, label, labelled, unlabelled, adapting, run_dir)
+        datasets = _datasets(cfg, sets)
+        c = dict(backbone=cfg.backbone, weights=weights, input_size=cfg.input_size, init_head=adapting and cfg.init_head,
+                 strategy=cfg.strategy, params=cfg.resolved_params(), num_classes=len(classes), seed=cfg.seed,
+                 amp=cfg.amp, checkpoint_every=cfg.checkpoint_every,
+                 prefix=f"[{cfg.kind}] {label}:", labelled=labelled, unlabelled=unlabelled, adapt=adapting,
+                 evaluate=[k for k in ("source_val", "target_pool", "target_test") if k in datasets])
+        result = ray_train.fit(_worker, c, datasets, name=cfg.key(), storage=run_dir, workers=cfg.workers,
+                               use_gpu=cfg.use_gpu, split=(labelled, "target") if adapting else (labelled,),
+                               max_failures=cfg.max_failures)
+        state = ray_train.load_result_state(result)
     record = {"key": cfg.key(), "strategy": cfg.strategy, "source": cfg.source_name, "target": cfg.target_name,
               "seed": cfg.seed, "steps": int(state["step"]), "history": state["history"],
               "resumed_at_steps": ray_train.resumed_at(state), "weights": weights,

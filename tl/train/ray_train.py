@@ -66,9 +66,11 @@ def fit(
         dataset_config=ray.train.DataConfig(datasets_to_split=list(split), execution_options=ingest or None),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(f"training run '{name}' failed: {_root_message(exc)}") from exc
+    _mark_finished(result, Location.of(storage) / name)
+    return result
 
 
 def _root_message(exc: BaseException) -> str:
@@ -176,18 +178,17 @@ def load_result_state(result) -> dict:
 FINISHED_FILE = "tl_finished.json"
 
 
-def mark_finished(result, storage: "str | os.PathLike | Location", name: str) -> None:
-    """Record that run ``name`` finished, and on which checkpoint (a folder of the run's own), so the
-    same run asked again is handed that checkpoint's state by ``finished_state`` without a Ray Train
-    start (a controller and a worker group, each a new process: most of a small run's time)."""
-    if result.checkpoint is None:
-        return
-    (Location.of(storage) / name / FINISHED_FILE).write_text(
-        json.dumps({"checkpoint": os.path.basename(result.checkpoint.path.rstrip("/"))}))
+def _mark_finished(result, run_dir: Location) -> None:
+    """Record in the run's folder that ``fit`` returned, and on which checkpoint (a folder of the run's
+    own), so the same run asked again is handed that checkpoint's state by ``finished_state`` without a
+    Ray Train start (a controller and a worker group, each a new process: most of a small run's time)."""
+    if result.checkpoint is not None:
+        (run_dir / FINISHED_FILE).write_text(
+            json.dumps({"checkpoint": os.path.basename(result.checkpoint.path.rstrip("/"))}))
 
 
 def finished_state(storage: "str | os.PathLike | Location", name: str) -> dict | None:
-    """The state of run ``name``'s last checkpoint if the run finished before (``mark_finished``), else
+    """The state of run ``name``'s last checkpoint if ``fit`` finished it before (``_mark_finished``), else
     None: an unfinished run (killed, failed) is resumed by ``fit`` as before."""
     run_dir = Location.of(storage) / name
     marker = run_dir / FINISHED_FILE
